@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv/ in the repository root and install effigen into it.
+#   bash scripts/setup.sh          # library + CLI
+#   bash scripts/setup.sh --test   # + test extras
+# torch is installed first and pinned to 2.13.0 (the CPU build on these machines) unless the
+# venv already has a torch: installing effigen never replaces an installed torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  $PIP install -q "torch==2.13.0"
+fi
+torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+# The constraint keeps pip from "upgrading" the torch that is there while resolving effigen's deps.
+constraint=$(mktemp)
+echo "torch==${torch_version}" > "$constraint"
+$PIP install -q -c "$constraint" -e ".${extras}"
+rm -f "$constraint"
+.venv/bin/python -c "import effigen, torch; print(f'effigen {effigen.__version__} ready (torch {torch.__version__}) in .venv/')"
