@@ -1,0 +1,149 @@
+"""An experiment = method + data + network + objective + sampler + trainer settings, with presets.
+
+Sections are typed by the chosen method (`registry.METHODS`): `network` is validated against the
+method's network config class, `objective` and `sampler` against its objective's. The network's input
+size, channels and class count follow the data unless set explicitly (and then they must agree).
+
+    cfg = build_experiment_config(preset="mnist-dit", overrides=["--trainer.max_steps=50"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config_file
+from .data import DataConfig
+from .registry import METHODS, get_method
+from .training.trainer import TrainerConfig
+
+
+@dataclass
+class ExperimentConfig:
+    method: str
+    data: DataConfig
+    network: Any
+    objective: Any
+    sampler: Any
+    trainer: TrainerConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+
+# Whole-run presets: plain dicts, overridable key by key. `network_preset` names a size from the
+# method's network presets (e.g. DiT-S/2) that `network` keys then refine.
+EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
+    # The quickstart: a small DiT with rectified flow on built-in MNIST at 32 px, ~4 minutes on 2 cores.
+    "mnist-dit": {
+        "method": "dit-flow",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "DiT-Ti/4",
+        "network": {"hidden_size": 256, "depth": 6, "num_heads": 4, "patch_size": 4},
+        "objective": {"time_sampling": "logit_normal", "label_dropout": 0.1},
+        "sampler": {"solver": "heun", "num_steps": 20, "cfg_scale": 2.0},
+        "trainer": {"output_dir": "runs/mnist-dit", "max_steps": 1500, "max_minutes": 6.0, "batch_size": 128,
+                    "learning_rate": 1e-3, "warmup_steps": 100, "schedule": "cosine", "min_learning_rate_ratio": 0.05,
+                    "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+    },
+    "shapes-dit": {
+        "method": "dit-flow",
+        "data": {"name": "shapes", "resolution": 32, "num_images": 20000},
+        "network_preset": "DiT-Ti/4",
+        "sampler": {"solver": "heun", "num_steps": 20, "cfg_scale": 2.0},
+        "trainer": {"output_dir": "runs/shapes-dit", "max_steps": 2000, "batch_size": 128, "learning_rate": 1e-3,
+                    "warmup_steps": 100, "schedule": "cosine", "ema_decay": 0.999, "precision": "bf16"},
+    },
+    # Seconds on a CPU: for tests and for checking that a recipe runs end to end.
+    "smoke": {
+        "method": "dit-flow",
+        "data": {"name": "mnist", "resolution": 16},
+        "network_preset": "DiT-Test",
+        "sampler": {"solver": "euler", "num_steps": 4, "cfg_scale": 1.5},
+        "trainer": {"output_dir": "runs/smoke", "max_steps": 4, "batch_size": 8, "learning_rate": 1e-3,
+                    "precision": "fp32", "checkpoint_every": 2, "log_every": 1, "progress": False},
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return list(EXPERIMENT_PRESETS)
+
+
+def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], preset: str | None,
+                     num_classes: int | None) -> Any:
+    method = get_method(method_name)
+    network_data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in method.network_presets:
+            raise ConfigError(f"unknown network_preset {preset!r} for {method_name}; valid: {', '.join(method.network_presets)}")
+        network_data.update(method.network_presets[preset])
+    network_data.update(raw)
+    derived = {"input_size": data.resolution, "in_channels": 3}
+    if num_classes is not None:
+        derived["num_classes"] = num_classes
+    field_names = {f.name for f in dataclasses.fields(method.network_class.config_class)}
+    for key, value in derived.items():
+        if key not in field_names:
+            continue
+        if key in raw and raw[key] != value:
+            raise ConfigError(
+                f"network.{key}={raw[key]} disagrees with the data ({key} = {value} for {data.name} at "
+                f"{data.resolution} px); remove the override or change the data settings"
+            )
+        network_data[key] = value
+    try:
+        return config_from_dict(method.network_class.config_class, network_data, "network")
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"network: {e}") from e
+
+
+def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> ExperimentConfig:
+    """Validate a whole experiment dict. `num_classes` (from the dataset) fills network.num_classes."""
+    known = {"method", "data", "network_preset", "network", "objective", "sampler", "trainer"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {', '.join(sorted(known))}")
+    method_name = data.get("method", "dit-flow")
+    if method_name not in METHODS:
+        raise ConfigError(f"unknown method {method_name!r}; available: {', '.join(METHODS)}")
+    method = get_method(method_name)
+    data_config = config_from_dict(DataConfig, data.get("data", {}), "data")
+    network = _resolve_network(method_name, data_config, data.get("network", {}), data.get("network_preset"), num_classes)
+    objective = config_from_dict(method.objective_class.config_class, data.get("objective", {}), "objective")
+    sampler = config_from_dict(method.objective_class.sampler_config_class, data.get("sampler", {}), "sampler")
+    trainer = config_from_dict(TrainerConfig, data.get("trainer", {}), "trainer")
+    return ExperimentConfig(method_name, data_config, network, objective, sampler, trainer)
+
+
+def build_experiment_dict(preset: str | None = None, config_file: str | None = None,
+                          overrides: list[str] | None = None) -> dict[str, Any]:
+    """Preset, then config file, then command-line overrides (later wins), as one nested dict."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in EXPERIMENT_PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; available: {', '.join(EXPERIMENT_PRESETS)} (see `effigen presets`)")
+        data = apply_overrides(EXPERIMENT_PRESETS[preset], [])
+    if config_file is not None:
+        data = _deep_update(data, load_config_file(config_file))
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return data
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_experiment_config(preset: str | None = None, config_file: str | None = None,
+                            overrides: list[str] | None = None, num_classes: int | None = None) -> ExperimentConfig:
+    return parse_experiment(build_experiment_dict(preset, config_file, overrides), num_classes)

@@ -1,0 +1,160 @@
+"""DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, arXiv 2212.09748).
+
+A ViT over an image or latent grid: patchify, fixed 2-D sin-cos positions, N blocks of
+adaLN-Zero (the conditioning c = t_emb + y_emb regresses shift/scale/gate of both sub-blocks, zero
+initialised so every block starts as the identity), and a final adaLN layer that unpatchifies.
+
+The network is pure: `forward(x, t, labels) -> prediction`. It knows nothing of losses or sampling:
+the objective decides what the output means (velocity for rectified flow; epsilon and variance for
+DDPM) and the samplers integrate it. Label dropout for classifier-free guidance is done by the
+objective, which passes the null class id `num_classes`.
+
+Time: effigen's t is in [0, 1]; the sinusoidal embedding sees `t * time_scale` (default 1000) so that
+the features equal those of official DiT checkpoints, which take integer DDPM steps 0..999.
+
+Parameter names follow the official `models.py` (x_embedder.proj, t_embedder.mlp, y_embedder.embedding_table,
+blocks.i.attn.qkv, ..., final_layer.linear), so official checkpoints load with no renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn.attention import SelfAttention
+from ..nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_positions
+from ..nn.layers import Mlp, modulate
+
+
+@dataclass
+class DiTConfig:
+    input_size: int = 32  # H = W of the input grid (pixels, or latent cells)
+    patch_size: int = 2
+    in_channels: int = 3
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 10
+    learn_sigma: bool = False  # DDPM's learned variance doubles the output channels
+    qk_norm: bool = False
+    time_scale: float = 1000.0
+
+    def __post_init__(self):
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}; "
+                f"pick a resolution divisible by {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+
+# Official sizes (paper Table 1) plus small ones for CPU work. Input size and channels follow the data.
+DIT_PRESETS: dict[str, dict] = {
+    "DiT-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "DiT-S/4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4),
+    "DiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "DiT-B/4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "DiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "DiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+    "DiT-Ti/4": dict(depth=6, hidden_size=256, num_heads=4, patch_size=4),
+    "DiT-Test": dict(depth=2, hidden_size=64, num_heads=2, patch_size=4),
+}
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, L, D)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, L, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, L, p*p*C_out)
+
+
+class DiT(nn.Module):
+    config_class = DiTConfig
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D)
+        grid = config.input_size // config.patch_size
+        positions = torch.from_numpy(sincos_2d_positions(D, grid)).float().unsqueeze(0)
+        self.register_buffer("pos_embed", positions)  # (1, L, D), fixed; kept in the state dict as in DiT
+        self.blocks = nn.ModuleList(
+            [DiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)]
+        )
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # Transformer layers: Xavier-uniform weights, zero biases.
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Patch embedding: Xavier on the flattened conv kernel, like a linear layer.
+        weight = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        # Label table and timestep MLP: small normal.
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        # Output layer zero: the initial prediction is 0.
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, p*p*C) -> (B, C, H, W)."""
+        p, C = self.config.patch_size, self.config.out_channels
+        grid = self.config.input_size // p
+        x = x.reshape(x.shape[0], grid, grid, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, grid * p, grid * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W); t: (B,) in [0, 1]; labels: (B,) ints, `num_classes` = null class."""
+        expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
+        if tuple(x.shape[1:]) != expected:
+            raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+        c = self.t_embedder(t * self.config.time_scale) + self.y_embedder(labels)  # (B, D)
+        for block in self.blocks:
+            h = block(h, c)  # (B, L, D)
+        return self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)

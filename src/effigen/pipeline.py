@@ -1,0 +1,176 @@
+"""Pipeline = generator network + objective (what its outputs mean and how to sample it) + sampler
+settings (+ a tokenizer for latent or token models). Saved as a diffusers-like folder:
+
+    model_index.json          method, objective and sampler settings, data info, component names
+    generator/config.json     the network's constructor arguments
+    generator/model.safetensors   weights (the EMA weights when saved by the trainer)
+    train_state/              (trainer checkpoints only) raw weights, optimizer, scheduler, step
+
+No pickled code: every class is rebuilt from the method registry and the JSON configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import ConfigError, config_from_dict, config_to_dict
+from .images import to_pil
+from .io import CheckpointError, atomic_directory, load_state_dict_strict, load_weights, read_json, save_weights, write_json
+from .registry import get_method
+
+MODEL_INDEX = "model_index.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def save_network(network: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", {"_class_name": type(network).__name__, **config_to_dict(network.config)})
+    save_weights(state_dict if state_dict is not None else network.state_dict(), folder / WEIGHTS_NAME)
+
+
+def load_network(folder: Path, network_class: type, weights_file: str = WEIGHTS_NAME) -> nn.Module:
+    config_data = read_json(folder / "config.json")
+    class_name = config_data.pop("_class_name", network_class.__name__)
+    if class_name != network_class.__name__:
+        raise CheckpointError(f"{folder}/config.json describes a {class_name}, expected {network_class.__name__}")
+    try:
+        config = config_from_dict(network_class.config_class, config_data, f"{folder.name}/config.json")
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}/config.json is invalid: {e}") from e
+    network = network_class(config)
+    load_state_dict_strict(network, load_weights(folder / weights_file), str(folder / weights_file))
+    return network
+
+
+class Pipeline:
+    def __init__(
+        self,
+        method: str,
+        generator: nn.Module,
+        objective_config: Any,
+        sampler_config: Any,
+        info: dict[str, Any] | None = None,
+    ):
+        self.method = get_method(method)
+        self.generator = generator
+        self.objective_config = objective_config
+        self.sampler_config = sampler_config
+        self.info = dict(info or {})
+        self.objective = self.method.objective_class(objective_config, num_classes=generator.config.num_classes)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.generator.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return self.generator.config.num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        config = self.generator.config
+        return (config.in_channels, config.input_size, config.input_size)
+
+    def to(self, device: str | torch.device) -> "Pipeline":
+        self.generator.to(device)
+        return self
+
+    # ---------------------------------------------------------------- folders
+    def save_pretrained(self, path: str | Path, generator_state: dict[str, torch.Tensor] | None = None, extra=None) -> Path:
+        """Write the folder atomically. `extra(tmp_folder)` may add files (the trainer's train_state/)."""
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            write_json(
+                tmp / MODEL_INDEX,
+                {
+                    "_effigen_version": __version__,
+                    "method": self.method.name,
+                    "components": {"generator": type(self.generator).__name__, "tokenizer": None},
+                    "objective": config_to_dict(self.objective_config),
+                    "sampler": config_to_dict(self.sampler_config),
+                    "info": self.info,
+                },
+            )
+            save_network(self.generator, tmp / "generator", generator_state)
+            if extra is not None:
+                extra(tmp)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "Pipeline":
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"pipeline folder {path} does not exist (expected a folder with {MODEL_INDEX})")
+        index = read_json(path / MODEL_INDEX)
+        try:
+            method = get_method(index["method"])
+        except KeyError as e:
+            raise CheckpointError(f"{path / MODEL_INDEX}: {e}") from e
+        generator = load_network(path / "generator", method.network_class)
+        try:
+            objective_config = config_from_dict(method.objective_class.config_class, index.get("objective", {}), "objective")
+            sampler_config = config_from_dict(method.objective_class.sampler_config_class, index.get("sampler", {}), "sampler")
+        except ConfigError as e:
+            raise CheckpointError(f"{path / MODEL_INDEX} is invalid: {e}") from e
+        pipeline = cls(method.name, generator.eval(), objective_config, sampler_config, index.get("info"))
+        return pipeline.to(device)
+
+    # ---------------------------------------------------------------- sampling
+    def sampler_settings(self, **overrides: Any) -> Any:
+        """The saved sampler settings with `overrides` (None values ignored), type-checked."""
+        data = config_to_dict(self.sampler_config)
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key not in data:
+                valid = ", ".join(data)
+                raise ConfigError(f"unknown sampler setting {key!r} for {self.method.name}; valid: {valid}")
+            data[key] = value
+        return config_from_dict(type(self.sampler_config), data, "sampler")
+
+    def number_of_evaluations(self, **overrides: Any) -> int:
+        return self.objective.evaluations_per_sample(self.sampler_settings(**overrides))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        labels: list[int] | torch.Tensor,
+        *,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        batch_size: int = 64,
+        output_type: str = "pt",
+        precision: str = "fp32",
+        progress: bool = False,
+        **sampler_overrides: Any,
+    ) -> torch.Tensor | list:
+        """Generate one image per label. Returns float (N, 3, H, W) in [-1, 1], or PIL images
+        (`output_type="pil"`). The same seed gives the same images on the same machine, whatever the
+        batch size, because the noise comes from one generator in order."""
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"class labels must be in [0, {self.num_classes - 1}], got {labels.tolist()}")
+        settings = self.sampler_settings(**sampler_overrides)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        device = self.device
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.generator.eval()
+        chunks = []
+        bar = tqdm(total=len(labels), desc="sampling", unit="img", disable=not progress)
+        for start in range(0, len(labels), batch_size):
+            batch_labels = labels[start : start + batch_size].to(device)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                out = self.objective.sample(self.generator, batch_labels, self.sample_shape, settings, generator)
+            chunks.append(out.float().clamp(-1, 1).cpu())
+            bar.update(len(batch_labels))
+        bar.close()
+        images = torch.cat(chunks) if chunks else torch.empty(0, *self.sample_shape)
+        return to_pil(images) if output_type == "pil" else images

@@ -1,0 +1,47 @@
+"""Classifier-free guidance, with every convention the papers use made explicit.
+
+- constant (Ho & Salimans 2022): out = uncond + s * (cond - uncond); s = 1 is unguided.
+- interval: the guidance is applied only while t lies in [t_low, t_high] (Kynkäänniemi et al. 2024,
+  used by LightningDiT / RAE); outside it the conditional prediction is used.
+- `channels`: guide only the first N channels of the output. DiT, SiT, LightningDiT and DiCo guide only
+  the first 3 channels (a quirk inherited from GLIDE, kept to reproduce their published numbers);
+  None guides all channels.
+- VAR's ramped scale for next-scale token models lives with the token samplers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def guided_prediction(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    null_label: int,
+    cfg_scale: float,
+    interval: tuple[float, float] | None = None,
+    channels: int | None = None,
+) -> torch.Tensor:
+    """Evaluate `model_fn(x, t, labels)` with classifier-free guidance in one doubled batch.
+
+    x: (B, C, H, W); t: (B,); labels: (B,). Returns the guided output (B, C_out, H, W).
+    """
+    if cfg_scale == 1.0:
+        return model_fn(x, t, labels)
+    null = torch.full_like(labels, null_label)
+    out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C_out, H, W)
+    cond, uncond = out.chunk(2)
+    scale = torch.full((x.shape[0],), float(cfg_scale), device=x.device, dtype=out.dtype)
+    if interval is not None:
+        low, high = interval
+        inside = (t >= low) & (t <= high)
+        scale = torch.where(inside, scale, torch.ones_like(scale))
+    scale = scale.view(-1, *([1] * (out.dim() - 1)))
+    guided = uncond + scale * (cond - uncond)
+    if channels is not None:
+        guided = torch.cat([guided[:, :channels], cond[:, channels:]], dim=1)
+    return guided

@@ -1,0 +1,109 @@
+"""torchrun integration: process group set-up, device choice and the step-indexed batch sampler.
+
+Multi-process training uses PyTorch's own engine only: `torchrun --nproc_per_node=N -m effigen train ...`
+sets RANK / WORLD_SIZE / LOCAL_RANK, and we initialise the default process group (NCCL on GPUs, gloo
+on CPU) and wrap the network in DDP or FSDP.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+@dataclass
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use --trainer.device=cpu")
+    return device
+
+
+def init_distributed(device_name: str = "auto") -> DistributedContext:
+    """Initialise the process group when launched by torchrun; a no-op for a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = select_device(device_name, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return DistributedContext(rank, world_size, local_rank, device)
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields this process's indices for micro-batch after micro-batch, from `start_micro_batch` on.
+
+    The data is an endless stream of epochs, each a permutation seeded by (seed, epoch). Micro-batch m
+    covers stream positions [m * G, (m + 1) * G) with G = world_size * local_batch_size, and process r
+    takes the contiguous slice [r * B, (r + 1) * B) of it. So the global batch is the same for any number
+    of processes, and resuming at step s only needs s (no sampler state to save).
+    """
+
+    def __init__(self, dataset_size: int, local_batch_size: int, rank: int, world_size: int, seed: int, start_micro_batch: int = 0):
+        if dataset_size <= 0:
+            raise ValueError("the dataset is empty")
+        self.dataset_size = dataset_size
+        self.local_batch_size = local_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_micro_batch = start_micro_batch
+        self._epoch = -1
+        self._permutation: torch.Tensor | None = None
+
+    def _index_at(self, position: int) -> int:
+        epoch, within = divmod(position, self.dataset_size)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._permutation = torch.randperm(self.dataset_size, generator=generator)
+            self._epoch = epoch
+        return int(self._permutation[within])
+
+    def __iter__(self):
+        micro = self.start_micro_batch
+        global_size = self.world_size * self.local_batch_size
+        while True:
+            first = micro * global_size + self.rank * self.local_batch_size
+            yield [self._index_at(p) for p in range(first, first + self.local_batch_size)]
+            micro += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs this for its own bookkeeping
+        return 2**62
