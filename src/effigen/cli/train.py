@@ -75,11 +75,12 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
     summary = trainer.train()
     summary["parameters"] = num_params
     ema_state = trainer.ema_state_dict()  # collective under FSDP: every process takes part
+    ema_network = trainer.ema_network_for_sampling()
     if context.is_main:
         final = output_dir / "final"
         make_pipeline(config, network, info).save_pretrained(final, generator_state=ema_state)
         started = time.perf_counter()
-        grid = sample_fn(trainer.ema.network, trainer.step)
+        grid = sample_fn(ema_network, trainer.step)
         grid_final = output_dir / "samples" / "final.png"
         grid_final.write_bytes(grid.read_bytes())
         summary.update(pipeline=str(final), grid=str(grid_final), sampling_seconds=time.perf_counter() - started)

@@ -253,6 +253,15 @@ class Trainer:
         """The EMA weights as a full CPU state dict (a collective under FSDP: call it on every process)."""
         return _full_state_dict(self.ema.network)
 
+    def ema_network_for_sampling(self) -> nn.Module:
+        """The EMA network as a plain module that one process can run alone (unsharded under FSDP)."""
+        if not (self.context.enabled and self.config.parallel == "fsdp"):
+            return self.ema.network
+        state = self.ema_state_dict()
+        network = type(self.network)(self.network.config).to(self.device).eval()
+        network.load_state_dict(state)
+        return network
+
     def save_checkpoint(self) -> Path:
         folder = self.output_dir / "checkpoints" / f"step_{self.step:07d}"
         ema_state = self.ema_state_dict()
@@ -411,8 +420,10 @@ class Trainer:
                                 writer.add_scalar(f"train/{key}", value, self.step)
                         bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{record['images_per_second']:.0f}")
                 bar.update(1)
-                if self.sample_fn is not None and config.sample_every and self.step % config.sample_every == 0 and is_main:
-                    self.sample_fn(self.ema.network, self.step)
+                if self.sample_fn is not None and config.sample_every and self.step % config.sample_every == 0:
+                    network = self.ema_network_for_sampling()  # a collective under FSDP
+                    if is_main:
+                        self.sample_fn(network, self.step)
                 if config.checkpoint_every and self.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_checkpoint_step = self.step

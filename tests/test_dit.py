@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from effigen.models.dit import DIT_PRESETS, DiT, DiTConfig
+from effigen.nn.attention import SelfAttention, attention_backend
+
+from conftest import randomize
+
+
+@pytest.mark.parametrize("patch_size", [1, 2, 4])
+def test_forward_shapes(patch_size):
+    config = DiTConfig(input_size=8, patch_size=patch_size, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=4)
+    model = randomize(DiT(config))
+    x = torch.randn(3, 3, 8, 8)
+    out = model(x, torch.rand(3), torch.tensor([0, 1, 4]))  # 4 = null class
+    assert out.shape == (3, 3, 8, 8) and torch.isfinite(out).all()
+    learned = DiT(DiTConfig(**{**config.__dict__, "learn_sigma": True}))
+    assert learned(x, torch.rand(3), torch.tensor([0, 1, 2])).shape == (3, 6, 8, 8)
+
+
+def test_adaln_zero_initial_output_is_zero(tiny_dit_config):
+    model = DiT(tiny_dit_config)
+    out = model(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_conditioning_changes_output(tiny_dit_config):
+    model = randomize(DiT(tiny_dit_config))
+    x = torch.randn(1, 3, 8, 8)
+    a = model(x, torch.tensor([0.3]), torch.tensor([0]))
+    assert not torch.allclose(a, model(x, torch.tensor([0.3]), torch.tensor([1])))
+    assert not torch.allclose(a, model(x, torch.tensor([0.7]), torch.tensor([0])))
+
+
+def test_wrong_input_shape_is_a_clear_error(tiny_dit_config):
+    model = DiT(tiny_dit_config)
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 3, 8, 8\)"):
+        model(torch.randn(1, 3, 16, 16), torch.rand(1), torch.tensor([0]))
+
+
+def test_official_parameter_names(tiny_dit_config):
+    keys = set(DiT(tiny_dit_config).state_dict())
+    for key in ["pos_embed", "x_embedder.proj.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.bias",
+                "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight", "blocks.1.attn.proj.bias",
+                "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.bias", "blocks.0.adaLN_modulation.1.weight",
+                "final_layer.linear.weight", "final_layer.adaLN_modulation.1.bias"]:
+        assert key in keys, key
+
+
+def test_dit_xl_2_parameter_count_matches_paper():
+    # DiT-XL/2 at 256 px (32x32x4 latents, learned sigma): 675M parameters (paper Table 4).
+    with torch.device("meta"):
+        model = DiT(DiTConfig(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True, **DIT_PRESETS["DiT-XL/2"]))
+    trainable = sum(p.numel() for p in model.parameters())
+    assert 674e6 < trainable < 676e6
+
+
+def test_attention_backends_agree():
+    torch.manual_seed(0)
+    layer = SelfAttention(32, 4)
+    x = torch.randn(2, 10, 32)
+    mask = torch.rand(10, 10) > 0.3
+    mask |= torch.eye(10, dtype=torch.bool)
+    for m in (None, mask):
+        with attention_backend("manual"):
+            reference = layer(x, m)
+        with attention_backend("sdpa"):
+            fast = layer(x, m)
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
