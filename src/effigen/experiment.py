@@ -72,7 +72,7 @@ def preset_names() -> list[str]:
 
 
 def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], preset: str | None,
-                     num_classes: int | None) -> Any:
+                     num_classes: int | None, objective: Any = None) -> Any:
     method = get_method(method_name)
     network_data: dict[str, Any] = {}
     if preset is not None:
@@ -80,7 +80,9 @@ def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], pr
             raise ConfigError(f"unknown network_preset {preset!r} for {method_name}; valid: {', '.join(method.network_presets)}")
         network_data.update(method.network_presets[preset])
     network_data.update(raw)
-    derived = {"input_size": data.resolution, "in_channels": 3}
+    derived: dict[str, Any] = {"input_size": data.resolution, "in_channels": 3}
+    # the objective decides what the output channels mean (DDPM's learned variance doubles them)
+    derived["learn_sigma"] = bool(getattr(objective, "learn_sigma", False))
     if num_classes is not None:
         derived["num_classes"] = num_classes
     field_names = {f.name for f in dataclasses.fields(method.network_class.config_class)}
@@ -90,7 +92,7 @@ def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], pr
         if key in raw and raw[key] != value:
             raise ConfigError(
                 f"network.{key}={raw[key]} disagrees with the data ({key} = {value} for {data.name} at "
-                f"{data.resolution} px); remove the override or change the data settings"
+                f"{data.resolution} px, or the objective); remove the override or change the data/objective settings"
             )
         network_data[key] = value
     try:
@@ -112,8 +114,9 @@ def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> Ex
         raise ConfigError(f"unknown method {method_name!r}; available: {', '.join(METHODS)}")
     method = get_method(method_name)
     data_config = config_from_dict(DataConfig, data.get("data", {}), "data")
-    network = _resolve_network(method_name, data_config, data.get("network", {}), data.get("network_preset"), num_classes)
     objective = config_from_dict(method.objective_class.config_class, data.get("objective", {}), "objective")
+    network = _resolve_network(method_name, data_config, data.get("network", {}), data.get("network_preset"), num_classes,
+                               objective)
     sampler = config_from_dict(method.objective_class.sampler_config_class, data.get("sampler", {}), "sampler")
     trainer = config_from_dict(TrainerConfig, data.get("trainer", {}), "trainer")
     return ExperimentConfig(method_name, data_config, network, objective, sampler, trainer)

@@ -151,12 +151,19 @@ class Pipeline:
         progress: bool = False,
         **sampler_overrides: Any,
     ) -> torch.Tensor | list:
-        """Generate one image per label. Returns float (N, 3, H, W) in [-1, 1], or PIL images
-        (`output_type="pil"`). The same seed gives the same images on the same machine, whatever the
-        batch size, because the noise comes from one generator in order."""
+        """Generate one image per label. Returns float (N, 3, H, W) in [-1, 1] (`output_type="pt"`),
+        PIL images (`"pil"`), or the sampler's raw output (`"latent"`). The same seed gives the same images
+        on the same machine, whatever the batch size, because the noise comes from one generator in order."""
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"class labels must be in [0, {self.num_classes - 1}], got {labels.tolist()}")
+        if output_type not in ("pt", "pil", "latent"):
+            raise ValueError(f"output_type must be 'pt', 'pil' or 'latent', got {output_type!r}")
+        if output_type != "latent" and self.sample_shape[0] != 3:
+            raise ValueError(
+                f"this pipeline generates {self.sample_shape[0]}-channel latents and has no decoder (tokenizer); "
+                "use output_type='latent', or convert the checkpoint with its VAE to get images"
+            )
         settings = self.sampler_settings(**sampler_overrides)
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
@@ -169,8 +176,11 @@ class Pipeline:
             batch_labels = labels[start : start + batch_size].to(device)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = self.objective.sample(self.generator, batch_labels, self.sample_shape, settings, generator)
-            chunks.append(out.float().clamp(-1, 1).cpu())
+            chunks.append(out.float().cpu())
             bar.update(len(batch_labels))
         bar.close()
-        images = torch.cat(chunks) if chunks else torch.empty(0, *self.sample_shape)
+        output = torch.cat(chunks) if chunks else torch.empty(0, *self.sample_shape)
+        if output_type == "latent":
+            return output
+        images = output.clamp(-1, 1)
         return to_pil(images) if output_type == "pil" else images

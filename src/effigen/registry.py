@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .models.dit import DIT_PRESETS, DiT
+from .objectives.ddpm import GaussianDiffusion
 from .objectives.flow_matching import RectifiedFlow
 
 
@@ -23,6 +24,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "dit-flow": Method("dit-flow", DiT, RectifiedFlow, DIT_PRESETS, "DiT (2212.09748) + rectified flow (2209.03003)"),
+    "dit-ddpm": Method("dit-ddpm", DiT, GaussianDiffusion, DIT_PRESETS, "DiT (2212.09748) + DDPM with learned variance"),
 }
 
 NETWORKS: dict[str, type] = {m.network_class.__name__: m.network_class for m in METHODS.values()}

@@ -1,0 +1,1 @@
+"""Converters from the papers' official checkpoint formats to effigen folders."""

@@ -1,0 +1,32 @@
+"""`effigen convert`: official checkpoints -> effigen pipeline folders.
+
+    effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --out dit-xl-2-256 [--num-heads 16]
+
+Converters: dit-official (facebookresearch/DiT: released weights or training checkpoints, EMA weights).
+The converted DiT folder samples latents; decoding them to images needs the SD-VAE, which effigen does not
+ship yet (sample with `output_type="latent"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+CONVERTERS = ("dit-official",)
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="effigen convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", choices=CONVERTERS, help="which official format")
+    parser.add_argument("--ckpt", required=True, help="the official checkpoint file")
+    parser.add_argument("--out", required=True, help="output pipeline folder")
+    parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
+    parser.add_argument("--steps", type=int, default=250, help="default sampling steps saved with the folder")
+    parser.add_argument("--cfg-scale", type=float, default=1.5, help="default guidance scale saved with the folder")
+    args = parser.parse_args(argv)
+    if args.source == "dit-official":
+        from ..convert.dit_official import convert_dit_official
+
+        path = convert_dit_official(args.ckpt, args.out, args.num_heads, args.steps, args.cfg_scale)
+        print(f"converted {args.ckpt} -> {path}")
+    return 0
