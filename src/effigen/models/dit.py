@@ -14,6 +14,15 @@ the features equal those of official DiT checkpoints, which take integer DDPM st
 
 Parameter names follow the official `models.py` (x_embedder.proj, t_embedder.mlp, y_embedder.embedding_table,
 blocks.i.attn.qkv, ..., final_layer.linear), so official checkpoints load with no renaming.
+
+LightningDiT (Yao et al. arXiv 2501.01423) is this backbone with options, not a copy: `norm="rmsnorm"`
+(RMSNorm with a gain instead of affine-free LayerNorm, also in the final layer), `mlp="swiglu"` (hidden
+int(2/3 * 4 * D), fused `w12`), `rope=True` (EVA-02 2-D RoPE on q and k, in addition to the absolute
+sin-cos positions), `qk_norm`, and `adaln_shift=False` (its `wo_shift`). Parameter names follow
+`models/lightningdit.py` (mlp.w12/w3, feat_rope.freqs_cos/sin, norm1.weight, final_layer.norm_final.weight).
+`time_offset` + `time_scale` translate effigen's t into what a checkpoint's time embedding expects:
+the embedding sees `time_offset + time_scale * t` (DiT: 0 + 1000 t; LightningDiT/SiT, which run time the
+other way in [0, 1]: 1 - t).
 """
 
 from __future__ import annotations
@@ -23,9 +32,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from typing import Literal
+
 from ..nn.attention import SelfAttention
 from ..nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_positions
-from ..nn.layers import Mlp, modulate
+from ..nn.layers import Mlp, SwiGLU, modulate
+from ..nn.norms import make_norm
+from ..nn.rope import VisionRoPE2D
 
 
 @dataclass
@@ -41,6 +54,12 @@ class DiTConfig:
     learn_sigma: bool = False  # DDPM's learned variance doubles the output channels
     qk_norm: bool = False
     time_scale: float = 1000.0
+    time_offset: float = 0.0
+    # LightningDiT options
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    rope: bool = False
+    adaln_shift: bool = True
 
     def __post_init__(self):
         if self.input_size % self.patch_size:
@@ -68,27 +87,48 @@ DIT_PRESETS: dict[str, dict] = {
     "DiT-Test": dict(depth=2, hidden_size=64, num_heads=2, patch_size=4),
 }
 
+# LightningDiT's released architecture: RMSNorm, SwiGLU, 2-D RoPE (qk-norm off), on the DiT backbone.
+_LIGHTNING = dict(norm="rmsnorm", mlp="swiglu", rope=True)
+DIT_PRESETS.update({
+    "LightningDiT-B/1": dict(depth=12, hidden_size=768, num_heads=12, patch_size=1, **_LIGHTNING),
+    "LightningDiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2, **_LIGHTNING),
+    "LightningDiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2, **_LIGHTNING),
+    "LightningDiT-XL/1": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=1, **_LIGHTNING),
+    "LightningDiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2, **_LIGHTNING),
+    "LightningDiT-Ti/4": dict(depth=6, hidden_size=256, num_heads=4, patch_size=4, **_LIGHTNING),
+    "LightningDiT-Test": dict(depth=2, hidden_size=64, num_heads=2, patch_size=4, **_LIGHTNING),
+})
+
 
 class DiTBlock(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: bool = False):
+    def __init__(self, config: DiTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = SelfAttention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        D = config.hidden_size
+        self.adaln_shift = config.adaln_shift
+        self.norm1 = make_norm(config.norm, D, affine=False)
+        self.attn = SelfAttention(D, config.num_heads, qkv_bias=True, qk_norm=config.qk_norm, norm=config.norm)
+        self.norm2 = make_norm(config.norm, D, affine=False)
+        if config.mlp == "swiglu":
+            self.mlp = SwiGLU(D, int(2 / 3 * config.mlp_ratio * D))
+        else:
+            self.mlp = Mlp(D, int(D * config.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, (6 if config.adaln_shift else 4) * D))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, L, D)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+        if self.adaln_shift:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        else:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)  # (B, L, D)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (B, L, D)
         return x
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = make_norm(norm, hidden_size, affine=False)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
@@ -110,10 +150,9 @@ class DiT(nn.Module):
         grid = config.input_size // config.patch_size
         positions = torch.from_numpy(sincos_2d_positions(D, grid)).float().unsqueeze(0)
         self.register_buffer("pos_embed", positions)  # (1, L, D), fixed; kept in the state dict as in DiT
-        self.blocks = nn.ModuleList(
-            [DiTBlock(D, config.num_heads, config.mlp_ratio, config.qk_norm) for _ in range(config.depth)]
-        )
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels)
+        self.feat_rope = VisionRoPE2D(D // config.num_heads, grid) if config.rope else None
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels, config.norm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -154,7 +193,7 @@ class DiT(nn.Module):
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
-        c = self.t_embedder(t * self.config.time_scale) + self.y_embedder(labels)  # (B, D)
+        c = self.t_embedder(self.config.time_offset + self.config.time_scale * t) + self.y_embedder(labels)  # (B, D)
         for block in self.blocks:
-            h = block(h, c)  # (B, L, D)
+            h = block(h, c, self.feat_rope)  # (B, L, D)
         return self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)

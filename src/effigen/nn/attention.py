@@ -60,15 +60,17 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (parameter names as timm's `Attention`:
     `qkv`, `proj`, optional `q_norm`/`k_norm`), so official DiT-family checkpoints load without renaming."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False, norm: str = "layernorm"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        from .norms import make_norm
+
+        self.q_norm = make_norm(norm, self.head_dim, affine=True) if qk_norm else nn.Identity()
+        self.k_norm = make_norm(norm, self.head_dim, affine=True) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:

@@ -87,11 +87,13 @@ class RectifiedFlow:
         sampler: FlowSamplerConfig,
         generator: torch.Generator | None = None,
         progress=None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Integrate from noise at t = 1 to t = 0. labels: (B,); shape: (C, H, W) per sample."""
         device = labels.device
-        # One draw per sample, in order: the images do not depend on the batch size.
-        noise = torch.stack([torch.randn(shape, generator=generator) for _ in range(labels.shape[0])])
+        if noise is None:
+            # One draw per sample, in order: the images do not depend on the batch size.
+            noise = torch.stack([torch.randn(shape, generator=generator) for _ in range(labels.shape[0])])
         x = noise.to(device)
 
         def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,37 @@
+"""2-D rotary position embedding for image tokens, EVA-02's `VisionRotaryEmbeddingFast` layout as used by
+LightningDiT: of each head's channels, the first half rotate with the row index and the second half with the
+column index; within a half, adjacent pairs (2i, 2i+1) rotate together at frequency theta^(-2i / half).
+The cos/sin tables are persistent buffers (`freqs_cos`, `freqs_sin`, (L, head_dim)) as in the official
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., 2d) with pairs (a, b) -> (-b, a)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+class VisionRoPE2D(nn.Module):
+    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
+        half = head_dim // 2
+        inv_freq = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)  # (half / 2,)
+        positions = torch.arange(grid_size).float()
+        angles = torch.einsum("p,f->pf", positions, inv_freq).repeat_interleave(2, dim=-1)  # (grid, half)
+        rows = angles[:, None, :].expand(grid_size, grid_size, half)
+        cols = angles[None, :, :].expand(grid_size, grid_size, half)
+        table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (L, head_dim)
+        self.register_buffer("freqs_cos", table.cos())
+        self.register_buffer("freqs_sin", table.sin())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, heads, L, head_dim)."""
+        return x * self.freqs_cos + rotate_pairs(x) * self.freqs_sin
