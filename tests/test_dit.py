@@ -67,3 +67,42 @@ def test_attention_backends_agree():
         with attention_backend("sdpa"):
             fast = layer(x, m)
         torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_lightningdit_options_forward_and_names():
+    from effigen.models.dit import DIT_PRESETS
+
+    config = DiTConfig(input_size=8, in_channels=3, num_classes=4, **DIT_PRESETS["LightningDiT-Test"])
+    model = randomize(DiT(config))
+    out = model(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 4]))
+    assert out.shape == (2, 3, 8, 8) and torch.isfinite(out).all()
+    keys = set(model.state_dict())
+    for key in ["feat_rope.freqs_cos", "blocks.0.norm1.weight", "blocks.0.mlp.w12.weight", "blocks.0.mlp.w3.bias",
+                "final_layer.norm_final.weight"]:
+        assert key in keys, key
+    scale_only = DiT(DiTConfig(input_size=8, in_channels=3, num_classes=4, adaln_shift=False, qk_norm=True,
+                               **{**DIT_PRESETS["LightningDiT-Test"]}))
+    assert scale_only.blocks[0].adaLN_modulation[1].out_features == 4 * 64
+    assert "blocks.0.attn.q_norm.weight" in scale_only.state_dict()
+
+
+def test_lightningdit_xl_1_parameter_count():
+    from effigen.models.dit import DIT_PRESETS
+
+    # LightningDiT-XL/1 on VA-VAE f16d32 latents (16x16x32): ~675M, like DiT-XL/2 (SwiGLU's 2/3 rule).
+    with torch.device("meta"):
+        model = DiT(DiTConfig(input_size=16, in_channels=32, num_classes=1000, **DIT_PRESETS["LightningDiT-XL/1"]))
+    assert 670e6 < sum(p.numel() for p in model.parameters()) < 680e6
+
+
+def test_rope_is_a_rotation_with_relative_positions():
+    from effigen.nn.rope import VisionRoPE2D
+
+    rope = VisionRoPE2D(head_dim=8, grid_size=4)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    qs, ks = rope(q.expand(1, 1, 16, 8)), rope(k.expand(1, 1, 16, 8))
+    torch.testing.assert_close(qs.norm(dim=-1), q.norm(dim=-1).expand(1, 1, 16))
+    dots = (qs[0, 0] @ ks[0, 0].T)  # (16, 16) over grid positions (row-major 4x4)
+    # the score depends only on the offset: (0,0)-(1,1) equals (2,2)-(3,3)
+    torch.testing.assert_close(dots[0, 5], dots[10, 15])
+    torch.testing.assert_close(dots[1, 4], dots[11, 14])
