@@ -62,7 +62,9 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
 
     def sample_fn(ema_network, step: int) -> Path:
         pipeline = make_pipeline(config, ema_network, info)
-        images = pipeline(labels.to(context.device), seed=0)
+        # previews follow the training precision (bf16 autocast makes CPU sampling several times faster)
+        precision = "bf16" if config.trainer.precision == "bf16" else "fp32"
+        images = pipeline(labels.to(context.device), seed=0, precision=precision)
         return save_image_grid(images, output_dir / "samples" / f"step_{step:07d}.png", nrow=8, upscale=2)
 
     trainer = Trainer(config.trainer, network, objective, dataset, save_folder, sample_fn,

@@ -87,15 +87,16 @@ class StepBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.start_micro_batch = start_micro_batch
         self._epoch = -1
-        self._permutation: torch.Tensor | None = None
+        self._permutation: list[int] = []
 
     def _index_at(self, position: int) -> int:
         epoch, within = divmod(position, self.dataset_size)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._permutation = torch.randperm(self.dataset_size, generator=generator)
+            # a plain list: per-index tensor ops are slow when threads contend for the cores
+            self._permutation = torch.randperm(self.dataset_size, generator=generator).tolist()
             self._epoch = epoch
-        return int(self._permutation[within])
+        return self._permutation[within]
 
     def __iter__(self):
         micro = self.start_micro_batch
