@@ -1,18 +1,26 @@
-"""Rectified flow / flow matching (Liu et al. arXiv 2209.03003; Lipman et al. arXiv 2210.02747), with the
-timestep sampling and velocity-direction loss of LightningDiT (Yao et al. arXiv 2501.01423).
+"""Flow matching with SiT's interpolants: rectified flow (Liu et al. arXiv 2209.03003; Lipman et al. arXiv
+2210.02747), the GVP path and noise/score prediction of SiT (Ma et al. arXiv 2401.08740), and the timestep
+sampling and velocity-direction loss of LightningDiT (Yao et al. arXiv 2501.01423).
 
 Convention (DESIGN.md): t = 0 data, t = 1 noise,
-    x_t = (1 - t) x_0 + t eps,        target velocity  v = dx_t/dt = eps - x_0,
-loss  E || v_theta(x_t, t, y) - v ||^2  (+ optional cosine term 1 - cos(v_theta, v), LightningDiT's
-"velocity direction loss"). Timesteps are uniform or logit-normal (SD3; LightningDiT uses
-logit-normal(0, 1)). Labels are replaced by the null class with probability `label_dropout` so one
-network learns both the conditional and the unconditional field for classifier-free guidance.
+    x_t = alpha_t x_0 + sigma_t eps,    linear: alpha = 1 - t, sigma = t    GVP: alpha = cos(pi t / 2), sigma = sin(pi t / 2)
+    velocity v = dx_t/dt = alpha'_t x_0 + sigma'_t eps          (linear: v = eps - x_0)
+The network predicts `velocity`, `noise` (eps) or `score` (-eps / sigma_t); the loss is the MSE to that target
+(+ optional cosine term 1 - cos(v_theta, v), LightningDiT's velocity-direction loss, velocity prediction only).
+Timesteps are uniform or logit-normal (SD3; LightningDiT uses logit-normal(0, 1)). Labels are replaced by the
+null class with probability `label_dropout` so one network learns both fields for classifier-free guidance.
 
-Sampling integrates dx/dt = v from t = 1 to t = 0 with the ODE solvers of `effigen.samplers`.
+Sampling converts any prediction to (velocity, noise) and integrates from t = 1 to t = 0: the probability-flow
+ODE with Euler or Heun, or SiT's reverse SDE with Euler-Maruyama,
+    dx = [v - (g_t^2 / 2) score] dt + g_t dW   (dt < 0),
+which has the same marginals as the ODE for any g; with SiT's "sigma" diffusion g_t^2 = diffusion_norm * sigma_t, so the drift is v + (diffusion_norm / 2) eps
+(no singularity at t = 0), and a last noiseless "Mean" step of size `last_step` (SiT's default 0.04).
+Noise and score predictions are singular where alpha_t = 0 (t = 1), so their grid starts at 1 - `sample_eps`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,30 +30,51 @@ from torch import nn
 
 from ..rng import BatchRandom
 from ..samplers import SOLVERS, guided_prediction, make_time_grid, number_of_evaluations
+from ..samplers.sde import euler_maruyama_sample
 
 
 @dataclass
 class RectifiedFlowConfig:
+    path: Literal["linear", "gvp"] = "linear"
+    prediction: Literal["velocity", "noise", "score"] = "velocity"
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     label_dropout: float = 0.1
     cosine_loss_weight: float = 0.0  # LightningDiT's velocity-direction loss; 0 disables it
+    train_eps: float = 0.0  # keep t in [train_eps, 1 - train_eps] (SiT uses 1e-5 for noise/score targets)
 
 
 @dataclass
 class FlowSamplerConfig:
-    solver: Literal["euler", "heun"] = "heun"
+    solver: Literal["euler", "heun", "euler_maruyama"] = "heun"
     num_steps: int = 25
     cfg_scale: float = 1.0  # constant guidance: uncond + s * (cond - uncond)
     cfg_interval: tuple[float, float] | None = None  # guide only while t in [low, high]
     cfg_channels: int | None = None  # 3 reproduces DiT/SiT/LightningDiT's first-3-channels quirk
     time_shift: float = 1.0
+    diffusion_norm: float = 1.0  # SDE only: g_t^2 = diffusion_norm * sigma_t
+    last_step: float = 0.04  # SDE only: final noiseless step to t = 0
+    sample_eps: float = 1e-3  # start at 1 - sample_eps for noise/score predictions
+
+
+class Path:
+    """alpha_t, sigma_t and their time derivatives, broadcast to x's shape."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def coefficients(self, t: torch.Tensor, ndim: int):
+        t = t.float().view(-1, *([1] * (ndim - 1)))
+        if self.kind == "linear":
+            return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+        half_pi = math.pi / 2
+        return torch.cos(half_pi * t), torch.sin(half_pi * t), -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t)
 
 
 class RectifiedFlow:
-    """The rectified-flow objective: `loss(model, batch, random)` for the trainer and `sample(...)`
-    for the pipeline. Holds no parameters."""
+    """The flow-matching objective: `loss(model, batch, random)` for the trainer and `sample(...)` for the
+    pipeline. Holds no parameters."""
 
     config_class = RectifiedFlowConfig
     sampler_config_class = FlowSamplerConfig
@@ -53,12 +82,23 @@ class RectifiedFlow:
     def __init__(self, config: RectifiedFlowConfig, num_classes: int):
         self.config = config
         self.num_classes = num_classes
+        self.path = Path(config.path)
 
     def sample_time(self, random: BatchRandom) -> torch.Tensor:
         if self.config.time_sampling == "uniform":
-            return random.rand()
-        normal = random.randn() * self.config.logit_normal_std + self.config.logit_normal_mean
-        return torch.sigmoid(normal)
+            t = random.rand()
+        else:
+            t = torch.sigmoid(random.randn() * self.config.logit_normal_std + self.config.logit_normal_mean)
+        eps = self.config.train_eps
+        return t * (1 - 2 * eps) + eps if eps > 0 else t
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        alpha, sigma, d_alpha, d_sigma = self.path.coefficients(t, x0.dim())
+        if self.config.prediction == "velocity":
+            return d_alpha * x0 + d_sigma * noise
+        if self.config.prediction == "noise":
+            return noise
+        return -noise / sigma  # score of p(x_t | x_0)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], random: BatchRandom) -> dict[str, torch.Tensor]:
         x0, labels = batch["images"], batch["labels"]  # (B, C, H, W), (B,)
@@ -66,9 +106,9 @@ class RectifiedFlow:
         t = self.sample_time(random)  # (B,)
         drop = random.rand() < self.config.label_dropout
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-        t_ = t.view(-1, 1, 1, 1)
-        x_t = (1 - t_) * x0 + t_ * noise
-        target = noise - x0
+        alpha, sigma, _, _ = self.path.coefficients(t, x0.dim())
+        x_t = alpha * x0 + sigma * noise
+        target = self.target(x0, noise, t)
         prediction = model(x_t, t, labels).float()
         mse = F.mse_loss(prediction, target)
         out = {"loss": mse, "mse": mse.detach()}
@@ -77,6 +117,18 @@ class RectifiedFlow:
             out["loss"] = mse + self.config.cosine_loss_weight * cosine
             out["cosine"] = cosine.detach()
         return out
+
+    def velocity_and_noise(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """Convert the network's prediction at (x_t, t) into (velocity, noise) estimates."""
+        alpha, sigma, d_alpha, d_sigma = self.path.coefficients(t, x_t.dim())
+        if self.config.prediction == "velocity":
+            velocity = prediction
+            # solve x_t = alpha x0 + sigma eps, v = alpha' x0 + sigma' eps for eps
+            noise = (alpha * velocity - d_alpha * x_t) / (alpha * d_sigma - d_alpha * sigma)
+            return velocity, noise
+        noise = prediction if self.config.prediction == "noise" else -sigma * prediction
+        x0 = (x_t - sigma * noise) / alpha
+        return d_alpha * x0 + d_sigma * noise, noise
 
     @torch.no_grad()
     def sample(
@@ -96,13 +148,32 @@ class RectifiedFlow:
             noise = torch.stack([torch.randn(shape, generator=generator) for _ in range(labels.shape[0])])
         x = noise.to(device)
 
-        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return guided_prediction(
                 model, x_t, t, labels, self.num_classes, sampler.cfg_scale, sampler.cfg_interval, sampler.cfg_channels
             ).float()
 
-        grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift)
+        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            out = predict(x_t, t)
+            return out if self.config.prediction == "velocity" else self.velocity_and_noise(out, x_t, t)[0]
+
+        t_start = 1.0 if self.config.prediction == "velocity" else 1.0 - sampler.sample_eps
+        if sampler.solver == "euler_maruyama":
+            grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start, t_end=sampler.last_step)
+            grid = torch.cat([grid, grid.new_zeros(1)]) if sampler.last_step > 0 else grid
+
+            def drift(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                v, eps = self.velocity_and_noise(predict(x_t, t), x_t, t)
+                return v + 0.5 * sampler.diffusion_norm * eps  # v - (g^2 / 2) score with g^2 = norm * sigma
+
+            def diffusion(t: torch.Tensor) -> torch.Tensor:
+                return sampler.diffusion_norm * self.path.coefficients(t, 1)[1].flatten()
+
+            return euler_maruyama_sample(drift, diffusion, x, grid, generator, progress)
+        grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start)
         return SOLVERS[sampler.solver](velocity, x, grid, progress=progress)
 
     def evaluations_per_sample(self, sampler: FlowSamplerConfig) -> int:
-        return number_of_evaluations(sampler.solver, sampler.num_steps) * (1 if sampler.cfg_scale == 1.0 else 2)
+        steps = sampler.num_steps + (1 if sampler.solver == "euler_maruyama" and sampler.last_step > 0 else 0)
+        solver = "euler" if sampler.solver == "euler_maruyama" else sampler.solver
+        return number_of_evaluations(solver, steps) * (1 if sampler.cfg_scale == 1.0 else 2)
