@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from effigen.data import DataConfig, build_dataset
+from effigen.eval.evaluate import (Reference, balanced_labels, evaluate_images, generate_for_evaluation,
+                                   load_extractor)
+from effigen.eval.metrics import save_reference_statistics
+from effigen.images import to_uint8
+from effigen.models.dit import DiT
+from effigen.objectives.flow_matching import FlowSamplerConfig, RectifiedFlowConfig
+from effigen.pipeline import Pipeline
+
+from conftest import randomize
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFIGEN_CACHE", str(tmp_path / "cache"))
+
+
+def metric(record, key):
+    return next(m["value"] for m in record["metrics"] if m["metric"] == key)
+
+
+def test_held_out_mnist_is_close_and_corrupted_mnist_is_far():
+    extractor = load_extractor("mnist-net")
+    test_images = to_uint8(build_dataset(DataConfig(name="mnist", resolution=32), "test").images())
+    reference = Reference(dataset="mnist", split="train", resolution=32, num=2000)
+    clean = evaluate_images(test_images, reference, extractor, ("fid", "precision_recall", "is"), progress=False)
+    generator = torch.Generator().manual_seed(0)
+    noisy = (test_images.float() + 76 * torch.randn(test_images.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
+    corrupted = evaluate_images(noisy, reference, extractor, ("fid", "precision_recall"), progress=False)
+    blurred_float = torch.nn.functional.avg_pool2d(test_images.float(), 5, stride=1, padding=2, count_include_pad=False)
+    blurred = evaluate_images(blurred_float.round().to(torch.uint8), reference, extractor, ("fid",), progress=False)
+    assert metric(clean, "fid") * 10 < metric(corrupted, "fid")
+    assert metric(clean, "fid") * 10 < metric(blurred, "fid")
+    assert metric(clean, "precision") > 0.8 and metric(clean, "recall") > 0.8
+    assert metric(corrupted, "precision") < metric(clean, "precision")
+    assert metric(clean, "is") > 5  # ten confidently recognised, balanced classes
+    assert clean["metrics"][0]["name"] == "FID (mnist-net)" and clean["num_reference"] == 2000
+    # the second run reads the cached reference features
+    again = evaluate_images(test_images, reference, extractor, ("fid",), progress=False)
+    assert metric(again, "fid") == pytest.approx(metric(clean, "fid"))
+
+
+def test_reference_statistics_file_gives_the_same_fid(tmp_path):
+    extractor = load_extractor("digits-net")
+    train = to_uint8(build_dataset(DataConfig(name="digits", resolution=16), "train").images())
+    test = to_uint8(build_dataset(DataConfig(name="digits", resolution=16), "test").images())
+    features = extractor.features(train, progress=False)["features"]
+    save_reference_statistics(tmp_path / "ref.npz", features.mean(0), np.cov(features, rowvar=False))
+    from_stats = evaluate_images(test, Reference(statistics=str(tmp_path / "ref.npz")), extractor, ("fid",), progress=False)
+    from_data = evaluate_images(test, Reference(dataset="digits", resolution=16), extractor, ("fid",), progress=False)
+    assert metric(from_stats, "fid") == pytest.approx(metric(from_data, "fid"), rel=1e-4)
+
+
+@pytest.fixture
+def pipeline(tiny_dit_config):
+    return Pipeline("dit-flow", randomize(DiT(tiny_dit_config)), RectifiedFlowConfig(),
+                    FlowSamplerConfig(solver="euler", num_steps=2), {"dataset": "digits"})
+
+
+def test_generation_is_balanced_and_independent_of_batching(pipeline):
+    assert balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    a = generate_for_evaluation(pipeline, 10, seed=1, batch_size=10, chunk_size=4, progress=False)
+    b = generate_for_evaluation(pipeline, 10, seed=1, batch_size=3, chunk_size=4, progress=False)
+    assert a.dtype == torch.uint8 and a.shape == (10, 3, 8, 8)
+    assert (a.int() - b.int()).abs().max() <= 1  # equal up to rounding across batch shapes
+    assert not torch.equal(a, generate_for_evaluation(pipeline, 10, seed=2, chunk_size=4, progress=False))
+
+
+def test_eval_cli_writes_a_record(pipeline, tmp_path, run_cli, capsys):
+    pipeline.save_pretrained(tmp_path / "pipe")
+    code, out, err = run_cli(["eval", "--from", tmp_path / "pipe", "--num", "40", "--json", tmp_path / "r.json",
+                              "--resolution", "16", "--metrics", "fid,is,kid,precision_recall"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["feature_extractor"] == "digits-net" and record["num_generated"] == 40
+    assert {m["metric"] for m in record["metrics"]} >= {"fid", "is", "kid", "precision", "recall"}
+    assert record["settings"]["sampler"]["num_steps"] == 2 and "FID (digits-net)" in out
+    code, out, err = run_cli(["eval", "--images", tmp_path / "missing", "--ref-dataset", "mnist"], capsys)
+    assert code == 2 and "missing" in err
