@@ -79,6 +79,8 @@ class GaussianField(nn.Module):
         x0 = self.m + alpha * self.s**2 / var * centered
         eps = sigma / var * centered
         kind = self.objective.config.prediction
+        if kind == "data":
+            return x0
         if kind == "velocity":
             return d_alpha * x0 + d_sigma * eps
         return eps if kind == "noise" else -eps / sigma
@@ -86,7 +88,7 @@ class GaussianField(nn.Module):
 
 @pytest.mark.parametrize("path", ["linear", "gvp"])
 @pytest.mark.parametrize("prediction, solver", [("velocity", "heun"), ("velocity", "euler_maruyama"),
-                                                ("noise", "heun"), ("score", "euler_maruyama")])
+                                                ("noise", "heun"), ("score", "euler_maruyama"), ("data", "euler")])
 def test_samplers_recover_a_gaussian(path, prediction, solver):
     objective = RectifiedFlow(RectifiedFlowConfig(path=path, prediction=prediction), num_classes=1)
     field = GaussianField(objective)
@@ -101,10 +103,11 @@ def test_samplers_recover_a_gaussian(path, prediction, solver):
 def test_prediction_conversions_are_consistent(path):
     x0, eps = torch.randn(5, 2, 3, 3), torch.randn(5, 2, 3, 3)
     t = torch.rand(5) * 0.9 + 0.05
-    for prediction in ("velocity", "noise", "score"):
+    for prediction in ("velocity", "noise", "score", "data"):
         objective = RectifiedFlow(RectifiedFlowConfig(path=path, prediction=prediction), num_classes=1)
         alpha, sigma, d_alpha, d_sigma = objective.path.coefficients(t, 4)
         x_t = alpha * x0 + sigma * eps
-        velocity, noise = objective.velocity_and_noise(objective.target(x0, eps, t), x_t, t)
+        network_output = x0 if prediction == "data" else objective.target(x0, eps, t)
+        velocity, noise = objective.velocity_and_noise(network_output, x_t, t)
         torch.testing.assert_close(velocity, d_alpha * x0 + d_sigma * eps, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(noise, eps, atol=1e-4, rtol=1e-4)

@@ -5,8 +5,11 @@ sampling and velocity-direction loss of LightningDiT (Yao et al. arXiv 2501.0142
 Convention (DESIGN.md): t = 0 data, t = 1 noise,
     x_t = alpha_t x_0 + sigma_t eps,    linear: alpha = 1 - t, sigma = t    GVP: alpha = cos(pi t / 2), sigma = sin(pi t / 2)
     velocity v = dx_t/dt = alpha'_t x_0 + sigma'_t eps          (linear: v = eps - x_0)
-The network predicts `velocity`, `noise` (eps) or `score` (-eps / sigma_t); the loss is the MSE to that target
-(+ optional cosine term 1 - cos(v_theta, v), LightningDiT's velocity-direction loss, velocity prediction only).
+The network predicts `velocity`, `noise` (eps) or `score` (-eps / sigma_t), with the MSE to that target as loss,
+or `data` (x_0, as JiT, Li & He arXiv 2511.13720: a pixel-space transformer predicts the clean image far more
+easily than noise or velocity), whose prediction is converted to a velocity and trained with the velocity MSE
+(sigma_t clamped at `data_prediction_min_sigma` in the conversion). An optional cosine term
+1 - cos(v_theta, v) is LightningDiT's velocity-direction loss.
 Timesteps are uniform or logit-normal (SD3; LightningDiT uses logit-normal(0, 1)). Labels are replaced by the
 null class with probability `label_dropout` so one network learns both fields for classifier-free guidance.
 
@@ -36,13 +39,14 @@ from ..samplers.sde import euler_maruyama_sample
 @dataclass
 class RectifiedFlowConfig:
     path: Literal["linear", "gvp"] = "linear"
-    prediction: Literal["velocity", "noise", "score"] = "velocity"
+    prediction: Literal["velocity", "noise", "score", "data"] = "velocity"
     time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
     logit_normal_mean: float = 0.0
     logit_normal_std: float = 1.0
     label_dropout: float = 0.1
     cosine_loss_weight: float = 0.0  # LightningDiT's velocity-direction loss; 0 disables it
     train_eps: float = 0.0  # keep t in [train_eps, 1 - train_eps] (SiT uses 1e-5 for noise/score targets)
+    data_prediction_min_sigma: float = 0.05  # "data" prediction: clamp sigma_t when converting x_0 to velocity
 
 
 @dataclass
@@ -94,7 +98,7 @@ class RectifiedFlow:
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma, d_alpha, d_sigma = self.path.coefficients(t, x0.dim())
-        if self.config.prediction == "velocity":
+        if self.config.prediction in ("velocity", "data"):  # data prediction is trained in velocity space
             return d_alpha * x0 + d_sigma * noise
         if self.config.prediction == "noise":
             return noise
@@ -110,6 +114,8 @@ class RectifiedFlow:
         x_t = alpha * x0 + sigma * noise
         target = self.target(x0, noise, t)
         prediction = model(x_t, t, labels).float()
+        if self.config.prediction == "data":  # x-prediction, velocity loss
+            prediction = self.velocity_and_noise(prediction, x_t, t)[0]
         mse = F.mse_loss(prediction, target)
         out = {"loss": mse, "mse": mse.detach()}
         if self.config.cosine_loss_weight > 0:
@@ -126,6 +132,10 @@ class RectifiedFlow:
             # solve x_t = alpha x0 + sigma eps, v = alpha' x0 + sigma' eps for eps
             noise = (alpha * velocity - d_alpha * x_t) / (alpha * d_sigma - d_alpha * sigma)
             return velocity, noise
+        if self.config.prediction == "data":
+            x0 = prediction
+            noise = (x_t - alpha * x0) / sigma.clamp(min=self.config.data_prediction_min_sigma)
+            return d_alpha * x0 + d_sigma * noise, noise
         noise = prediction if self.config.prediction == "noise" else -sigma * prediction
         x0 = (x_t - sigma * noise) / alpha
         return d_alpha * x0 + d_sigma * noise, noise
