@@ -88,7 +88,7 @@ class GaussianField(nn.Module):
 
 @pytest.mark.parametrize("path", ["linear", "gvp"])
 @pytest.mark.parametrize("prediction, solver", [("velocity", "heun"), ("velocity", "euler_maruyama"),
-                                                ("noise", "heun"), ("score", "euler_maruyama"), ("data", "euler")])
+                                                ("noise", "heun"), ("score", "euler_maruyama"), ("data", "heun")])
 def test_samplers_recover_a_gaussian(path, prediction, solver):
     objective = RectifiedFlow(RectifiedFlowConfig(path=path, prediction=prediction), num_classes=1)
     field = GaussianField(objective)
