@@ -83,3 +83,27 @@ def test_eval_cli_writes_a_record(pipeline, tmp_path, run_cli, capsys):
     assert record["settings"]["sampler"]["num_steps"] == 2 and "FID (digits-net)" in out
     code, out, err = run_cli(["eval", "--images", tmp_path / "missing", "--ref-dataset", "mnist"], capsys)
     assert code == 2 and "missing" in err
+
+
+def test_eval_under_torchrun_equals_one_process(pipeline, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    pipeline.save_pretrained(tmp_path / "pipe")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src"), "EFFIGEN_CACHE": str(tmp_path / "c")}
+    records = []
+    for nproc in (1, 2):
+        out = tmp_path / f"r{nproc}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                   "effigen", "eval", "--from", str(tmp_path / "pipe"), "--num-images", "30", "--resolution", "16",
+                   "--device", "cpu", "--metrics", "fid,precision_recall", "--json", str(out),
+                   "--save-images", str(tmp_path / f"images{nproc}.npz")]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        records.append(json.loads(out.read_text()))
+    one, two = (np.load(tmp_path / f"images{n}.npz")["arr_0"] for n in (1, 2))
+    assert one.shape == (30, 8, 8, 3) and np.abs(one.astype(int) - two.astype(int)).max() <= 1
+    assert metric(records[0], "fid") == pytest.approx(metric(records[1], "fid"), rel=1e-2, abs=1e-3)

@@ -26,6 +26,22 @@ def case(request, tmp_path):
     return spec, load_file(str(path / "vectors.safetensors")), Pipeline.from_pretrained(out)
 
 
+def test_convert_command(case, tmp_path, capsys):
+    from effigen.cli.main import main
+
+    spec, vectors, pipeline = case
+    source = pipeline.info["checkpoint"]
+    assert main(["convert", "dit-official", "--ckpt", source, "--out", str(tmp_path / "cli"),
+                 "--num-heads", str(spec["dit"]["num_heads"])]) == 0
+    converted = Pipeline.from_pretrained(tmp_path / "cli")
+    assert converted.sampler_config.cfg_channels == 3 and converted.method.name == "dit-ddpm"
+    for key, value in converted.generator.state_dict().items():
+        assert torch.equal(value, pipeline.generator.state_dict()[key])
+    with pytest.raises(ValueError, match="latent"):
+        converted([0])  # 4-channel latents and no decoder: a clear error, not garbage images
+    assert converted([0], output_type="latent", num_steps=2).shape == (1, 4, 8, 8)
+
+
 def test_config_is_read_off_the_checkpoint(case):
     spec, _, pipeline = case
     config = pipeline.generator.config

@@ -12,7 +12,8 @@ Feature extractor: --features auto|inception|mnist-net|digits-net|shapes-net
     auto = the built-in net for a built-in dataset, else Inception (--inception-weights PATH or
     $EFFIGEN_INCEPTION_WEIGHTS: the torch-fidelity or pytorch-fid weight file; never downloaded).
 
-    effigen eval --from runs/mnist-dit/final --num 5000
+    effigen eval --from runs/mnist-dit/final --num-images 5000
+    torchrun --nproc_per_node=8 -m effigen eval --from DIR --num-images 50000 --ref-stats REF.npz --features inception
     effigen eval --images samples/ --ref-stats VIRTUAL_imagenet256_labeled.npz --features inception \
                  --inception-weights weights-inception-2015-12-05-6726825d.pth
 """
@@ -35,7 +36,9 @@ def run(argv: list[str]) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--from", dest="pipeline", help="pipeline folder to generate from")
     source.add_argument("--images", help="folder of images or .npz (arr_0) of generated images")
-    parser.add_argument("--num", type=int, default=5000, help="images to generate (with --from)")
+    # `--num-images` (not `--num`): torchrun's own parser rejects `--num` as an ambiguous abbreviation of its
+    # `--numa-binding`, even after `-m effigen`. Plain `effigen eval --num N` still works (argparse prefix).
+    parser.add_argument("--num-images", dest="num", type=int, default=5000, help="images to generate (with --from)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="sampling precision")
