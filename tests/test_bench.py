@@ -121,8 +121,11 @@ def test_cpu_peak_memory_sees_a_known_allocation(method) -> None:
 
     try:
         memory = measure_peak_memory(allocate, "cpu", method=method)
-    except ValueError:
-        pytest.skip(f"{method} memory measurement unavailable on this machine")
+    except ValueError as error:
+        # the high-water-mark reset may be refused by the kernel; the poller must always work on Linux,
+        # and the automatic choice must then fall back to it
+        assert method == "hwm", f"the RSS poller failed: {error}"
+        memory = measure_peak_memory(allocate, "cpu")
     assert 0.9 * size <= memory["peak_memory_bytes"] <= 2 * size
     assert memory["peak_memory_total_bytes"] >= memory["peak_memory_bytes"]
     assert memory["memory_method"]
