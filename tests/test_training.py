@@ -154,3 +154,16 @@ def test_two_processes_equal_one_process(tmp_path, parallel):
             torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=key)
     start = single[0]["final_layer.linear.weight"]
     assert start.abs().sum() > 0  # training moved the zero-initialised output layer
+
+
+@pytest.mark.parametrize("preset", ["mnist-dit", "mnist-dit-ddpm", "mnist-sit", "mnist-lightningdit", "shapes-dit"])
+def test_every_recipe_trains_and_samples_end_to_end(tmp_path, preset):
+    from effigen.pipeline import Pipeline
+
+    config = build_experiment_dict(preset, overrides=[
+        f"--trainer.output_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.batch_size=8", "--trainer.progress=false",
+        "--trainer.sample_every=0", "--trainer.checkpoint_every=0", "--data.resolution=16", "--network.depth=1",
+        "--network.hidden_size=48", "--sampler.num_steps=3", "--data.num_images=64"])
+    summary = build_and_train(config, quiet=True)
+    images = Pipeline.from_pretrained(summary["pipeline"])([0, 1], seed=0)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
