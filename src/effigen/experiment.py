@@ -46,7 +46,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "objective": {"prediction": "data", "time_sampling": "uniform", "label_dropout": 0.1},
         "sampler": {"solver": "heun", "num_steps": 20, "cfg_scale": 2.0},
         "trainer": {"output_dir": "runs/mnist-dit", "max_steps": 1200, "max_minutes": 12.0, "batch_size": 128,
-                    "learning_rate": 1e-3, "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.05,
+                    "learning_rate": 2e-3, "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.05,
                     "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 400, "sample_every": 400, "log_every": 25},
     },
     # The same network and budget under each paper's own objective (for side-by-side comparisons).
