@@ -72,7 +72,8 @@ def run(argv: list[str]) -> int:
     if args.pipeline:
         from ..pipeline import Pipeline
 
-        pipeline = Pipeline.from_pretrained(args.pipeline, device=context.device)
+        folder = args.pipeline  # a local pipeline folder; nothing is downloaded
+        pipeline = Pipeline.from_pretrained(folder, device=context.device)
         overrides = {"num_steps": args.steps, "cfg_scale": args.cfg_scale, "solver": args.solver}
         sampler = pipeline.sampler_settings(**overrides)
         settings.update(pipeline=str(args.pipeline), sampler=sampler.__dict__,

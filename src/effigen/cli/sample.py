@@ -58,7 +58,8 @@ def run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     device = select_device(args.device)
-    pipeline = Pipeline.from_pretrained(args.source, device=device)
+    folder = args.source  # a local pipeline folder; nothing is downloaded
+    pipeline = Pipeline.from_pretrained(folder, device=device)
     try:
         classes = parse_classes(args.classes, pipeline.num_classes)
     except ValueError as e:
