@@ -1,0 +1,287 @@
+"""VAR: Visual Autoregressive Modeling, next-scale prediction (Tian et al., arXiv 2404.02905).
+
+The image is a pyramid of token maps r_1..r_K (side lengths `scales`, from `tokenizers.msvq`). One transformer
+predicts every token of scale k at once, conditioned on the class and on all coarser scales:
+p(r_1..r_K) = prod_k p(r_k | r_<k, class). Its input for scale k is the tokenizer's accumulated latent f_hat
+after scales 1..k-1, area-downsampled to side s_k (`word_embed` of those C-dim vectors); the first scale's input
+is the class embedding (the start token) plus `pos_start`. Attention is block-causal: a token sees its own scale
+and all coarser ones. Every token gets a learned absolute position (`pos_1LC`) and a level embedding per scale.
+
+Blocks follow the official `AdaLNSelfAttn`: LayerNorm without affine, modulated by the class embedding through
+adaLN (6 vectors: 2 gates, 2 scales, 2 shifts; per block, or one shared projection + per-block offsets
+`ada_gss` with `shared_aln`), attention with a fused `mat_qkv` and separate q/v biases, and (`attn_l2_norm`)
+l2-normalised q and k with a learned per-head scale exp(min(s, log 100)) initialised to 4 and softmax scale 1;
+a GELU(tanh) MLP. A final adaLN (`head_nm`) and a linear head give logits over the codebook.
+
+The depth dial: width = 64 x depth, heads = depth (`embed_dim=0`, `num_heads=0` resolve to those), presets
+VAR-d16/d20/d24/d30 (256 px) and VAR-d36 (512 px, shared adaLN). Parameter names are the official ones, so the
+converter (`effigen.convert.var_official`) only drops three constant buffers.
+
+The network only maps inputs to logits; the next-scale loop with its KV cache, guidance and sampling lives in
+`effigen.samplers.next_scale`, and the loss (cross-entropy over all scales, label dropout) in
+`effigen.objectives.next_scale`. The null class id is `num_classes`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.attention import attention
+from ..nn.layers import DropPath, Mlp
+from ..tokenizers.msvq import VAR_SCALES
+
+
+@dataclass
+class VARConfig:
+    depth: int = 16
+    embed_dim: int = 0  # 0 -> 64 * depth
+    num_heads: int = 0  # 0 -> depth
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    vocab_size: int = 4096
+    latent_channels: int = 32  # the tokenizer's code dimension (Cvae)
+    scales: tuple[int, ...] = VAR_SCALES[256]
+    norm_eps: float = 1e-6
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    drop_path_rate: float = 0.0  # official: 0.1 * depth / 24
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-3  # README: 1e-3 for d16/d20, 1e-4 d24, 1e-5 d30
+    init_head: float = 0.02
+
+    def __post_init__(self):
+        self.scales = tuple(int(s) for s in self.scales)
+        if self.embed_dim == 0:
+            self.embed_dim = 64 * self.depth
+        if self.num_heads == 0:
+            self.num_heads = self.depth
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s * s for s in self.scales)
+
+
+VAR_PRESETS: dict[str, dict] = {
+    # official sizes (256 px: 680 tokens; d36 at 512 px with shared adaLN); drop path 0.1 * depth / 24
+    "VAR-d16": {"depth": 16, "drop_path_rate": 0.1 * 16 / 24, "init_adaln_gamma": 1e-3},
+    "VAR-d20": {"depth": 20, "drop_path_rate": 0.1 * 20 / 24, "init_adaln_gamma": 1e-3},
+    "VAR-d24": {"depth": 24, "drop_path_rate": 0.1, "init_adaln_gamma": 1e-4},
+    "VAR-d30": {"depth": 30, "drop_path_rate": 0.1 * 30 / 24, "init_adaln_gamma": 1e-5},
+    "VAR-d36": {"depth": 36, "drop_path_rate": 0.15, "shared_aln": True, "scales": VAR_SCALES[512], "init_adaln_gamma": 5e-6},
+    # small ones for built-in data on a CPU
+    "VAR-d4": {"depth": 4},
+    "VAR-d6": {"depth": 6},
+    "VAR-Test": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+}
+
+
+def block_causal_mask(scales: tuple[int, ...], device=None) -> torch.Tensor:
+    """(L, L) boolean, True where query's scale >= key's scale."""
+    levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)]).to(device)
+    return levels[:, None] >= levels[None, :]
+
+
+class LayerKVCache:
+    """Keys and values of the tokens seen so far by one attention layer."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
+class VARAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, l2_norm: bool):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.l2_norm = l2_norm
+        if l2_norm:
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), 4.0).log())
+            self.max_scale_mul = math.log(100)
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
+        if self.l2_norm:
+            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            q = F.normalize(q, dim=-1) * scale_mul
+            k = F.normalize(k, dim=-1)
+            scale = 1.0
+        else:
+            scale = 0.25 / math.sqrt(self.head_dim)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        q, k, v = q.to(v.dtype), k.to(v.dtype), v
+        out = attention(q, k, v, mask, scale=scale)
+        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+class AdaLNSelfAttn(nn.Module):
+    def __init__(self, config: VARConfig, drop_path: float):
+        super().__init__()
+        C = config.embed_dim
+        self.attn = VARAttention(C, config.num_heads, config.attn_l2_norm)
+        self.ffn = Mlp(C, round(C * config.mlp_ratio))
+        self.ln_wo_grad = nn.LayerNorm(C, eps=config.norm_eps, elementwise_affine=False)
+        self.drop_path = DropPath(drop_path)
+        self.shared_aln = config.shared_aln
+        if config.shared_aln:
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: LayerKVCache | None = None) -> torch.Tensor:
+        C = x.shape[-1]
+        if self.shared_aln:
+            ada = self.ada_gss + cond  # cond: (B, 1, 6, C) from the shared projection
+        else:
+            ada = self.ada_lin(cond).view(-1, 1, 6, C)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, mask, cache) * gamma1)
+        x = x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2) * gamma2)
+        return x
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, C: int, eps: float):
+        super().__init__()
+        self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).unbind(2)
+        return self.ln_wo_grad(x) * (1 + scale) + shift
+
+
+class SharedAdaLin(nn.Linear):
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return super().forward(cond).view(-1, 1, 6, self.weight.shape[0] // 6)
+
+
+class VAR(nn.Module):
+    config_class = VARConfig
+
+    def __init__(self, config: VARConfig):
+        super().__init__()
+        self.config = config
+        C, scales = config.embed_dim, config.scales
+        self.first_l = scales[0] ** 2
+        self.begin_ends = []
+        start = 0
+        for s in scales:
+            self.begin_ends.append((start, start + s * s))
+            start += s * s
+        L = start
+        init_std = math.sqrt(1 / C / 3)
+        self.word_embed = nn.Linear(config.latent_channels, C)
+        self.class_emb = nn.Embedding(config.num_classes + 1, C)  # the last row is the null class
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
+        self.lvl_embed = nn.Embedding(len(scales), C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if config.shared_aln else nn.Identity()
+        rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
+        self.blocks = nn.ModuleList([AdaLNSelfAttn(config, rates[i]) for i in range(config.depth)])
+        self.head_nm = AdaLNBeforeHead(C, config.norm_eps)
+        self.head = nn.Linear(C, config.vocab_size)
+        levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)]).view(1, L)
+        self.register_buffer("lvl_1L", levels, persistent=False)
+        self.register_buffer("causal_mask", block_causal_mask(scales), persistent=False)
+        self.init_weights(init_std)
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.config.scales
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    @torch.no_grad()
+    def init_weights(self, init_std: float) -> None:
+        """The official `init_weights` (init_std = sqrt(1 / 3C), head x init_head, residual projections
+        / sqrt(2 depth), adaLN weights x init_adaln and their gates x init_adaln_gamma)."""
+        config, C = self.config, self.config.embed_dim
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=init_std)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=init_std)
+        for p in (self.pos_start, self.pos_1LC):
+            nn.init.trunc_normal_(p, std=init_std)
+        self.head.weight.mul_(config.init_head)
+        self.head.bias.zero_()
+        self.head_nm.ada_lin[-1].weight.mul_(config.init_adaln)
+        self.head_nm.ada_lin[-1].bias.zero_()
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * config.depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * config.depth))
+            if config.shared_aln:
+                block.ada_gss[:, :, 2:].mul_(config.init_adaln)
+                block.ada_gss[:, :, :2].mul_(config.init_adaln_gamma)
+            else:
+                block.ada_lin[-1].weight[2 * C :].mul_(config.init_adaln)
+                block.ada_lin[-1].weight[: 2 * C].mul_(config.init_adaln_gamma)
+                block.ada_lin[-1].bias.zero_()
+
+    # ------------------------------------------------------------------ pieces the sampler uses
+    def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.class_emb(labels)
+
+    def level_position(self, si: int) -> torch.Tensor:
+        b, e = self.begin_ends[si]
+        return self.lvl_embed(self.lvl_1L[:, b:e]) + self.pos_1LC[:, b:e]
+
+    def first_tokens(self, cond: torch.Tensor) -> torch.Tensor:
+        """The first scale's input: start token (class embedding) + pos_start + level/position."""
+        B = cond.shape[0]
+        return cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start + self.level_position(0)
+
+    def scale_tokens(self, si: int, features: torch.Tensor) -> torch.Tensor:
+        """Input of scale si >= 1 from the tokenizer's downsampled f_hat (B, s_si^2, Cvae)."""
+        return self.word_embed(features.float()) + self.level_position(si)
+
+    def new_cache(self) -> list[LayerKVCache]:
+        return [LayerKVCache() for _ in self.blocks]
+
+    def trunk(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: list[LayerKVCache] | None = None) -> torch.Tensor:
+        ada = self.shared_ada_lin(cond)
+        for i, block in enumerate(self.blocks):
+            x = block(x, ada, mask, None if cache is None else cache[i])
+        return x
+
+    def logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.head(self.head_nm(h.float(), cond)).float()
+
+    # ------------------------------------------------------------------ teacher-forced pass
+    def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor) -> torch.Tensor:
+        """labels (B,) (null class = num_classes), teacher_input (B, L - s_1^2, Cvae) -> logits (B, L, V)."""
+        L = self.pos_1LC.shape[1]
+        if teacher_input.shape[1:] != (L - self.first_l, self.config.latent_channels):
+            raise ValueError(f"teacher input must be (B, {L - self.first_l}, {self.config.latent_channels}), got "
+                             f"{tuple(teacher_input.shape)}: is the tokenizer's scale schedule {self.scales}?")
+        cond = self.class_condition(labels)
+        B = labels.shape[0]
+        sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start
+        x = torch.cat((sos, self.word_embed(teacher_input.float())), dim=1)
+        x = x + self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC
+        h = self.trunk(x, cond, self.causal_mask)
+        return self.logits(h, cond)

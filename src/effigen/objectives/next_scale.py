@@ -1,0 +1,92 @@
+"""The next-scale prediction objective (VAR, arXiv 2404.02905): cross-entropy of the transformer's logits
+against the tokenizer's token maps at every scale, teacher-forced, with label dropout for guidance.
+
+Per batch: the frozen tokenizer turns images into token maps r_1..r_K and the teacher-forcing input (f_hat after
+each scale, downsampled to the next); labels are replaced by the null class with probability `label_dropout`
+(VAR: 0.1); the loss is the mean cross-entropy over all L tokens (VAR weights every token 1/L, `uniform`).
+Tokenization runs in fp32 outside autocast so the targets never depend on the training precision.
+
+Sampling is `effigen.samplers.next_scale.sample_next_scale`; `sample` returns the latent f_hat, which the
+pipeline decodes with the tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..rng import BatchRandom
+from ..samplers.next_scale import NextScaleSamplerConfig, sample_next_scale
+
+
+@dataclass
+class NextScaleConfig:
+    label_dropout: float = 0.1
+    label_smoothing: float = 0.0
+    scale_weighting: Literal["uniform"] = "uniform"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
+
+
+class TokenizedObjective:
+    """Base for objectives of token generators: holds the frozen tokenizer and tokenizes batches."""
+
+    needs_tokenizer = True
+
+    def __init__(self, config, num_classes: int, tokenizer: nn.Module | None = None):
+        if tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer: train one first (e.g. `effigen train --preset "
+                             "mnist-msvq`) and pass its folder as `tokenizer` in the experiment config")
+        self.config = config
+        self.num_classes = num_classes
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+
+    def _tokenizer_on(self, device: torch.device) -> nn.Module:
+        if next(self.tokenizer.parameters()).device != device:
+            self.tokenizer.to(device)
+        return self.tokenizer
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> list[torch.Tensor]:
+        tokenizer = self._tokenizer_on(images.device)
+        with torch.autocast(images.device.type, enabled=False):
+            return tokenizer.indices_from_images(images.float())
+
+    def drop_labels(self, labels: torch.Tensor, random: BatchRandom) -> torch.Tensor:
+        drop = random.rand().to(labels.device) < self.config.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+
+class NextScalePrediction(TokenizedObjective):
+    config_class = NextScaleConfig
+    sampler_config_class = NextScaleSamplerConfig
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], random: BatchRandom) -> dict[str, torch.Tensor]:
+        indices = self.tokenize(batch["images"])
+        with torch.no_grad(), torch.autocast(batch["images"].device.type, enabled=False):
+            teacher = self.tokenizer.quantize.teacher_forcing_input(indices)
+        labels = self.drop_labels(batch["labels"], random)
+        logits = model(labels, teacher)
+        target = torch.cat(indices, dim=1)
+        V = logits.shape[-1]
+        loss = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), label_smoothing=self.config.label_smoothing)
+        with torch.no_grad():
+            correct = (logits.argmax(-1) == target).float()
+            last = indices[-1].shape[1]
+        return {"loss": loss, "accuracy": correct.mean(), "accuracy_last_scale": correct[:, -last:].mean()}
+
+    def sample(self, network: nn.Module, labels: torch.Tensor, shape, settings: NextScaleSamplerConfig,
+               generator: torch.Generator | None = None, edit=None) -> torch.Tensor:
+        tokenizer = self._tokenizer_on(labels.device)
+        return sample_next_scale(unwrap(network), tokenizer, labels, settings, generator, edit)
+
+    def evaluations_per_sample(self, settings: NextScaleSamplerConfig) -> int:
+        return len(self.tokenizer.scales) * (2 if settings.cfg_scale != 0 else 1)

@@ -1,0 +1,79 @@
+"""Sampling discrete tokens from logits, shared by every token generator (VAR, HMAR, raster AR).
+
+- `filter_logits`: top-k then top-p (nucleus) filtering with the semantics of VAR's `sample_with_top_k_top_p_`
+  (top-p keeps the smallest set whose probability mass reaches `top_p`; 0 disables either filter).
+- `SampleNoise`: one random stream per sample (seeded from the caller's generator, in order), so a sample does
+  not depend on the batch it was drawn in; drawn on the CPU, so CPU and GPU runs share the same draws.
+- `sample_tokens`: Gumbel-max sampling (argmax of logits / temperature + Gumbel noise) = exact sampling from the
+  softmax, on any device, reproducible; `top_k=1` is greedy.
+- `gumbel_soft_codes`: VAR's `more_smooth` Gumbel-softmax mixture of code vectors (visualisation only).
+- `guided_logits`: classifier-free guidance in VAR's convention, (1 + w) cond - w uncond, where w ramps
+  linearly over the steps (`schedule="linear"`: w = cfg * i / (n - 1), VAR/HMAR) or stays constant (`"constant"`:
+  w = cfg - 1 gives LlamaGen's uncond + cfg (cond - uncond)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """(..., V) logits with the filtered entries set to -inf (a new tensor)."""
+    logits = logits.clone()
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits.masked_fill_(logits < kth, float("-inf"))
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits.masked_fill_(remove.scatter(-1, sorted_idx, remove), float("-inf"))
+    return logits
+
+
+class SampleNoise:
+    """Per-sample uniform noise streams: `SampleNoise(generator, B)` draws B seeds from `generator`, then
+    `uniform(shape)` returns (B, *shape) where row i comes from stream i alone."""
+
+    def __init__(self, generator: torch.Generator | None, batch_size: int, device: torch.device | str = "cpu"):
+        generator = generator if generator is not None else torch.Generator().manual_seed(torch.seed())
+        seeds = torch.randint(0, 2**62, (batch_size,), generator=generator).tolist()
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.device = torch.device(device)
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        return torch.stack([torch.rand(*shape, generator=g) for g in self.generators]).to(self.device)
+
+    def gumbel(self, *shape: int) -> torch.Tensor:
+        u = self.uniform(*shape).clamp_(1e-20, 1.0 - 1e-7)
+        return -torch.log(-torch.log(u))
+
+
+def sample_tokens(logits: torch.Tensor, noise: SampleNoise, top_k: int = 0, top_p: float = 0.0,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """logits (B, l, V) -> token ids (B, l)."""
+    logits = filter_logits(logits.float(), top_k, top_p)
+    if top_k == 1:
+        return logits.argmax(dim=-1)
+    B, l, V = logits.shape
+    return (logits / max(temperature, 1e-6) + noise.gumbel(l, V)).argmax(dim=-1)
+
+
+def gumbel_soft_codes(logits: torch.Tensor, codebook: torch.Tensor, tau: float, noise: SampleNoise) -> torch.Tensor:
+    """Soft mixture of code vectors, softmax((logits + Gumbel) / tau) @ codebook, (B, l, C)."""
+    B, l, V = logits.shape
+    weights = ((logits.float() + noise.gumbel(l, V)) / tau).softmax(dim=-1)
+    return weights @ codebook.float()
+
+
+def guidance_weight(cfg: float, step: int, num_steps: int, schedule: str = "linear") -> float:
+    if schedule == "linear":
+        return cfg * step / max(num_steps - 1, 1)
+    if schedule == "constant":
+        return cfg
+    raise ValueError(f"unknown guidance schedule {schedule!r}; use 'linear' (VAR's ramp) or 'constant'")
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, weight: float) -> torch.Tensor:
+    return (1 + weight) * cond - weight * uncond
