@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config_file
@@ -27,6 +28,7 @@ class ExperimentConfig:
     objective: Any
     sampler: Any
     trainer: TrainerConfig
+    tokenizer: str | None = None  # folder of a trained tokenizer (token/latent generators)
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -91,6 +93,30 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "trainer": {"output_dir": "runs/shapes-dit", "max_steps": 2000, "batch_size": 128, "learning_rate": 1e-3,
                     "warmup_steps": 100, "schedule": "cosine", "ema_decay": 0.999, "precision": "bf16"},
     },
+    # VAR on built-in MNIST, in two runs: the multi-scale VQ tokenizer (32 px -> 8x8 latent, 7 scales, 155 tokens,
+    # 512 codes), then the next-scale transformer on its tokens (`tokenizer` points at the first run's folder).
+    "mnist-msvq": {
+        "method": "msvq",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "MSVQ-S/4",
+        "objective": {"l2_weight": 1.0, "l1_weight": 0.2, "perceptual_weight": 0.1, "perceptual_net": "mnist-net",
+                      "restart_every": 25},
+        "trainer": {"output_dir": "runs/mnist-msvq", "max_steps": 1500, "batch_size": 64, "learning_rate": 1e-3,
+                    "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.1, "ema_decay": 0.0,
+                    "betas": [0.5, 0.9], "precision": "bf16", "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+    },
+    "mnist-var": {
+        "method": "var",
+        "tokenizer": "runs/mnist-msvq/final",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "VAR-d4",
+        "objective": {"label_dropout": 0.1},
+        "sampler": {"cfg_scale": 2.0, "top_k": 0, "top_p": 0.0},
+        "trainer": {"output_dir": "runs/mnist-var", "max_steps": 1500, "batch_size": 64, "learning_rate": 1e-3,
+                    "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 100, "schedule": "cosine",
+                    "min_learning_rate_ratio": 0.05, "grad_clip": 2.0, "ema_decay": 0.999, "precision": "bf16",
+                    "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+    },
     # Seconds on a CPU: for tests and for checking that a recipe runs end to end.
     "smoke": {
         "method": "dit-flow",
@@ -107,8 +133,25 @@ def preset_names() -> list[str]:
     return list(EXPERIMENT_PRESETS)
 
 
+def tokenizer_folder(path: str) -> Path:
+    """The folder holding a tokenizer's config.json: `path` itself, or `path/tokenizer` of a pipeline folder."""
+    folder = Path(path)
+    for candidate in (folder / "tokenizer", folder):
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
+    raise ConfigError(f"tokenizer={path!r}: no tokenizer there (expected {folder}/tokenizer/config.json and "
+                      "model.safetensors, as a tokenizer training run writes in its final/ folder); train one first, "
+                      "e.g. `effigen train --preset mnist-msvq`")
+
+
+def tokenizer_settings(path: str) -> dict[str, Any]:
+    from .io import read_json
+
+    return read_json(tokenizer_folder(path) / "config.json")
+
+
 def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], preset: str | None,
-                     num_classes: int | None, objective: Any = None) -> Any:
+                     num_classes: int | None, objective: Any = None, tokenizer: str | None = None) -> Any:
     method = get_method(method_name)
     network_data: dict[str, Any] = {}
     if preset is not None:
@@ -116,16 +159,28 @@ def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], pr
             raise ConfigError(f"unknown network_preset {preset!r} for {method_name}; valid: {', '.join(method.network_presets)}")
         network_data.update(method.network_presets[preset])
     network_data.update(raw)
-    derived: dict[str, Any] = {"input_size": data.resolution, "in_channels": 3}
+    derived: dict[str, Any] = {"input_size": data.resolution, "in_channels": 3, "resolution": data.resolution}
     # the objective decides what the output channels mean (DDPM's learned variance doubles them)
     derived["learn_sigma"] = bool(getattr(objective, "learn_sigma", False))
     if num_classes is not None:
         derived["num_classes"] = num_classes
+    if method.tokenizer_class is not None:
+        if tokenizer is None:
+            raise ConfigError(f"method {method_name} generates through a tokenizer: set `tokenizer` to the folder of a "
+                              "trained one (e.g. --tokenizer=runs/mnist-msvq/final after `effigen train --preset mnist-msvq`)")
+        settings = tokenizer_settings(tokenizer)
+        if settings.get("resolution") != data.resolution:
+            raise ConfigError(f"the tokenizer in {tokenizer} works at {settings.get('resolution')} px but data.resolution "
+                              f"is {data.resolution}; use the same resolution")
+        for key in ("vocab_size", "latent_channels", "scales"):
+            if key in settings:
+                derived[key] = list(settings[key]) if key == "scales" else settings[key]
+        derived.pop("input_size"), derived.pop("resolution")
     field_names = {f.name for f in dataclasses.fields(method.network_class.config_class)}
     for key, value in derived.items():
         if key not in field_names:
             continue
-        if key in raw and raw[key] != value:
+        if key in raw and (list(raw[key]) if isinstance(raw[key], (list, tuple)) else raw[key]) != value:
             raise ConfigError(
                 f"network.{key}={raw[key]} disagrees with the data ({key} = {value} for {data.name} at "
                 f"{data.resolution} px, or the objective); remove the override or change the data/objective settings"
@@ -141,7 +196,7 @@ def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], pr
 
 def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> ExperimentConfig:
     """Validate a whole experiment dict. `num_classes` (from the dataset) fills network.num_classes."""
-    known = {"method", "data", "network_preset", "network", "objective", "sampler", "trainer"}
+    known = {"method", "data", "network_preset", "network", "objective", "sampler", "trainer", "tokenizer"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid sections: {', '.join(sorted(known))}")
@@ -151,11 +206,14 @@ def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> Ex
     method = get_method(method_name)
     data_config = config_from_dict(DataConfig, data.get("data", {}), "data")
     objective = config_from_dict(method.objective_class.config_class, data.get("objective", {}), "objective")
+    tokenizer = data.get("tokenizer")
+    if tokenizer is not None and method.tokenizer_class is None:
+        raise ConfigError(f"method {method_name} does not use a tokenizer; remove `tokenizer` from the config")
     network = _resolve_network(method_name, data_config, data.get("network", {}), data.get("network_preset"), num_classes,
-                               objective)
+                               objective, tokenizer)
     sampler = config_from_dict(method.objective_class.sampler_config_class, data.get("sampler", {}), "sampler")
     trainer = config_from_dict(TrainerConfig, data.get("trainer", {}), "trainer")
-    return ExperimentConfig(method_name, data_config, network, objective, sampler, trainer)
+    return ExperimentConfig(method_name, data_config, network, objective, sampler, trainer, tokenizer)
 
 
 def build_experiment_dict(preset: str | None = None, config_file: str | None = None,

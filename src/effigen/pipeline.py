@@ -4,7 +4,11 @@ settings (+ a tokenizer for latent or token models). Saved as a diffusers-like f
     model_index.json          method, objective and sampler settings, data info, component names
     generator/config.json     the network's constructor arguments
     generator/model.safetensors   weights (the EMA weights when saved by the trainer)
+    tokenizer/config.json, tokenizer/model.safetensors   (token and latent models) the frozen tokenizer
     train_state/              (trainer checkpoints only) raw weights, optimizer, scheduler, step
+
+A tokenizer's own training run (methods of kind "tokenizer", e.g. `msvq`) writes the same folder with a
+`tokenizer/` and no `generator/`; a generator run points its experiment's `tokenizer` key at that folder.
 
 No pickled code: every class is rebuilt from the method registry and the JSON configs.
 """
@@ -23,7 +27,7 @@ from . import __version__
 from .config import ConfigError, config_from_dict, config_to_dict
 from .images import to_pil
 from .io import CheckpointError, atomic_directory, load_state_dict_strict, load_weights, read_json, save_weights, write_json
-from .registry import get_method
+from .registry import TOKENIZERS, build_objective, get_method
 
 MODEL_INDEX = "model_index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -53,33 +57,57 @@ class Pipeline:
     def __init__(
         self,
         method: str,
-        generator: nn.Module,
+        generator: nn.Module | None,
         objective_config: Any,
         sampler_config: Any,
         info: dict[str, Any] | None = None,
+        tokenizer: nn.Module | None = None,
     ):
         self.method = get_method(method)
+        if generator is None and self.method.kind == "generator":
+            raise ValueError(f"a {self.method.name} pipeline needs a generator network")
+        if self.method.tokenizer_class is not None and tokenizer is None:
+            raise ValueError(f"a {self.method.name} pipeline needs a tokenizer ({self.method.tokenizer_class.__name__})")
         self.generator = generator
+        self.tokenizer = tokenizer
         self.objective_config = objective_config
         self.sampler_config = sampler_config
         self.info = dict(info or {})
-        self.objective = self.method.objective_class(objective_config, num_classes=generator.config.num_classes)
+        num_classes = generator.config.num_classes if generator is not None else len(self.info.get("class_names", []))
+        self.objective = build_objective(self.method, objective_config, num_classes, tokenizer)
+
+    def _modules(self) -> list[nn.Module]:
+        return [m for m in (self.generator, self.tokenizer) if m is not None]
 
     @property
     def device(self) -> torch.device:
-        return next(self.generator.parameters()).device
+        return next(self._modules()[0].parameters()).device
 
     @property
     def num_classes(self) -> int:
+        if self.generator is None:
+            return len(self.info.get("class_names", []))
         return self.generator.config.num_classes
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        config = self.generator.config
+    def latent_shape(self) -> tuple[int, ...] | None:
+        """Shape of what the sampler draws, for generators that denoise a fixed-size grid (None for tokens)."""
+        config = getattr(self.generator, "config", None)
+        if config is None or not hasattr(config, "input_size"):
+            return None
         return (config.in_channels, config.input_size, config.input_size)
 
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one output image (or latent, for a latent model without a decoder)."""
+        if self.tokenizer is not None:
+            config = self.tokenizer.config
+            return (getattr(config, "in_channels", 3), config.resolution, config.resolution)
+        return self.latent_shape
+
     def to(self, device: str | torch.device) -> "Pipeline":
-        self.generator.to(device)
+        for module in self._modules():
+            module.to(device)
         return self
 
     # ---------------------------------------------------------------- folders
@@ -92,13 +120,18 @@ class Pipeline:
                 {
                     "_effigen_version": __version__,
                     "method": self.method.name,
-                    "components": {"generator": type(self.generator).__name__, "tokenizer": None},
+                    "components": {"generator": type(self.generator).__name__ if self.generator is not None else None,
+                                   "tokenizer": type(self.tokenizer).__name__ if self.tokenizer is not None else None},
                     "objective": config_to_dict(self.objective_config),
                     "sampler": config_to_dict(self.sampler_config),
                     "info": self.info,
                 },
             )
-            save_network(self.generator, tmp / "generator", generator_state)
+            if self.generator is not None:
+                save_network(self.generator, tmp / "generator", generator_state)
+            if self.tokenizer is not None:
+                # a tokenizer run saves its trained (EMA) weights here; a generator run its frozen tokenizer
+                save_network(self.tokenizer, tmp / "tokenizer", generator_state if self.generator is None else None)
             if extra is not None:
                 extra(tmp)
         return path
@@ -113,13 +146,20 @@ class Pipeline:
             method = get_method(index["method"])
         except KeyError as e:
             raise CheckpointError(f"{path / MODEL_INDEX}: {e}") from e
-        generator = load_network(path / "generator", method.network_class)
+        components = index.get("components") or {}
+        tokenizer = None
+        if components.get("tokenizer"):
+            name = components["tokenizer"]
+            if name not in TOKENIZERS:
+                raise CheckpointError(f"{path / MODEL_INDEX}: unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
+            tokenizer = load_network(path / "tokenizer", TOKENIZERS[name]).eval()
+        generator = load_network(path / "generator", method.network_class).eval() if method.kind == "generator" else None
         try:
             objective_config = config_from_dict(method.objective_class.config_class, index.get("objective", {}), "objective")
             sampler_config = config_from_dict(method.objective_class.sampler_config_class, index.get("sampler", {}), "sampler")
         except ConfigError as e:
             raise CheckpointError(f"{path / MODEL_INDEX} is invalid: {e}") from e
-        pipeline = cls(method.name, generator.eval(), objective_config, sampler_config, index.get("info"))
+        pipeline = cls(method.name, generator, objective_config, sampler_config, index.get("info"), tokenizer)
         return pipeline.to(device)
 
     # ---------------------------------------------------------------- sampling
@@ -154,12 +194,15 @@ class Pipeline:
         """Generate one image per label. Returns float (N, 3, H, W) in [-1, 1] (`output_type="pt"`),
         PIL images (`"pil"`), or the sampler's raw output (`"latent"`). The same seed gives the same images
         on the same machine, whatever the batch size, because the noise comes from one generator in order."""
+        if self.generator is None:
+            raise ValueError(f"this folder holds a {type(self.tokenizer).__name__} tokenizer, not a generator: train a "
+                             "generator on it (set `tokenizer` in the experiment) or use pipeline.tokenizer to reconstruct")
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"class labels must be in [0, {self.num_classes - 1}], got {labels.tolist()}")
         if output_type not in ("pt", "pil", "latent"):
             raise ValueError(f"output_type must be 'pt', 'pil' or 'latent', got {output_type!r}")
-        if output_type != "latent" and self.sample_shape[0] != 3:
+        if output_type != "latent" and self.tokenizer is None and self.sample_shape[0] != 3:
             raise ValueError(
                 f"this pipeline generates {self.sample_shape[0]}-channel latents and has no decoder (tokenizer); "
                 "use output_type='latent', or convert the checkpoint with its VAE to get images"
@@ -175,11 +218,13 @@ class Pipeline:
         for start in range(0, len(labels), batch_size):
             batch_labels = labels[start : start + batch_size].to(device)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = self.objective.sample(self.generator, batch_labels, self.sample_shape, settings, generator)
+                out = self.objective.sample(self.generator, batch_labels, self.latent_shape, settings, generator)
+                if self.tokenizer is not None and output_type != "latent":
+                    out = self.tokenizer.decode(out)
             chunks.append(out.float().cpu())
             bar.update(len(batch_labels))
         bar.close()
-        output = torch.cat(chunks) if chunks else torch.empty(0, *self.sample_shape)
+        output = torch.cat(chunks) if chunks else torch.empty(0, *(self.sample_shape or ()))
         if output_type == "latent":
             return output
         images = output.clamp(-1, 1)

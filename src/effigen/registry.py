@@ -7,25 +7,46 @@ Folders store the method name, never a class path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .models.dit import DIT_PRESETS, DiT
+from .models.var import VAR, VAR_PRESETS
 from .objectives.ddpm import GaussianDiffusion
 from .objectives.flow_matching import RectifiedFlow
+from .objectives.next_scale import NextScalePrediction
+from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
+from .tokenizers.kl_vae import KLVAE
+from .tokenizers.msvq import MultiScaleVQ
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    network_class: type
+    network_class: type  # what `effigen train` trains (a generator, or a tokenizer for kind="tokenizer")
     objective_class: type
     network_presets: dict
     paper: str
+    kind: str = "generator"  # "generator" or "tokenizer"
+    tokenizer_class: type | None = None  # generators that sample through a frozen tokenizer
 
 
 METHODS: dict[str, Method] = {
     "dit-flow": Method("dit-flow", DiT, RectifiedFlow, DIT_PRESETS, "DiT (2212.09748) + rectified flow (2209.03003)"),
     "dit-ddpm": Method("dit-ddpm", DiT, GaussianDiffusion, DIT_PRESETS, "DiT (2212.09748) + DDPM with learned variance"),
+    "msvq": Method("msvq", MultiScaleVQ, VQTokenizerLoss, MSVQ_PRESETS, "VAR's multi-scale residual VQ-VAE (2404.02905)",
+                   kind="tokenizer"),
+    "var": Method("var", VAR, NextScalePrediction, VAR_PRESETS, "VAR next-scale prediction (2404.02905)",
+                  tokenizer_class=MultiScaleVQ),
 }
+
+TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE}
+
+
+def build_objective(method: Method, config: Any, num_classes: int, tokenizer=None):
+    """The method's objective; token and latent generators get their (frozen) tokenizer."""
+    if getattr(method.objective_class, "needs_tokenizer", False):
+        return method.objective_class(config, num_classes=num_classes, tokenizer=tokenizer)
+    return method.objective_class(config, num_classes=num_classes)
 
 NETWORKS: dict[str, type] = {m.network_class.__name__: m.network_class for m in METHODS.values()}
 

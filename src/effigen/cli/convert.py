@@ -2,6 +2,7 @@
 
     effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --out dit-xl-2-256 [--num-heads 16]
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt --out lightningdit-xl-1
+    effigen convert var-official --vae vae_ch160v4096z32.pth --var var_d16.pth --out var-d16
 
 Converters: dit-official (facebookresearch/DiT: released weights or training checkpoints, EMA weights);
 lightningdit-official (hustvl/LightningDiT training checkpoints, EMA weights; time and velocity
@@ -14,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 
-CONVERTERS = ("dit-official", "lightningdit-official")
+CONVERTERS = ("dit-official", "lightningdit-official", "var-official")
 
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="effigen convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=CONVERTERS, help="which official format")
-    parser.add_argument("--ckpt", required=True, help="the official checkpoint file")
+    parser.add_argument("--ckpt", help="the official checkpoint file (DiT, LightningDiT)")
+    parser.add_argument("--vae", help="var-official: the VQVAE state dict (vae_ch160v4096z32.pth)")
+    parser.add_argument("--var", help="var-official: the transformer state dict (var_d16.pth, ...)")
+    parser.add_argument("--scales", help="var-official: scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16 (default: from the weights)")
+    parser.add_argument("--resolution", type=int, help="var-official: image size (default: last scale x downsampling)")
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
     parser.add_argument("--steps", type=int, default=250,
@@ -29,6 +34,17 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="default guidance scale saved with the folder (DiT: 1.5, LightningDiT: 6.7)")
     args = parser.parse_args(argv)
+    if args.source == "var-official":
+        if not (args.vae and args.var):
+            parser.error("var-official needs --vae and --var")
+        from ..convert.var_official import convert_var_official
+
+        scales = tuple(int(x) for x in args.scales.split(",")) if args.scales else None
+        path = convert_var_official(args.vae, args.var, args.out, args.num_heads, scales, args.resolution)
+        print(f"converted {args.vae} + {args.var} -> {path}")
+        return 0
+    if not args.ckpt:
+        parser.error(f"{args.source} needs --ckpt")
     if args.source == "dit-official":
         from ..convert.dit_official import convert_dit_official
 

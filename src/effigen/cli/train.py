@@ -21,7 +21,7 @@ from ..data import build_dataset, check_resolution
 from ..experiment import ExperimentConfig, build_experiment_dict, parse_experiment
 from ..images import save_image_grid
 from ..pipeline import Pipeline
-from ..registry import get_method
+from ..registry import build_objective, get_method
 from ..training.distributed import init_distributed
 from ..training.trainer import Trainer
 
@@ -32,8 +32,34 @@ def preview_labels(num_classes: int, per_class: int = 8, max_classes: int = 10) 
     return classes.repeat_interleave(per_class)
 
 
-def make_pipeline(config: ExperimentConfig, network, info: dict) -> Pipeline:
-    return Pipeline(config.method, network, config.objective, config.sampler, info)
+def make_pipeline(config: ExperimentConfig, network, info: dict, tokenizer=None) -> Pipeline:
+    if get_method(config.method).kind == "tokenizer":
+        return Pipeline(config.method, None, config.objective, config.sampler, info, tokenizer=network)
+    return Pipeline(config.method, network, config.objective, config.sampler, info, tokenizer=tokenizer)
+
+
+def load_tokenizer(config: ExperimentConfig, device) -> torch.nn.Module | None:
+    method = get_method(config.method)
+    if method.tokenizer_class is None:
+        return None
+    from ..experiment import tokenizer_folder
+    from ..pipeline import load_network
+
+    return load_network(tokenizer_folder(config.tokenizer), method.tokenizer_class).to(device).eval().requires_grad_(False)
+
+
+def reconstruction_grid_fn(dataset_test, output_dir: Path, device, count: int = 16):
+    """Preview for tokenizer runs: held-out images (odd rows) above their reconstructions (even rows)."""
+    images = torch.stack([dataset_test[i][0] for i in range(min(count, len(dataset_test)))]).to(device)
+
+    def sample_fn(ema_network, step: int) -> Path:
+        with torch.no_grad():
+            recon = ema_network.reconstruct(images)
+        rows = torch.stack((images.view(2, -1, *images.shape[1:]), recon.view(2, -1, *images.shape[1:])), 1)
+        return save_image_grid(rows.flatten(0, 2).cpu(), output_dir / "samples" / f"step_{step:07d}.png",
+                               nrow=images.shape[0] // 2, upscale=2)
+
+    return sample_fn
 
 
 def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
@@ -48,7 +74,8 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
 
     torch.manual_seed(config.trainer.seed)
     network = method.network_class(config.network)
-    objective = method.objective_class(config.objective, num_classes=dataset.num_classes)
+    tokenizer = load_tokenizer(config, context.device)
+    objective = build_objective(method, config.objective, dataset.num_classes, tokenizer)
     info = {"dataset": config.data.name, "resolution": config.data.resolution, "class_names": list(dataset.class_names)}
     output_dir = Path(config.trainer.output_dir)
     if context.is_main:
@@ -56,19 +83,22 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
         save_config_file(config, output_dir / "config.yaml")
 
     def save_folder(path: Path, ema_state: dict, extra) -> None:
-        make_pipeline(config, network, info).save_pretrained(path, generator_state=ema_state, extra=extra)
+        make_pipeline(config, network, info, tokenizer).save_pretrained(path, generator_state=ema_state, extra=extra)
 
     labels = preview_labels(dataset.num_classes)
 
     def sample_fn(ema_network, step: int) -> Path:
-        pipeline = make_pipeline(config, ema_network, info)
+        pipeline = make_pipeline(config, ema_network, info, tokenizer)
         # previews follow the training precision (bf16 autocast makes CPU sampling several times faster)
         precision = "bf16" if config.trainer.precision == "bf16" else "fp32"
         images = pipeline(labels.to(context.device), seed=0, precision=precision)
         return save_image_grid(images, output_dir / "samples" / f"step_{step:07d}.png", nrow=8, upscale=2)
 
+    if method.kind == "tokenizer":
+        sample_fn = reconstruction_grid_fn(build_dataset(config.data, "test"), output_dir, context.device)
     trainer = Trainer(config.trainer, network, objective, dataset, save_folder, sample_fn,
-                      horizontal_flip=config.data.horizontal_flip, context=context, run_config=config.to_dict())
+                      horizontal_flip=config.data.horizontal_flip, context=context, run_config=config.to_dict(),
+                      component="tokenizer" if method.kind == "tokenizer" else "generator")
     num_params = sum(p.numel() for p in network.parameters())
     if context.is_main and not quiet:
         print(f"effigen train: {config.method} ({method.paper}), {num_params / 1e6:.2f}M parameters, "
@@ -80,12 +110,14 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
     ema_network = trainer.ema_network_for_sampling()
     if context.is_main:
         final = output_dir / "final"
-        make_pipeline(config, network, info).save_pretrained(final, generator_state=ema_state)
+        make_pipeline(config, network, info, tokenizer).save_pretrained(final, generator_state=ema_state)
         started = time.perf_counter()
         grid = sample_fn(ema_network, trainer.step)
         grid_final = output_dir / "samples" / "final.png"
         grid_final.write_bytes(grid.read_bytes())
         summary.update(pipeline=str(final), grid=str(grid_final), sampling_seconds=time.perf_counter() - started)
+        if method.kind == "tokenizer" and hasattr(ema_network, "quantize"):
+            summary["codebook_usage_per_scale"] = [round(u, 1) for u in ema_network.quantize.usage()]
     return summary
 
 
@@ -113,4 +145,6 @@ def run(argv: list[str]) -> int:
               f"{summary['images_per_second']:.1f} images/s, final loss {summary['final_loss']}")
         print(f"pipeline folder: {summary['pipeline']}")
         print(f"sample grid: {summary['grid']}")
+        if "codebook_usage_per_scale" in summary:
+            print(f"codebook usage per scale (% of codes in use, coarse to fine): {summary['codebook_usage_per_scale']}")
     return 0

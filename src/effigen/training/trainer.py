@@ -159,6 +159,7 @@ class Trainer:
         horizontal_flip: bool = False,
         context: DistributedContext | None = None,
         run_config: dict | None = None,
+        component: str = "generator",
     ):
         self.config = config
         self.context = context or init_distributed(config.device)
@@ -170,6 +171,7 @@ class Trainer:
         self.horizontal_flip = horizontal_flip
         self.run_config = run_config or {}
         self.output_dir = Path(config.output_dir)
+        self.component = component  # the folder of the saved (EMA) network inside a checkpoint
         world, accumulation = self.context.world_size, config.grad_accumulation
         if config.batch_size % (world * accumulation):
             raise ValueError(
@@ -184,8 +186,20 @@ class Trainer:
         self.network = network.to(self.device)
         self.ema = EMA(self.network, config.ema_decay, config.ema_warmup)
         self.model = self._wrap(self.network)
+        # Objectives may own trainable modules that are not part of the saved network (a GAN discriminator):
+        # optimised and checkpointed (train_state/auxiliary.safetensors) with it, wrapped in DDP like it.
+        self.auxiliary = objective.trainable_modules() if hasattr(objective, "trainable_modules") else None
+        if self.auxiliary is not None:
+            self.auxiliary.to(self.device)
+            wrapped = self.auxiliary
+            if self.context.enabled:
+                from torch.nn.parallel import DistributedDataParallel
+
+                device_ids = [self.device.index] if self.device.type == "cuda" else None
+                wrapped = DistributedDataParallel(self.auxiliary, device_ids=device_ids)
+            objective.bind_trainable(wrapped)
         decay, no_decay = [], []
-        for param in self.network.parameters():
+        for param in self._trainable_parameters():
             if param.requires_grad:
                 (decay if param.dim() >= 2 else no_decay).append(param)
         self.optimizer = torch.optim.AdamW(
@@ -199,6 +213,12 @@ class Trainer:
         self.images_seen = 0
 
     # ------------------------------------------------------------------ set-up
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.network.parameters())
+        if self.auxiliary is not None:
+            params += list(self.auxiliary.parameters())
+        return params
+
     def _wrap(self, network: nn.Module) -> nn.Module:
         model = network
         if self.context.enabled:
@@ -230,6 +250,9 @@ class Trainer:
         network_state = _full_state_dict(self.network)
         if self.context.is_main:
             save_weights(network_state, state_folder / "model.safetensors")
+            if self.auxiliary is not None:
+                save_weights({k: v.detach().cpu() for k, v in self.auxiliary.state_dict().items()},
+                             state_folder / "auxiliary.safetensors")
         if self.context.enabled and self.config.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -296,7 +319,11 @@ class Trainer:
                 "an exact resume needs the same global batch (or start a new output_dir)"
             )
         _load_full_state_dict(self.network, load_weights(state_folder / "model.safetensors"), str(state_folder / "model.safetensors"))
-        _load_full_state_dict(self.ema.network, load_weights(folder / "generator" / "model.safetensors"), str(folder / "generator"))
+        ema_folder = folder / self.component
+        _load_full_state_dict(self.ema.network, load_weights(ema_folder / "model.safetensors"), str(ema_folder))
+        if self.auxiliary is not None:
+            load_state_dict_strict(self.auxiliary, load_weights(state_folder / "auxiliary.safetensors"),
+                                   str(state_folder / "auxiliary.safetensors"))
         saved = load_torch_file(state_folder / "optimizer.pt")
         try:
             if self.context.enabled and self.config.parallel == "fsdp":
@@ -365,14 +392,17 @@ class Trainer:
                 logs[key] = logs.get(key, 0) + value.detach().float() / accumulation
         self.scaler.unscale_(self.optimizer)
         if config.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), config.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable_parameters(), config.grad_clip)
             logs["grad_norm"] = grad_norm.detach().float().full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm.detach().float()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.ema.update(self.network, self.step)
         self.step += 1
+        if hasattr(self.objective, "after_step"):  # e.g. dead-code restarts of a VQ tokenizer
+            for key, value in self.objective.after_step(self.network, self.step, config.seed).items():
+                logs[key] = torch.tensor(float(value), device=self.device)
+        self.ema.update(self.network, self.step - 1)
         self.images_seen += config.batch_size
         return logs
 
