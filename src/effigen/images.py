@@ -54,3 +54,40 @@ def save_images(images: torch.Tensor, folder: str | Path, prefix: str = "", star
         image.save(path)
         paths.append(path)
     return paths
+
+
+def load_image(path: str | Path, resolution: int, channels: int = 3) -> torch.Tensor:
+    """An image file -> float (1, channels, resolution, resolution) in [-1, 1] (resized with antialiasing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image file {path} does not exist")
+    try:
+        image = Image.open(path).convert("RGB" if channels == 3 else "L")
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable image: {e}") from e
+    if image.size != (resolution, resolution):
+        image = image.resize((resolution, resolution), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, channels)
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).div(127.5).sub(1.0)
+
+
+def load_mask(path: str | Path, resolution: int) -> torch.Tensor:
+    """A mask image -> float (1, 1, resolution, resolution) in [0, 1] (white = 1), resized with area averaging."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask file {path} does not exist")
+    image = Image.open(path).convert("L")
+    mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+    if tuple(mask.shape[-2:]) != (resolution, resolution):
+        mask = torch.nn.functional.interpolate(mask, size=(resolution, resolution), mode="area")
+    return mask
+
+
+def box_mask(box: tuple[float, float, float, float], resolution: int) -> torch.Tensor:
+    """(x0, y0, x1, y1) as fractions of the side (0..1) -> (1, 1, resolution, resolution), 1 inside the box."""
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+        raise ValueError(f"box {box} must be fractions 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
+    mask = torch.zeros(1, 1, resolution, resolution)
+    mask[..., round(y0 * resolution):round(y1 * resolution), round(x0 * resolution):round(x1 * resolution)] = 1.0
+    return mask

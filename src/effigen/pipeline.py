@@ -229,3 +229,52 @@ class Pipeline:
             return output
         images = output.clamp(-1, 1)
         return to_pil(images) if output_type == "pil" else images
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor,
+        labels: list[int] | torch.Tensor | None = None,
+        *,
+        seed: int | None = 0,
+        generator: torch.Generator | None = None,
+        output_type: str = "pt",
+        precision: str = "fp32",
+        **sampler_overrides: Any,
+    ) -> torch.Tensor | list:
+        """Zero-shot editing (token generators): regenerate the region where `mask` is 1, keep the image elsewhere.
+
+        images: (B, 3, H, W) in [-1, 1] at the pipeline's resolution; mask: (B or 1, 1, H, W) in [0, 1], 1 = regenerate
+        (inpainting: a box; outpainting: everything outside a box). labels: class per image (the target class for
+        class-conditional editing); None or `num_classes` = unconditional (the null class)."""
+        if not hasattr(self.objective, "edit_spec"):
+            raise ValueError(f"method {self.method.name} does not support zero-shot editing (token generators do: var)")
+        device = self.device
+        images = torch.as_tensor(images, dtype=torch.float32).to(device)
+        if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.sample_shape):
+            raise ValueError(f"images must be (B, {', '.join(map(str, self.sample_shape))}) in [-1, 1], got {tuple(images.shape)}")
+        B = images.shape[0]
+        if labels is None:
+            labels = torch.full((B,), self.num_classes, dtype=torch.long)
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if labels.numel() == 1 and B > 1:
+            labels = labels.expand(B)
+        if labels.numel() != B or labels.min() < 0 or labels.max() > self.num_classes:
+            raise ValueError(f"labels must be {B} class ids in [0, {self.num_classes}] ({self.num_classes} = unconditional)")
+        mask = torch.as_tensor(mask, dtype=torch.float32).to(device)
+        spec = self.objective.edit_spec(images, 1.0 - mask)
+        settings = self.sampler_settings(**sampler_overrides)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.generator.eval()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            out = self.objective.sample(self.generator, labels.to(device), self.latent_shape, settings, generator, edit=spec)
+            if output_type != "latent":
+                out = self.tokenizer.decode(out)
+        out = out.float().cpu()
+        if output_type == "latent":
+            return out
+        images = out.clamp(-1, 1)
+        return to_pil(images) if output_type == "pil" else images

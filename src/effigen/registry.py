@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .models.dit import DIT_PRESETS, DiT
+from .models.gpt import GPT, GPT_PRESETS
 from .models.var import VAR, VAR_PRESETS
 from .objectives.ddpm import GaussianDiffusion
 from .objectives.flow_matching import RectifiedFlow
 from .objectives.next_scale import NextScalePrediction
+from .objectives.next_token import NextTokenPrediction
 from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
 from .tokenizers.kl_vae import KLVAE
 from .tokenizers.msvq import MultiScaleVQ
@@ -37,6 +39,8 @@ METHODS: dict[str, Method] = {
                    kind="tokenizer"),
     "var": Method("var", VAR, NextScalePrediction, VAR_PRESETS, "VAR next-scale prediction (2404.02905)",
                   tokenizer_class=MultiScaleVQ),
+    "raster-ar": Method("raster-ar", GPT, NextTokenPrediction, GPT_PRESETS, "LlamaGen-style raster AR (2406.06525)",
+                        tokenizer_class=MultiScaleVQ),
 }
 
 TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE}

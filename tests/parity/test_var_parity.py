@@ -32,8 +32,7 @@ def test_config_is_read_off_the_weights(case):
     assert tokenizer.base_channels == vq["ch"] and list(tokenizer.channel_multipliers) == vq["ch_mult"]
     assert tokenizer.num_res_blocks == vq["num_res_blocks"] and list(tokenizer.scales) == vq["patch_nums"]
     assert tokenizer.attention == vq.get("using_sa", True) and tokenizer.mid_attention == vq.get("using_mid_sa", True)
-    share = vq.get("share_quant_resi", 4)
-    assert tokenizer.share_quant_resi == share or (share == 0 and tokenizer.share_quant_resi == 0)
+    assert tokenizer.share_quant_resi == vq.get("share_quant_resi", 4)
     var, config = spec["var"], pipeline.generator.config
     for key in ("depth", "embed_dim", "num_heads", "num_classes", "shared_aln", "attn_l2_norm"):
         assert getattr(config, key) == var[key], key
@@ -68,7 +67,8 @@ def test_kv_cached_greedy_guided_sample(case):
     spec, vectors, pipeline, _ = case
     key = next(k for k in vectors if k.startswith("greedy_cfg"))
     cfg = float(key[len("greedy_cfg"):].split("_")[0])
-    images = pipeline(vectors["labels"], cfg_scale=cfg, top_k=1, top_p=0.0, guidance_schedule="linear")
+    # the manifest's cfg is VAR's w in (1 + w) cond - w uncond; effigen's cfg_scale is s = 1 + w
+    images = pipeline(vectors["labels"], cfg_scale=1 + cfg, top_k=1, top_p=0.0, guidance_schedule="linear")
     assert ((images + 1) / 2 - vectors[key]).abs().max() < spec["tolerance"]["images_max_abs"]
 
 
@@ -80,5 +80,6 @@ def test_convert_command(case, tmp_path):
                  "--out", str(tmp_path / "cli"), "--resolution", str(spec["image_resolution"])]) == 0
     converted = Pipeline.from_pretrained(tmp_path / "cli")
     assert converted.method.name == "var" and converted.sampler_config.top_k == 900
+    assert converted.sampler_config.cfg_scale == 2.5  # VAR's README cfg=1.5
     for key, value in converted.generator.state_dict().items():
         assert torch.equal(value, pipeline.generator.state_dict()[key])

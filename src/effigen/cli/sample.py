@@ -3,6 +3,9 @@
     effigen sample --from runs/mnist-dit/final --classes 3,5 --num 16 --seed 0 --out grid.png
     effigen sample --from runs/mnist-dit/final --num 100 --out samples/      # a folder of PNGs
     effigen sample --from DIR --steps 50 --solver heun --cfg-scale 3.0 --out grid.png
+    effigen sample --from runs/mnist-var/final --sampler.top_k=50 --sampler.top_p=0.9 --out grid.png
+
+Any saved sampler setting can be overridden with --sampler.KEY=VALUE (see the folder's model_index.json).
 
 `--num` is the total number of images; the classes are cycled so each grid row holds one class
 when `--num` is a multiple of the number of classes.
@@ -34,6 +37,19 @@ def parse_classes(text: str | None, num_classes: int) -> list[int]:
     return classes
 
 
+def parse_sampler_overrides(items: list[str]) -> dict:
+    """['--sampler.top_k=50'] -> {'top_k': 50} (values parsed like config overrides)."""
+    from ..config import parse_value
+
+    out = {}
+    for item in items:
+        if not item.startswith("--sampler.") or "=" not in item:
+            raise ValueError(f"unrecognised argument {item!r}; sampler settings look like --sampler.top_k=50")
+        key, raw = item[len("--sampler."):].split("=", 1)
+        out[key] = parse_value(raw)
+    return out
+
+
 def labels_for(classes: list[int], num: int) -> torch.Tensor:
     """`num` labels, class-major: the first num/len(classes) are classes[0], and so on."""
     per_class = -(-num // len(classes))
@@ -55,7 +71,11 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--upscale", type=int, default=1, help="nearest-neighbour upscale factor for the grid")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    try:
+        sampler_overrides = parse_sampler_overrides(extra)
+    except ValueError as e:
+        parser.error(str(e))
 
     device = select_device(args.device)
     folder = args.source  # a local pipeline folder; nothing is downloaded
@@ -66,7 +86,7 @@ def run(argv: list[str]) -> int:
         parser.error(str(e))
     num = args.num if args.num is not None else 8 * len(classes)
     labels = labels_for(classes, num)
-    overrides = {"num_steps": args.steps, "cfg_scale": args.cfg_scale, "solver": args.solver}
+    overrides = {"num_steps": args.steps, "cfg_scale": args.cfg_scale, "solver": args.solver, **sampler_overrides}
     started = time.perf_counter()
     images = pipeline(labels, seed=args.seed, batch_size=args.batch_size, precision=args.precision,
                       progress=True, **overrides)

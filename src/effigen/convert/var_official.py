@@ -16,7 +16,7 @@ so conversion is a validated copy. Every hyperparameter that the keys and shapes
 
 The rest are options with the official defaults: `quant_resi` (0.5), `beta` (0.25), the head count when the
 attention is not l2-normalised (heads = depth), the image resolution (last scale x downsampling). The folder
-records VAR's README FID settings (cfg 1.5 on the linear ramp, top-k 900, top-p 0.96). Licence: MIT.
+records VAR's README FID settings (cfg 1.5 on the linear ramp = effigen cfg_scale 2.5, top-k 900, top-p 0.96). Licence: MIT.
 """
 
 from __future__ import annotations
@@ -169,5 +169,5 @@ def convert_var_official(vae_path: str | Path, var_path: str | Path, out: str | 
             "resolution": tokenizer.config.resolution}
     if class_names:
         info["class_names"] = list(class_names)
-    sampler = sampler or NextScaleSamplerConfig(cfg_scale=1.5, top_k=900, top_p=0.96)
+    sampler = sampler or NextScaleSamplerConfig(cfg_scale=2.5, top_k=900, top_p=0.96)  # VAR's cfg=1.5 (w = s - 1)
     return Pipeline("var", network, NextScaleConfig(), sampler, info, tokenizer=tokenizer).save_pretrained(out)

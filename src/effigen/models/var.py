@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import attention
+from ..nn.attention import LayerKVCache, attention  # LayerKVCache re-exported (it lived here)
 from ..nn.layers import DropPath, Mlp
 from ..tokenizers.msvq import VAR_SCALES
 
@@ -86,19 +86,6 @@ def block_causal_mask(scales: tuple[int, ...], device=None) -> torch.Tensor:
     """(L, L) boolean, True where query's scale >= key's scale."""
     levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)]).to(device)
     return levels[:, None] >= levels[None, :]
-
-
-class LayerKVCache:
-    """Keys and values of the tokens seen so far by one attention layer."""
-
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
-        return self.k, self.v
 
 
 class VARAttention(nn.Module):

@@ -56,6 +56,20 @@ def attention(
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
+class LayerKVCache:
+    """Keys and values of the tokens seen so far by one attention layer, (B, heads, L_seen, head_dim), grown
+    along the sequence by `append` (the KV cache of the autoregressive samplers: VAR, raster AR)."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        return self.k, self.v
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (parameter names as timm's `Attention`:
     `qkv`, `proj`, optional `q_norm`/`k_norm`), so official DiT-family checkpoints load without renaming."""

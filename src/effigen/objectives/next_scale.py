@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..rng import BatchRandom
-from ..samplers.next_scale import NextScaleSamplerConfig, sample_next_scale
+from ..samplers.next_scale import EditSpec, NextScaleSamplerConfig, sample_next_scale
 
 
 @dataclass
@@ -88,5 +88,11 @@ class NextScalePrediction(TokenizedObjective):
         tokenizer = self._tokenizer_on(labels.device)
         return sample_next_scale(unwrap(network), tokenizer, labels, settings, generator, edit)
 
+    @torch.no_grad()
+    def edit_spec(self, images: torch.Tensor, keep_mask: torch.Tensor) -> EditSpec:
+        tokenizer = self._tokenizer_on(images.device)
+        with torch.autocast(images.device.type, enabled=False):
+            return EditSpec.from_images(tokenizer, images.float(), keep_mask)
+
     def evaluations_per_sample(self, settings: NextScaleSamplerConfig) -> int:
-        return len(self.tokenizer.scales) * (2 if settings.cfg_scale != 0 else 1)
+        return len(self.tokenizer.scales) * (2 if settings.cfg_scale != 1 else 1)

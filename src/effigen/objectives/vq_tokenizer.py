@@ -39,6 +39,9 @@ MSVQ_PRESETS: dict[str, dict] = {
     # built-in data at 32 px: 4x downsampling to 8x8, 7 scales (155 tokens)
     "MSVQ-S/4": {"base_channels": 32, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1, "latent_channels": 16,
                  "vocab_size": 512, "scales": [1, 2, 3, 4, 5, 6, 8], "share_quant_resi": 4},
+    # the raster-AR baseline's tokenizer: MSVQ-S/4's encoder and codebook with a single 8x8 scale (a plain VQ-VAE, 64 tokens)
+    "VQ-S/4": {"base_channels": 32, "channel_multipliers": [1, 2, 2], "num_res_blocks": 1, "latent_channels": 16,
+               "vocab_size": 512, "scales": [8], "share_quant_resi": 1},
     "MSVQ-Test": {"base_channels": 8, "channel_multipliers": [1, 2], "num_res_blocks": 1, "latent_channels": 4,
                   "vocab_size": 32, "scales": [1, 2, 4], "share_quant_resi": 2},
 }

@@ -2,7 +2,8 @@
 
 For each scale k = 1..K: run the transformer on scale k's tokens only, attending to the cached keys/values of all
 coarser scales (`network.new_cache()`: a KV cache per layer; no attention mask is needed because a scale sees
-all cached scales and itself), turn the logits into a token map (guidance, top-k/top-p, Gumbel-max sampling or
+all cached scales and itself), turn the logits into a token map (guidance uncond + s_k (cond - uncond) with s_k - 1 ramping linearly from 0 at the
+first scale to cfg_scale - 1 at the last, as VAR does; top-k/top-p, Gumbel-max sampling or
 VAR's Gumbel-softmax smoothing), add it to the tokenizer's accumulated latent f_hat, and feed the area-downsampled
 f_hat to the next scale. Returns f_hat; the pipeline decodes it.
 
@@ -28,8 +29,10 @@ from .tokens import SampleNoise, gumbel_soft_codes, guidance_weight, guided_logi
 
 @dataclass
 class NextScaleSamplerConfig:
-    cfg_scale: float = 1.5  # VAR's w at the last scale: logits = (1 + w) cond - w uncond (README FID setting)
-    guidance_schedule: Literal["linear", "constant"] = "linear"  # VAR ramps w = cfg * k / (K - 1)
+    # effigen's guidance scale s everywhere: uncond + s (cond - uncond), 1 = off. VAR's own `cfg` w (logits
+    # (1 + w) cond - w uncond) is s - 1: the README's FID setting cfg=1.5 is cfg_scale=2.5.
+    cfg_scale: float = 2.5
+    guidance_schedule: Literal["linear", "constant"] = "linear"  # VAR ramps s - 1 linearly: 0 at the first scale
     top_k: int = 900  # 0 disables; >= vocabulary size disables
     top_p: float = 0.96  # 0 disables
     temperature: float = 1.0
@@ -74,7 +77,7 @@ def sample_next_scale(network, tokenizer, labels: torch.Tensor, settings: NextSc
         raise ValueError(f"the generator's scales {scales} differ from the tokenizer's {quant.scales}")
     B, K = labels.shape[0], len(scales)
     device = labels.device
-    guided = settings.cfg_scale != 0
+    guided = settings.cfg_scale != 1
     all_labels = torch.cat((labels, torch.full_like(labels, network.null_class))) if guided else labels
     cond = network.class_condition(all_labels)
     cache = network.new_cache()
@@ -85,7 +88,7 @@ def sample_next_scale(network, tokenizer, labels: torch.Tensor, settings: NextSc
     for si, side in enumerate(scales):
         logits = network.logits(network.trunk(x, cond, None, cache), cond)
         if guided:
-            weight = guidance_weight(settings.cfg_scale, si, K, settings.guidance_schedule)
+            weight = guidance_weight(settings.cfg_scale - 1, si, K, settings.guidance_schedule)
             logits = guided_logits(logits[:B], logits[B:], weight)
         ratio = si / max(K - 1, 1)
         if settings.more_smooth:

@@ -245,7 +245,9 @@ class MultiScaleQuantizer(nn.Module):
         for si, side in enumerate(self.scales):
             rest = F.interpolate(f_rest, size=(side, side), mode="area") if si != len(self.scales) - 1 else f_rest
             rest = rest.permute(0, 2, 3, 1).reshape(-1, C)
-            pool.append(rest)
+            # restart pool: the same number of residual vectors from every scale (B each, evenly strided), so that
+            # revived codes also land where the coarse scales' residuals are
+            pool.append(rest[torch.linspace(0, rest.shape[0] - 1, min(B, rest.shape[0]), device=rest.device).long()])
             indices = self.nearest(rest)
             hits[si] = indices.bincount(minlength=self.config.vocab_size).float()
             h = self.upsample_residual(si, self.embed(indices.view(B, -1), side))
@@ -276,7 +278,7 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, threshold: float, generator: torch.Generator) -> int:
         """Move codes whose hit EMA summed over scales is below `threshold` onto random residual vectors of the
-        last training batch (gathered over processes so every replica makes the same change). Returns how many."""
+        last training batch (B per scale) (gathered over processes so every replica makes the same change). Returns how many."""
         if self.restart_pool is None:
             return 0
         dead = (self.ema_vocab_hit_SV.sum(0) < threshold).nonzero().flatten()
