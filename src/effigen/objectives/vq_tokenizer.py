@@ -81,8 +81,16 @@ class PatchDiscriminator(nn.Module):
             width = out
         blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
         self.main = nn.Sequential(*blocks)
+        self.layers = layers
+        self.minimum_size = 3 * 2**layers
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = min(x.shape[-2:])
+        if side < self.minimum_size:
+            fits = max((n for n in range(1, self.layers + 1) if 3 * 2**n <= side), default=0)
+            raise ValueError(f"images of {side} px are too small for a PatchGAN with discriminator_layers={self.layers} "
+                             f"(needs >= {self.minimum_size} px); set objective.discriminator_layers={fits}"
+                             + (" " if fits else " (none fits: use a larger data.resolution or gan_weight=0)"))
         return self.main(x)
 
 

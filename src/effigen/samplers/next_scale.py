@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .tokens import SampleNoise, gumbel_soft_codes, guidance_weight, guided_logits, sample_tokens
+from .tokens import SampleNoise, filter_logits, gumbel_soft_codes, guidance_weight, guided_logits, sample_tokens
 
 
 @dataclass
@@ -93,7 +93,8 @@ def sample_next_scale(network, tokenizer, labels: torch.Tensor, settings: NextSc
         ratio = si / max(K - 1, 1)
         if settings.more_smooth:
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
-            codes = gumbel_soft_codes(logits * (1 + ratio), codebook, tau, noise)
+            # the official sampler filters the logits in place before its Gumbel-softmax
+            codes = gumbel_soft_codes(filter_logits(logits, settings.top_k, settings.top_p) * (1 + ratio), codebook, tau, noise)
         else:
             codes = F.embedding(sample_tokens(logits, noise, settings.top_k, settings.top_p, settings.temperature), codebook)
         codes = codes.float().transpose(1, 2).reshape(B, -1, side, side)

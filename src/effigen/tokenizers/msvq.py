@@ -255,15 +255,16 @@ class MultiScaleQuantizer(nn.Module):
             f_rest = f_rest - h.detach()
             loss = loss + F.mse_loss(f_hat.detach(), f) * self.config.beta + F.mse_loss(f_hat, f_no_grad)
         loss = loss / len(self.scales)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(hits)
-        with torch.no_grad():
-            ema = self.ema_vocab_hit_SV
-            if ema.sum() == 0:
-                ema.copy_(hits)
-            else:
-                ema.mul_(self.config.usage_decay).add_(hits, alpha=1 - self.config.usage_decay)
-        self.restart_pool = torch.cat(pool).detach()
+        if self.training:  # usage statistics and the restart pool are training state (as the official `if self.training`)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(hits)
+            with torch.no_grad():
+                ema = self.ema_vocab_hit_SV
+                if ema.sum() == 0:
+                    ema.copy_(hits)
+                else:
+                    ema.mul_(self.config.usage_decay).add_(hits, alpha=1 - self.config.usage_decay)
+            self.restart_pool = torch.cat(pool).detach()
         return (f_hat.detach() - f_no_grad) + f, loss, hits
 
     def usage(self, batch_tokens_per_scale: list[float] | None = None) -> list[float]:
