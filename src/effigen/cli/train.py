@@ -50,7 +50,8 @@ def load_tokenizer(config: ExperimentConfig, device) -> torch.nn.Module | None:
 
 def reconstruction_grid_fn(dataset_test, output_dir: Path, device, count: int = 16):
     """Preview for tokenizer runs: held-out images (odd rows) above their reconstructions (even rows)."""
-    images = torch.stack([dataset_test[i][0] for i in range(min(count, len(dataset_test)))]).to(device)
+    picks = torch.linspace(0, len(dataset_test) - 1, min(count, len(dataset_test))).long().tolist()  # across classes
+    images = torch.stack([dataset_test[i][0] for i in picks]).to(device)
 
     def sample_fn(ema_network, step: int) -> Path:
         with torch.no_grad():
