@@ -5,7 +5,7 @@ predicts every token of scale k at once, conditioned on the class and on all coa
 p(r_1..r_K) = prod_k p(r_k | r_<k, class). Its input for scale k is the tokenizer's accumulated latent f_hat
 after scales 1..k-1, area-downsampled to side s_k (`word_embed` of those C-dim vectors); the first scale's input
 is the class embedding (the start token) plus `pos_start`. Attention is block-causal: a token sees its own scale
-and all coarser ones. Every token gets a learned absolute position (`pos_1LC`) and a level embedding per scale.
+and all coarser ones (computed block by block, `effigen.nn.attention.BlockMask`). Every token gets a learned absolute position (`pos_1LC`) and a level embedding per scale.
 
 Blocks follow the official `AdaLNSelfAttn`: LayerNorm without affine, modulated by the class embedding through
 adaLN (6 vectors: 2 gates, 2 scales, 2 shifts; per block, or one shared projection + per-block offsets
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import LayerKVCache, attention  # LayerKVCache re-exported (it lived here)
+from ..nn.attention import BlockMask, LayerKVCache, attention  # LayerKVCache re-exported (it lived here)
 from ..nn.layers import DropPath, Mlp
 from ..tokenizers.msvq import VAR_SCALES
 
@@ -83,9 +83,47 @@ VAR_PRESETS: dict[str, dict] = {
 
 
 def block_causal_mask(scales: tuple[int, ...], device=None) -> torch.Tensor:
-    """(L, L) boolean, True where query's scale >= key's scale."""
+    """(L, L) boolean, True where query's scale >= key's scale (the dense reference of `scale_blocks(..., "block_causal")`)."""
     levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)]).to(device)
     return levels[:, None] >= levels[None, :]
+
+
+def scale_blocks(scales: tuple[int, ...], pattern: str) -> BlockMask:
+    """The block-sparse attention pattern over a scale schedule's token maps (one block of s^2 tokens per scale)."""
+    return BlockMask(tuple(s * s for s in scales), pattern)
+
+
+@torch.no_grad()
+def init_next_scale_weights(model: nn.Module, config: VARConfig, blocks, heads, init_std: float) -> None:
+    """The official `init_weights` of VAR (and HMAR's transformers): every Linear/Embedding of `model` trunc-normal
+    with init_std = sqrt(1 / 3C) (biases 0), the position embeddings too; each (head_nm, head) pair: head x init_head,
+    its adaLN x init_adaln; each block: residual projections / sqrt(2 depth), adaLN weights x init_adaln and their
+    gates x init_adaln_gamma."""
+    C = config.embed_dim
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=init_std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=init_std)
+    for p in (model.pos_start, model.pos_1LC):
+        nn.init.trunc_normal_(p, std=init_std)
+    for head_nm, head in heads:
+        head.weight.mul_(config.init_head)
+        head.bias.zero_()
+        head_nm.ada_lin[-1].weight.mul_(config.init_adaln)
+        head_nm.ada_lin[-1].bias.zero_()
+    for block in blocks:
+        block.attn.proj.weight.div_(math.sqrt(2 * config.depth))
+        block.ffn.fc2.weight.div_(math.sqrt(2 * config.depth))
+        if config.shared_aln:
+            block.ada_gss[:, :, 2:].mul_(config.init_adaln)
+            block.ada_gss[:, :, :2].mul_(config.init_adaln_gamma)
+        else:
+            block.ada_lin[-1].weight[2 * C :].mul_(config.init_adaln)
+            block.ada_lin[-1].weight[: 2 * C].mul_(config.init_adaln_gamma)
+            block.ada_lin[-1].bias.zero_()
 
 
 class VARAttention(nn.Module):
@@ -189,7 +227,8 @@ class VAR(nn.Module):
         self.head = nn.Linear(C, config.vocab_size)
         levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)]).view(1, L)
         self.register_buffer("lvl_1L", levels, persistent=False)
-        self.register_buffer("causal_mask", block_causal_mask(scales), persistent=False)
+        # block-causal attention, computed block by block (effigen.nn.attention.BlockMask): no L x L mask
+        self.attention_blocks = scale_blocks(scales, "block_causal")
         self.init_weights(init_std)
 
     @property
@@ -200,34 +239,9 @@ class VAR(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    @torch.no_grad()
     def init_weights(self, init_std: float) -> None:
-        """The official `init_weights` (init_std = sqrt(1 / 3C), head x init_head, residual projections
-        / sqrt(2 depth), adaLN weights x init_adaln and their gates x init_adaln_gamma)."""
-        config, C = self.config, self.config.embed_dim
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=init_std)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=init_std)
-        for p in (self.pos_start, self.pos_1LC):
-            nn.init.trunc_normal_(p, std=init_std)
-        self.head.weight.mul_(config.init_head)
-        self.head.bias.zero_()
-        self.head_nm.ada_lin[-1].weight.mul_(config.init_adaln)
-        self.head_nm.ada_lin[-1].bias.zero_()
-        for block in self.blocks:
-            block.attn.proj.weight.div_(math.sqrt(2 * config.depth))
-            block.ffn.fc2.weight.div_(math.sqrt(2 * config.depth))
-            if config.shared_aln:
-                block.ada_gss[:, :, 2:].mul_(config.init_adaln)
-                block.ada_gss[:, :, :2].mul_(config.init_adaln_gamma)
-            else:
-                block.ada_lin[-1].weight[2 * C :].mul_(config.init_adaln)
-                block.ada_lin[-1].weight[: 2 * C].mul_(config.init_adaln_gamma)
-                block.ada_lin[-1].bias.zero_()
+        """The official `init_weights` (`init_next_scale_weights`)."""
+        init_next_scale_weights(self, self.config, self.blocks, [(self.head_nm, self.head)], init_std)
 
     # ------------------------------------------------------------------ pieces the sampler uses
     def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
@@ -270,5 +284,5 @@ class VAR(nn.Module):
         sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start
         x = torch.cat((sos, self.word_embed(teacher_input.float())), dim=1)
         x = x + self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC
-        h = self.trunk(x, cond, self.causal_mask)
+        h = self.trunk(x, cond, self.attention_blocks)
         return self.logits(h, cond)
