@@ -47,7 +47,7 @@ def main() -> None:
                                   image * box + (1 - box) * grey, outpaint, recolour]))
         print(f"row {row}: test image {index} (class {label}); class edit to {target}")
     grid = torch.cat(columns)
-    save_image_grid(grid, args.out, nrow=2 + 3 * args.num, upscale=3)
+    save_image_grid(grid, args.out, nrow=3 + 3 * args.num, upscale=3)
     print(f"columns: original | inpaint mask, {args.num} unconditional inpaintings | outpaint mask, {args.num} "
           f"outpaintings (own class) | {args.num} class edits of the box (class + 5 mod 10); wrote {args.out}")
 
