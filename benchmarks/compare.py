@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cfg-scales", help="also sweep the guidance scale for quality only, e.g. 1.5,2,3 (speed is "
+                        "measured at each folder's saved settings)")
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.threads:
@@ -56,6 +58,19 @@ def main() -> None:
                      "tokenizer_parameters": count(pipeline.tokenizer),
                      "metrics": {m["metric"]: m["value"] for m in record["metrics"]},
                      "generation_seconds": generation_seconds})
+    if args.cfg_scales:
+        print(f"guidance sweep ({args.num_images} images, {extractor.name}): cfg_scale -> FID / precision / recall")
+        for source, pipeline in zip(args.sources, pipelines):
+            reference = Reference(dataset=dataset, split="train", resolution=pipeline.sample_shape[-1])
+            sweep = {}
+            for cfg in (float(c) for c in args.cfg_scales.split(",")):
+                images = generate_for_evaluation(pipeline, args.num_images, seed=args.seed, precision=args.precision,
+                                                 progress=False, cfg_scale=cfg)
+                m = {x["metric"]: x["value"] for x in evaluate_images(images, reference, extractor, progress=False)["metrics"]}
+                sweep[cfg] = m
+                print(f"  {pipeline.method.name:<12} cfg {cfg:<5} FID {m['fid']:.3f}  precision {m['precision']:.3f}  "
+                      f"recall {m['recall']:.3f}", flush=True)
+            next(r for r in rows if r["folder"] == source)["cfg_sweep"] = sweep
     speed = benchmark_runs([(p, args.precision) for p in pipelines], batch_size=args.batch_size, repeats=args.repeats)
     for row, bench in zip(rows, speed):
         row.update({k: bench[k] for k in ("images_per_second", "latency_median_s", "evaluations_per_image",
