@@ -131,8 +131,10 @@ def test_loss_is_teacher_forced_cross_entropy_and_falls_on_one_batch():
 
 def test_mnist_raster_ar_preset_needs_a_single_scale_tokenizer(tmp_path):
     config = build_experiment_dict("mnist-raster-ar")
+    # the same trainer settings as VAR's, except the step count that fits the same wall time at its speed
     assert config["method"] == "raster-ar" and config["trainer"] == build_experiment_dict("mnist-var")["trainer"] | {
-        "output_dir": "runs/mnist-raster-ar"}
+        "output_dir": "runs/mnist-raster-ar", "max_steps": config["trainer"]["max_steps"]}
+    assert config["trainer"]["max_minutes"] == build_experiment_dict("mnist-var")["trainer"]["max_minutes"]
     with pytest.raises(ConfigError, match="train one first"):
         build_experiment_config(preset="mnist-raster-ar", overrides=[f"--tokenizer={tmp_path}"])
 
@@ -161,7 +163,7 @@ def test_tokenizer_then_raster_ar_train_save_reload_sample(tmp_path):
 
     pipeline = Pipeline.from_pretrained(summary["pipeline"])
     assert pipeline.method.name == "raster-ar" and pipeline.generator.config.scales == (GRID,)
-    assert pipeline.sampler_config.cfg_scale == 2.0
+    assert pipeline.sampler_config.cfg_scale == build_experiment_dict("mnist-raster-ar")["sampler"]["cfg_scale"]
     assert pipeline.number_of_evaluations() == 2 * GRID * GRID
     assert pipeline.number_of_evaluations(cfg_scale=1.0) == GRID * GRID
     labels = [0, 1, 2, 9]

@@ -29,6 +29,7 @@ class ExperimentConfig:
     sampler: Any
     trainer: TrainerConfig
     tokenizer: str | None = None  # folder of a trained tokenizer (token/latent generators)
+    init_from: str | None = None  # a pipeline folder whose generator weights start the run (e.g. HMAR's stage 2)
 
     def to_dict(self) -> dict[str, Any]:
         return config_to_dict(self)
@@ -111,7 +112,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "mnist", "resolution": 32},
         "network_preset": "VAR-d4",
         "objective": {"label_dropout": 0.1},
-        "sampler": {"cfg_scale": 3.0, "top_k": 0, "top_p": 0.0},
+        "sampler": {"cfg_scale": 1.5, "top_k": 0, "top_p": 0.0},  # best FID of 1.5/2/3/4 (benchmarks/compare.py)
         # ~20 minutes on one core of this machine (VAR-d4 trains at ~20-40 images/s there, load permitting)
         "trainer": {"output_dir": "runs/mnist-var", "max_steps": 1400, "max_minutes": 22.0, "batch_size": 32, "learning_rate": 1e-3,
                     "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 100, "schedule": "cosine",
@@ -137,12 +138,45 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "data": {"name": "mnist", "resolution": 32},
         "network_preset": "GPT-S",
         "objective": {"label_dropout": 0.1},
-        "sampler": {"cfg_scale": 2.0, "guidance_schedule": "constant", "top_k": 0, "top_p": 0.0},
+        "sampler": {"cfg_scale": 1.5, "guidance_schedule": "constant", "top_k": 0, "top_p": 0.0},  # best of 1.5/2/3/4
         # the same wall budget as mnist-var on one core: the 64-token sequence trains ~2.4x more images/s than VAR's 155
         "trainer": {"output_dir": "runs/mnist-raster-ar", "max_steps": 2800, "max_minutes": 22.0, "batch_size": 32, "learning_rate": 1e-3,
                     "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 100, "schedule": "cosine",
                     "min_learning_rate_ratio": 0.05, "grad_clip": 2.0, "ema_decay": 0.999, "precision": "bf16",
                     "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+    },
+    # HMAR on mnist-var's tokenizer and budget, in two stages (docs/hmar.md): next-scale prediction with block-diagonal
+    # attention and HMAR's lognorm scale weighting (HMAR-d4: VAR-d4's parameter count), then the masked-refinement
+    # fine-tune of the mask branch, started from the first run's folder (`init_from`). Stage 1 samples without refinement
+    # (its mask branch is untrained); stage 2 refines the 2x2 and 3x3 scales in 2 and 4 steps (the official default
+    # pattern); change the schedule at sampling time (`effigen sample --schedule`).
+    "mnist-hmar": {
+        "method": "hmar",
+        "tokenizer": "runs/mnist-msvq/final",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "HMAR-d4",
+        "objective": {"label_dropout": 0.1, "stage": "next_scale", "scale_weighting": "lognorm"},
+        "sampler": {"cfg_scale": 3.0, "top_k": 0, "top_p": 0.0, "mask_schedule": "off"},
+        # mnist-var's budget (~20 minutes on one core; HMAR-d4 trains at about VAR-d4's speed)
+        "trainer": {"output_dir": "runs/mnist-hmar", "max_steps": 1400, "max_minutes": 22.0, "batch_size": 32,
+                    "learning_rate": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 100, "schedule": "cosine",
+                    "min_learning_rate_ratio": 0.05, "grad_clip": 2.0, "ema_decay": 0.999, "precision": "bf16",
+                    "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+    },
+    # stage 2: a third of stage 1's steps (the official fine-tune runs 100 epochs after 200-350 of stage 1), same
+    # optimiser settings
+    "mnist-hmar-mask": {
+        "method": "hmar",
+        "tokenizer": "runs/mnist-msvq/final",
+        "init_from": "runs/mnist-hmar/final",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "HMAR-d4",
+        "objective": {"label_dropout": 0.1, "stage": "mask"},
+        "sampler": {"cfg_scale": 3.0, "top_k": 0, "top_p": 0.0, "mask_schedule": "default"},
+        "trainer": {"output_dir": "runs/mnist-hmar-mask", "max_steps": 450, "max_minutes": 8.0, "batch_size": 32,
+                    "learning_rate": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 50, "schedule": "cosine",
+                    "min_learning_rate_ratio": 0.05, "grad_clip": 2.0, "ema_decay": 0.999, "precision": "bf16",
+                    "checkpoint_every": 150, "sample_every": 150, "log_every": 25},
     },
     # Seconds on a CPU: for tests and for checking that a recipe runs end to end.
     "smoke": {
@@ -223,7 +257,7 @@ def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], pr
 
 def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> ExperimentConfig:
     """Validate a whole experiment dict. `num_classes` (from the dataset) fills network.num_classes."""
-    known = {"method", "data", "network_preset", "network", "objective", "sampler", "trainer", "tokenizer"}
+    known = {"method", "data", "network_preset", "network", "objective", "sampler", "trainer", "tokenizer", "init_from"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid sections: {', '.join(sorted(known))}")
@@ -240,7 +274,32 @@ def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> Ex
                                objective, tokenizer)
     sampler = config_from_dict(method.objective_class.sampler_config_class, data.get("sampler", {}), "sampler")
     trainer = config_from_dict(TrainerConfig, data.get("trainer", {}), "trainer")
-    return ExperimentConfig(method_name, data_config, network, objective, sampler, trainer, tokenizer)
+    init_from = data.get("init_from")
+    if init_from is not None:
+        check_init_from(str(init_from), method_name)
+    return ExperimentConfig(method_name, data_config, network, objective, sampler, trainer, tokenizer,
+                            None if init_from is None else str(init_from))
+
+
+def check_init_from(path: str, method_name: str) -> dict[str, Any]:
+    """`init_from` must be a pipeline folder (e.g. a run's final/ or checkpoints/step_N/) holding a generator of the
+    same network class as `method_name`'s; returns its model_index.json."""
+    from .io import read_json
+
+    method = get_method(method_name)
+    if method.kind != "generator":
+        raise ConfigError(f"init_from loads generator weights; method {method_name} trains a {method.kind}")
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file() or not (folder / "generator" / "config.json").is_file():
+        raise ConfigError(f"init_from={path!r}: no pipeline folder with a generator there (expected {folder}/"
+                          "model_index.json and generator/, as a training run writes in its final/ folder); run the "
+                          "previous stage first (e.g. `effigen train --preset mnist-hmar` before mnist-hmar-mask)")
+    index = read_json(folder / "model_index.json")
+    source_class = (index.get("components") or {}).get("generator")
+    if source_class != method.network_class.__name__:
+        raise ConfigError(f"init_from={path!r} holds a {source_class} generator (method {index.get('method')}); "
+                          f"method {method_name} trains a {method.network_class.__name__}")
+    return index
 
 
 def build_experiment_dict(preset: str | None = None, config_file: str | None = None,

@@ -11,9 +11,11 @@ from typing import Any
 
 from .models.dit import DIT_PRESETS, DiT
 from .models.gpt import GPT, GPT_PRESETS
+from .models.hmar import HMAR, HMAR_PRESETS
 from .models.var import VAR, VAR_PRESETS
 from .objectives.ddpm import GaussianDiffusion
 from .objectives.flow_matching import RectifiedFlow
+from .objectives.hmar import HMARObjective
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
 from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
@@ -41,6 +43,8 @@ METHODS: dict[str, Method] = {
                   tokenizer_class=MultiScaleVQ),
     "raster-ar": Method("raster-ar", GPT, NextTokenPrediction, GPT_PRESETS, "LlamaGen-style raster AR (2406.06525)",
                         tokenizer_class=MultiScaleVQ),
+    "hmar": Method("hmar", HMAR, HMARObjective, HMAR_PRESETS, "HMAR Markovian next-scale + masked refinement (2506.04421)",
+                   tokenizer_class=MultiScaleVQ),
 }
 
 TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE}

@@ -3,10 +3,13 @@
     effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --out dit-xl-2-256 [--num-heads 16]
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt --out lightningdit-xl-1
     effigen convert var-official --vae vae_ch160v4096z32.pth --var var_d16.pth --out var-d16
+    effigen convert hmar-official --vae vae_ch160v4096z32.pth --hmar hmar-d16.pth --out hmar-d16
 
 Converters: dit-official (facebookresearch/DiT: released weights or training checkpoints, EMA weights);
 lightningdit-official (hustvl/LightningDiT training checkpoints, EMA weights; time and velocity
-conventions translated, official sampler settings recorded). The converted folders sample latents;
+conventions translated, official sampler settings recorded); var-official and hmar-official (VAR's VQVAE + the
+VAR or HMAR transformer; every hyperparameter read off the weights; HMAR's weights are non-commercial, NSCLv1).
+The DiT-family folders sample latents;
 decoding them to images needs the SD-VAE / VA-VAE, which effigen does not load yet (sample with
 `output_type="latent"`).
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-CONVERTERS = ("dit-official", "lightningdit-official", "var-official")
+CONVERTERS = ("dit-official", "lightningdit-official", "var-official", "hmar-official")
 
 
 def run(argv: list[str]) -> int:
@@ -23,10 +26,12 @@ def run(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=CONVERTERS, help="which official format")
     parser.add_argument("--ckpt", help="the official checkpoint file (DiT, LightningDiT)")
-    parser.add_argument("--vae", help="var-official: the VQVAE state dict (vae_ch160v4096z32.pth)")
+    parser.add_argument("--vae", help="var-official, hmar-official: the VQVAE state dict (vae_ch160v4096z32.pth)")
     parser.add_argument("--var", help="var-official: the transformer state dict (var_d16.pth, ...)")
-    parser.add_argument("--scales", help="var-official: scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16 (default: from the weights)")
-    parser.add_argument("--resolution", type=int, help="var-official: image size (default: last scale x downsampling)")
+    parser.add_argument("--hmar", help="hmar-official: the HMAR state dict (hmar-d16.pth, ...)")
+    parser.add_argument("--scales", help="var/hmar-official: scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16 (default: from "
+                                         "the weights)")
+    parser.add_argument("--resolution", type=int, help="var/hmar-official: image size (default: last scale x downsampling)")
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
     parser.add_argument("--steps", type=int, default=250,
@@ -42,6 +47,15 @@ def run(argv: list[str]) -> int:
         scales = tuple(int(x) for x in args.scales.split(",")) if args.scales else None
         path = convert_var_official(args.vae, args.var, args.out, args.num_heads, scales, args.resolution)
         print(f"converted {args.vae} + {args.var} -> {path}")
+        return 0
+    if args.source == "hmar-official":
+        if not (args.vae and args.hmar):
+            parser.error("hmar-official needs --vae and --hmar")
+        from ..convert.hmar_official import LICENCE, convert_hmar_official
+
+        scales = tuple(int(x) for x in args.scales.split(",")) if args.scales else None
+        path = convert_hmar_official(args.vae, args.hmar, args.out, args.num_heads, scales, args.resolution)
+        print(f"converted {args.vae} + {args.hmar} -> {path}\nlicence of the HMAR weights: {LICENCE}")
         return 0
     if not args.ckpt:
         parser.error(f"{args.source} needs --ckpt")

@@ -1,4 +1,4 @@
-"""`effigen edit`: zero-shot inpainting, outpainting and class-conditional editing with a token generator (VAR).
+"""`effigen edit`: zero-shot inpainting, outpainting and class-conditional editing with a token generator (VAR, HMAR).
 
     effigen edit --from runs/mnist-var/final --image in.png --mask mask.png --class 3 --out out.png
     effigen edit --from DIR --image in.png --box 0.25,0.25,0.75,0.75 --out inpainted.png            # inpaint a box
@@ -6,7 +6,8 @@
 
 The mask is an image the size of the input (any size; it is resized): white = regenerate, black = keep. `--box`
 makes one from fractions x0,y0,x1,y1 of the side; `--outpaint` inverts it. At every scale the tokens of the input
-image are forced where the (resized) mask keeps them, so the kept region stays and the rest is generated around it.
+image are forced where the (resized) mask keeps them, so the kept region stays and the rest is generated around it
+(HMAR: forced tokens are never re-masked; its mask branch refines the generated ones around them).
 Without `--class` the edit is unconditional (the null class); with it, class-conditional. `--num` edits with
 different seeds are written as one grid: input, masked input, then the edits.
 """
@@ -27,7 +28,7 @@ from .sample import parse_sampler_overrides
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="effigen edit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source", required=True, help="pipeline folder of a token generator (var)")
+    parser.add_argument("--from", dest="source", required=True, help="pipeline folder of a token generator (var, hmar)")
     parser.add_argument("--image", required=True, help="the image to edit (resized to the model's resolution)")
     parser.add_argument("--mask", help="mask image: white = regenerate, black = keep")
     parser.add_argument("--box", help="regenerate a box instead of a mask file: x0,y0,x1,y1 as fractions of the side")

@@ -10,7 +10,7 @@ COMMANDS = {
     "train": ("effigen.cli.train", "train a generator (torchrun-ready)"),
     "sample": ("effigen.cli.sample", "generate images from a pipeline folder"),
     "presets": ("effigen.cli.presets", "list experiment and network presets"),
-    "edit": ("effigen.cli.edit", "zero-shot inpainting / outpainting / class editing (VAR)"),
+    "edit": ("effigen.cli.edit", "zero-shot inpainting / outpainting / class editing (VAR, HMAR)"),
     "eval": ("effigen.cli.evaluate", "FID / sFID / IS / KID / precision-recall"),
     "bench": ("effigen.cli.bench", "throughput, latency, memory and FLOPs of a pipeline"),
     "convert": ("effigen.cli.convert", "convert an official checkpoint into an effigen folder"),

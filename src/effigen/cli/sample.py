@@ -4,8 +4,11 @@
     effigen sample --from runs/mnist-dit/final --num 100 --out samples/      # a folder of PNGs
     effigen sample --from DIR --steps 50 --solver heun --cfg-scale 3.0 --out grid.png
     effigen sample --from runs/mnist-var/final --sampler.top_k=50 --sampler.top_p=0.9 --out grid.png
+    effigen sample --from runs/mnist-hmar-mask/final --schedule 1/1,3/1,1,2,5/4,12/25/36/64 --out grid.png
 
 Any saved sampler setting can be overridden with --sampler.KEY=VALUE (see the folder's model_index.json).
+`--schedule` sets HMAR's masked schedule (`--sampler.mask_schedule=[[1],[1,3],...]` in a shorter form): per scale,
+the tokens committed at each step, scales separated by `/` and steps by `,`, or JSON, or `default` / `off`.
 
 `--num` is the total number of images; the classes are cycled so each grid row holds one class
 when `--num` is a multiple of the number of classes.
@@ -67,6 +70,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--steps", type=int, help="override the saved number of sampling steps")
     parser.add_argument("--cfg-scale", type=float, help="override the saved guidance scale (1 = no guidance)")
     parser.add_argument("--solver", help="override the saved solver (e.g. euler, heun)")
+    parser.add_argument("--schedule", help="HMAR: masked schedule, e.g. 1/1,3/1,1,2,5/16/25 or [[1],[1,3],...], "
+                                           "default, off")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default="auto")
@@ -87,6 +92,10 @@ def run(argv: list[str]) -> int:
     num = args.num if args.num is not None else 8 * len(classes)
     labels = labels_for(classes, num)
     overrides = {"num_steps": args.steps, "cfg_scale": args.cfg_scale, "solver": args.solver, **sampler_overrides}
+    if args.schedule is not None:
+        from ..samplers.hmar import parse_mask_schedule
+
+        overrides["mask_schedule"] = parse_mask_schedule(args.schedule)
     started = time.perf_counter()
     images = pipeline(labels, seed=args.seed, batch_size=args.batch_size, precision=args.precision,
                       progress=True, **overrides)

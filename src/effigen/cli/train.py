@@ -48,6 +48,34 @@ def load_tokenizer(config: ExperimentConfig, device) -> torch.nn.Module | None:
     return load_network(tokenizer_folder(config.tokenizer), method.tokenizer_class).to(device).eval().requires_grad_(False)
 
 
+def initialize_from(config: ExperimentConfig, network, objective, tokenizer=None) -> str:
+    """Load the generator weights of the pipeline folder `config.init_from` into `network` (before the trainer copies
+    it into its EMA and builds the optimizer); the objective may map them (`init_from_state`, e.g. HMAR's stage 2
+    starts its mask branch from the next-scale branch). Returns a note for the log."""
+    from ..config import ConfigError
+    from ..experiment import check_init_from
+    from ..io import CheckpointError, load_state_dict_strict, load_weights
+
+    folder = Path(config.init_from)
+    index = check_init_from(config.init_from, config.method)
+    source_tokenizer = folder / "tokenizer" / "model.safetensors"
+    if tokenizer is not None and source_tokenizer.is_file():
+        theirs, ours = load_weights(source_tokenizer), tokenizer.state_dict()
+        if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k].cpu(), ours[k].cpu()) for k in theirs):
+            raise ConfigError(f"init_from={config.init_from!r} was trained with another tokenizer than "
+                              f"tokenizer={config.tokenizer!r}: use the tokenizer of that run")
+    where = str(folder / "generator" / "model.safetensors")
+    state = load_weights(folder / "generator" / "model.safetensors")
+    try:
+        if hasattr(objective, "init_from_state"):
+            return objective.init_from_state(network, state, index, where)
+        load_state_dict_strict(network, state, where)
+    except CheckpointError as e:
+        raise ConfigError(f"init_from={config.init_from!r}: its generator does not fit this experiment's network "
+                          f"(use the same network_preset / network settings as that run):\n{e}") from None
+    return "weights loaded"
+
+
 def reconstruction_grid_fn(dataset_test, output_dir: Path, device, count: int = 16):
     """Preview for tokenizer runs: held-out images (odd rows) above their reconstructions (even rows)."""
     picks = torch.linspace(0, len(dataset_test) - 1, min(count, len(dataset_test))).long().tolist()  # across classes
@@ -77,6 +105,9 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
     network = method.network_class(config.network)
     tokenizer = load_tokenizer(config, context.device)
     objective = build_objective(method, config.objective, dataset.num_classes, tokenizer)
+    init_note = initialize_from(config, network, objective, tokenizer) if config.init_from is not None else None
+    if hasattr(objective, "prepare_network"):  # e.g. freeze what a training stage does not train
+        objective.prepare_network(network)
     info = {"dataset": config.data.name, "resolution": config.data.resolution, "class_names": list(dataset.class_names)}
     output_dir = Path(config.trainer.output_dir)
     if context.is_main:
@@ -101,12 +132,17 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
                       horizontal_flip=config.data.horizontal_flip, context=context, run_config=config.to_dict(),
                       component="tokenizer" if method.kind == "tokenizer" else "generator")
     num_params = sum(p.numel() for p in network.parameters())
+    num_trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     if context.is_main and not quiet:
-        print(f"effigen train: {config.method} ({method.paper}), {num_params / 1e6:.2f}M parameters, "
+        trainable = f" ({num_trainable / 1e6:.2f}M trained)" if num_trainable != num_params else ""
+        print(f"effigen train: {config.method} ({method.paper}), {num_params / 1e6:.2f}M parameters{trainable}, "
               f"{config.data.name} {len(dataset)} images at {config.data.resolution}px, "
               f"{context.world_size} process(es) on {context.device}, output {output_dir}")
+        if init_note is not None:
+            print(f"initialised from {config.init_from}: {init_note}")
     summary = trainer.train()
     summary["parameters"] = num_params
+    summary["trained_parameters"] = num_trainable
     ema_state = trainer.ema_state_dict()  # collective under FSDP: every process takes part
     ema_network = trainer.ema_network_for_sampling()
     if context.is_main:

@@ -92,24 +92,11 @@ def vqvae_config_from_state_dict(state: dict[str, torch.Tensor], resolution: int
     )
 
 
-def var_config_from_state_dict(state: dict[str, torch.Tensor], num_heads: int | None = None,
-                               scales: tuple[int, ...] | None = None) -> VARConfig:
-    try:
-        width, latent = state["word_embed.weight"].shape
-        num_classes = state["class_emb.weight"].shape[0] - 1
-        vocab = state["head.weight"].shape[0]
-        L = state["pos_1LC"].shape[1]
-        num_levels = state["lvl_embed.weight"].shape[0]
-    except KeyError as e:
-        raise CheckpointError(f"not an official VAR state dict: missing {e}") from e
-    depth = len(_indices(state, "blocks."))
-    l2_norm = "blocks.0.attn.scale_mul_1H11" in state
-    if l2_norm:
-        heads = state["blocks.0.attn.scale_mul_1H11"].shape[1]
-        if num_heads is not None and num_heads != heads:
-            raise CheckpointError(f"the checkpoint has {heads} heads (scale_mul_1H11), not {num_heads}")
-    else:
-        heads = num_heads or depth
+def scales_from_state_dict(state: dict[str, torch.Tensor], scales: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The scale schedule of a VAR-family transformer: from the `lvl_1L` buffer when present, else the official
+    schedule whose token count equals `pos_1LC`'s length; a given schedule is checked against both."""
+    L = state["pos_1LC"].shape[1]
+    num_levels = state["lvl_embed.weight"].shape[0]
     if scales is None and "lvl_1L" in state:
         levels = state["lvl_1L"].flatten().tolist()
         counts = [levels.count(i) for i in range(num_levels)]
@@ -122,18 +109,39 @@ def var_config_from_state_dict(state: dict[str, torch.Tensor], num_heads: int | 
     if sum(s * s for s in scales) != L or len(scales) != num_levels:
         raise CheckpointError(f"scales {scales} give {sum(s * s for s in scales)} tokens in {len(scales)} scales, the "
                               f"checkpoint has {L} tokens in {num_levels}")
+    return scales
+
+
+def var_config_from_state_dict(state: dict[str, torch.Tensor], num_heads: int | None = None,
+                               scales: tuple[int, ...] | None = None) -> VARConfig:
+    missing = [k for k in ("word_embed.weight", "class_emb.weight", "head.weight", "pos_1LC", "lvl_embed.weight")
+               if k not in state]
+    if missing:
+        raise CheckpointError(f"not an official VAR state dict: missing {missing}")
+    width, latent = state["word_embed.weight"].shape
+    num_classes = state["class_emb.weight"].shape[0] - 1
+    vocab = state["head.weight"].shape[0]
+    depth = len(_indices(state, "blocks."))
+    l2_norm = "blocks.0.attn.scale_mul_1H11" in state
+    if l2_norm:
+        heads = state["blocks.0.attn.scale_mul_1H11"].shape[1]
+        if num_heads is not None and num_heads != heads:
+            raise CheckpointError(f"the checkpoint has {heads} heads (scale_mul_1H11), not {num_heads}")
+    else:
+        heads = num_heads or depth
+    scales = scales_from_state_dict(state, scales)
     mlp_ratio = state["blocks.0.ffn.fc1.weight"].shape[0] / width
     return VARConfig(depth=depth, embed_dim=width, num_heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes,
                      vocab_size=vocab, latent_channels=latent, scales=scales, shared_aln="shared_ada_lin.1.weight" in state,
                      attn_l2_norm=l2_norm)
 
 
-def _clean(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _clean(state: dict[str, torch.Tensor], name: str = "VAR") -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         if DROPPED_BUFFERS.search(key):
             if key.endswith("zero_k_bias") and value.abs().max() != 0:
-                raise CheckpointError(f"{key} is not zero; this is not an official VAR checkpoint")
+                raise CheckpointError(f"{key} is not zero; this is not an official {name} checkpoint")
             continue
         out[key] = value.float() if value.is_floating_point() else value
     return out

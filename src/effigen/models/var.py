@@ -5,7 +5,8 @@ predicts every token of scale k at once, conditioned on the class and on all coa
 p(r_1..r_K) = prod_k p(r_k | r_<k, class). Its input for scale k is the tokenizer's accumulated latent f_hat
 after scales 1..k-1, area-downsampled to side s_k (`word_embed` of those C-dim vectors); the first scale's input
 is the class embedding (the start token) plus `pos_start`. Attention is block-causal: a token sees its own scale
-and all coarser ones (computed block by block, `effigen.nn.attention.BlockMask`). Every token gets a learned absolute position (`pos_1LC`) and a level embedding per scale.
+and all coarser ones (computed block by block, `effigen.nn.attention.BlockMask`, no L x L mask). Every token gets
+a learned absolute position (`pos_1LC`) and a level embedding per scale.
 
 Blocks follow the official `AdaLNSelfAttn`: LayerNorm without affine, modulated by the class embedding through
 adaLN (6 vectors: 2 gates, 2 scales, 2 shifts; per block, or one shared projection + per-block offsets

@@ -41,10 +41,12 @@ class NextScaleSamplerConfig:
 
 @dataclass
 class EditSpec:
-    """Known code maps and where to keep them: `codes[k]` (B, C, s_k, s_k), `keep[k]` (B, 1, s_k, s_k) bool."""
+    """Known code maps and where to keep them: `codes[k]` (B, C, s_k, s_k), `keep[k]` (B, 1, s_k, s_k) bool, and
+    (optional) the token indices behind the codes, `indices[k]` (B, s_k^2)."""
 
     codes: list[torch.Tensor]
     keep: list[torch.Tensor]
+    indices: list[torch.Tensor] | None = None
 
     @classmethod
     def from_images(cls, tokenizer, images: torch.Tensor, keep_mask: torch.Tensor) -> "EditSpec":
@@ -64,7 +66,7 @@ class EditSpec:
                 keep.append(torch.ones(images.shape[0], 1, side, side, dtype=torch.bool, device=images.device))
             else:
                 keep.append(F.interpolate(finest, size=(side, side), mode="bilinear") > 0.5)
-        return cls(codes, keep)
+        return cls(codes, keep, list(indices))
 
 
 @torch.no_grad()

@@ -50,14 +50,19 @@ class SampleNoise:
         return -torch.log(-torch.log(u))
 
 
+def draw_tokens(filtered: torch.Tensor, noise: SampleNoise, greedy: bool = False,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Token ids (B, l) from already filtered logits (B, l, V): argmax when `greedy`, else Gumbel-max sampling."""
+    if greedy:
+        return filtered.argmax(dim=-1)
+    B, l, V = filtered.shape
+    return (filtered / max(temperature, 1e-6) + noise.gumbel(l, V)).argmax(dim=-1)
+
+
 def sample_tokens(logits: torch.Tensor, noise: SampleNoise, top_k: int = 0, top_p: float = 0.0,
                   temperature: float = 1.0) -> torch.Tensor:
     """logits (B, l, V) -> token ids (B, l)."""
-    logits = filter_logits(logits.float(), top_k, top_p)
-    if top_k == 1:
-        return logits.argmax(dim=-1)
-    B, l, V = logits.shape
-    return (logits / max(temperature, 1e-6) + noise.gumbel(l, V)).argmax(dim=-1)
+    return draw_tokens(filter_logits(logits.float(), top_k, top_p), noise, top_k == 1, temperature)
 
 
 def gumbel_soft_codes(logits: torch.Tensor, codebook: torch.Tensor, tau: float, noise: SampleNoise) -> torch.Tensor:
