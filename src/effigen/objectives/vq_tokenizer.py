@@ -197,4 +197,10 @@ class VQTokenizerLoss:
     def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
         rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
         gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # the gradients of the global batch (mean losses: the average over processes), so that the weight, and
+            # with it the run, does not depend on how the batch is split
+            grads = torch.stack((rec_grad, gan_grad))
+            torch.distributed.all_reduce(grads, op=torch.distributed.ReduceOp.AVG)
+            rec_grad, gan_grad = grads[0], grads[1]
         return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()

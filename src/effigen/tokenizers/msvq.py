@@ -261,9 +261,11 @@ class MultiScaleQuantizer(nn.Module):
         for si, side in enumerate(self.scales):
             rest = F.interpolate(f_rest, size=(side, side), mode="area") if si != len(self.scales) - 1 else f_rest
             rest = rest.permute(0, 2, 3, 1).reshape(-1, C)
-            # restart pool: the same number of residual vectors from every scale (B each, evenly strided), so that
-            # revived codes also land where the coarse scales' residuals are
-            pool.append(rest[torch.linspace(0, rest.shape[0] - 1, min(B, rest.shape[0]), device=rest.device).long()])
+            # restart pool: the same number of residual vectors from every scale (up to 4 fixed positions of each
+            # sample), so that revived codes also land where the coarse scales' residuals are; the positions do not
+            # depend on the batch split, so the pool gathered over processes equals the one-process pool
+            positions = torch.linspace(0, side * side - 1, min(4, side * side), device=rest.device).long()
+            pool.append(rest.view(B, side * side, C)[:, positions].reshape(-1, C))
             indices = self.nearest(rest)
             hits[si] = indices.bincount(minlength=self.config.vocab_size).float()
             h = self.upsample_residual(si, self.embed(indices.view(B, -1), side))
@@ -295,7 +297,7 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, threshold: float, generator: torch.Generator) -> int:
         """Move codes whose hit EMA summed over scales is below `threshold` onto random residual vectors of the
-        last training batch (B per scale) (gathered over processes so every replica makes the same change). Returns how many."""
+        last training batch (4 fixed positions per sample and scale) (gathered over processes so every replica makes the same change). Returns how many."""
         if self.restart_pool is None:
             return 0
         dead = (self.ema_vocab_hit_SV.sum(0) < threshold).nonzero().flatten()
