@@ -240,7 +240,8 @@ def test_restart_dead_codes_moves_only_dead_codes_onto_batch_residuals(tokenizer
     x = images(B)
     tokenizer(x)
     pool = quant.restart_pool
-    assert pool.shape == (3 * B, 4)  # B residual vectors from every scale
+    per_sample = [min(4, s * s) for s in quant.scales]  # up to 4 fixed positions per sample at every scale
+    assert pool.shape == (B * sum(per_sample), 4)
     with torch.no_grad():
         assert torch.allclose(pool[:B], tokenizer.features(x).mean((2, 3)), atol=1e-5)  # scale 1: the means of f
     dead = torch.tensor([3, 7, 20, 31])
