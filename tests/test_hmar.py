@@ -6,6 +6,7 @@ official-checkpoint converter on non-official sizes. Parity with the official co
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -578,3 +579,26 @@ def test_converter_rejects_var_checkpoints_and_broken_layouts(tmp_path):
     torch.save(state, tmp_path / "bias.pth")
     with pytest.raises(CheckpointError, match="zero_k_bias is not zero; this is not an official HMAR checkpoint"):
         convert_hmar_official(tmp_path / "vae.pth", tmp_path / "bias.pth", tmp_path / "out")
+
+
+def test_stage_two_with_two_processes_equals_one_process(stages, tmp_path):
+    """Stage 2's masks, ratios and label dropout are drawn for the global batch (BatchRandom) and its loss is a
+    per-sample mean: 2 torchrun processes train exactly what 1 process does."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo / "src")}
+    states = []
+    for nproc in (1, 2):
+        out = tmp_path / f"p{nproc}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+                   "effigen", "train", "--preset", "mnist-hmar-mask",
+                   *_overrides(out, stages["tokenizer"], "--trainer.max_steps=3", "--trainer.device=cpu",
+                               f"--init_from={stages['stage1'] / 'final'}")]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        states.append(load_weights(list_checkpoints(out)[-1] / "train_state" / "model.safetensors"))
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=2e-6, rtol=1e-5, msg=key)
