@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..nn.attention import BlockMask
-from .var import AdaLNBeforeHead, AdaLNSelfAttn, SharedAdaLin, VAR_PRESETS, VARConfig, init_next_scale_weights, scale_blocks
+from .var import (AdaLNBeforeHead, AdaLNSelfAttn, ScalePyramidInputs, SharedAdaLin, VAR_PRESETS, VARConfig,
+                  init_next_scale_weights, scale_blocks)
 
 
 @dataclass
@@ -75,7 +76,7 @@ def is_mask_branch(name: str) -> bool:
     return name.startswith(MASK_BRANCH)
 
 
-class HMAR(nn.Module):
+class HMAR(ScalePyramidInputs, nn.Module):
     config_class = HMARConfig
 
     def __init__(self, config: HMARConfig):
@@ -147,18 +148,6 @@ class HMAR(nn.Module):
             target.load_state_dict(source.state_dict())
 
     # ------------------------------------------------------------------ pieces the sampler uses
-    def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.class_emb(labels)
-
-    def level_position(self, si: int) -> torch.Tensor:
-        b, e = self.begin_ends[si]
-        return self.lvl_embed(self.lvl_1L[:, b:e]) + self.pos_1LC[:, b:e]
-
-    def first_tokens(self, cond: torch.Tensor) -> torch.Tensor:
-        """The first scale's input: start token (class embedding) + pos_start + level/position."""
-        B = cond.shape[0]
-        return cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start + self.level_position(0)
-
     def scale_tokens(self, si: int, features: torch.Tensor) -> torch.Tensor:
         """Next-scale input of scale si >= 1 from the tokenizer's downsampled f_hat (B, s_si^2, Cvae)."""
         return self.word_embed(features.float()) + self.word_embed_bias + self.level_position(si)

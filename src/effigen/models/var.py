@@ -201,7 +201,25 @@ class SharedAdaLin(nn.Linear):
         return super().forward(cond).view(-1, 1, 6, self.weight.shape[0] // 6)
 
 
-class VAR(nn.Module):
+class ScalePyramidInputs:
+    """The class, level and position inputs shared by next-scale networks (VAR, HMAR): the class embedding as the
+    condition and start token, and the learned level + position embedding of each scale's tokens. Expects
+    `class_emb`, `lvl_embed`, `lvl_1L`, `pos_1LC`, `pos_start`, `first_l` and `begin_ends`."""
+
+    def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.class_emb(labels)
+
+    def level_position(self, si: int) -> torch.Tensor:
+        b, e = self.begin_ends[si]
+        return self.lvl_embed(self.lvl_1L[:, b:e]) + self.pos_1LC[:, b:e]
+
+    def first_tokens(self, cond: torch.Tensor) -> torch.Tensor:
+        """The first scale's input: start token (class embedding) + pos_start + level/position."""
+        B = cond.shape[0]
+        return cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start + self.level_position(0)
+
+
+class VAR(ScalePyramidInputs, nn.Module):
     config_class = VARConfig
 
     def __init__(self, config: VARConfig):
@@ -245,18 +263,6 @@ class VAR(nn.Module):
         init_next_scale_weights(self, self.config, self.blocks, [(self.head_nm, self.head)], init_std)
 
     # ------------------------------------------------------------------ pieces the sampler uses
-    def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
-        return self.class_emb(labels)
-
-    def level_position(self, si: int) -> torch.Tensor:
-        b, e = self.begin_ends[si]
-        return self.lvl_embed(self.lvl_1L[:, b:e]) + self.pos_1LC[:, b:e]
-
-    def first_tokens(self, cond: torch.Tensor) -> torch.Tensor:
-        """The first scale's input: start token (class embedding) + pos_start + level/position."""
-        B = cond.shape[0]
-        return cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start + self.level_position(0)
-
     def scale_tokens(self, si: int, features: torch.Tensor) -> torch.Tensor:
         """Input of scale si >= 1 from the tokenizer's downsampled f_hat (B, s_si^2, Cvae)."""
         return self.word_embed(features.float()) + self.level_position(si)
