@@ -48,7 +48,8 @@ def run(argv: list[str]) -> int:
         overrides = parse_sampler_overrides(extra)
     except ValueError as e:
         parser.error(str(e))
-    pipeline = Pipeline.from_pretrained(args.source, device=select_device(args.device))
+    folder = args.source  # a local pipeline folder; nothing is downloaded (from_pretrained fails if it is missing)
+    pipeline = Pipeline.from_pretrained(folder, device=select_device(args.device))
     channels, resolution, _ = pipeline.sample_shape
     image = load_image(args.image, resolution, channels)
     if args.box is not None:
