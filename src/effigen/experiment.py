@@ -86,6 +86,33 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
                     "betas": [0.9, 0.95], "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.05,
                     "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 400, "sample_every": 400, "log_every": 25},
     },
+    # Latent space: a KL-VAE trained on MNIST (32 px -> 8x8x4 latents, L1 + KL + perceptual on mnist-net's early
+    # stages), then LightningDiT on its latents (patch 1: 64 tokens, as the pixel recipes' patch 4 at 32 px). The
+    # generator run encodes the dataset once into <output_dir>/latents and trains from that cache.
+    "mnist-klvae": {
+        "method": "klvae",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "KL-S/4",
+        "objective": {"l1_weight": 1.0, "l2_weight": 1.0, "kl_weight": 1e-6, "perceptual_weight": 0.1,
+                      "perceptual_net": "mnist-net"},
+        "trainer": {"output_dir": "runs/mnist-klvae", "max_steps": 1500, "max_minutes": 15.0, "batch_size": 64,
+                    "learning_rate": 1e-3, "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.1,
+                    "ema_decay": 0.0, "betas": [0.5, 0.9], "precision": "bf16", "checkpoint_every": 500,
+                    "sample_every": 500, "log_every": 25},
+    },
+    "mnist-lightningdit-latent": {
+        "method": "dit-flow",
+        "tokenizer": "runs/mnist-klvae/final",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "LightningDiT-Ti/4",
+        "network": {"hidden_size": 192, "depth": 4, "num_heads": 3, "patch_size": 1},
+        "objective": {"prediction": "velocity", "time_sampling": "logit_normal", "cosine_loss_weight": 1.0},
+        "sampler": {"solver": "euler", "num_steps": 50, "cfg_scale": 2.0, "time_shift": 1.0},
+        "trainer": {"output_dir": "runs/mnist-lightningdit-latent", "max_steps": 1200, "batch_size": 128,
+                    "learning_rate": 1e-3, "betas": [0.9, 0.95], "warmup_steps": 50, "schedule": "cosine",
+                    "min_learning_rate_ratio": 0.05, "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 400,
+                    "sample_every": 400, "log_every": 25},
+    },
     "shapes-dit": {
         "method": "dit-flow",
         "data": {"name": "shapes", "resolution": 32, "num_images": 20000},
@@ -225,11 +252,15 @@ def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], pr
     derived["learn_sigma"] = bool(getattr(objective, "learn_sigma", False))
     if num_classes is not None:
         derived["num_classes"] = num_classes
-    if method.tokenizer_class is not None:
-        if tokenizer is None:
-            raise ConfigError(f"method {method_name} generates through a tokenizer: set `tokenizer` to the folder of a "
-                              "trained one (e.g. --tokenizer=runs/mnist-msvq/final after `effigen train --preset mnist-msvq`)")
+    if method.tokenizer_class is not None and tokenizer is None and method.tokenizer_required:
+        raise ConfigError(f"method {method_name} generates through a tokenizer: set `tokenizer` to the folder of a "
+                          "trained one (e.g. --tokenizer=runs/mnist-msvq/final after `effigen train --preset mnist-msvq`)")
+    if method.tokenizer_class is not None and tokenizer is not None:
         settings = tokenizer_settings(tokenizer)
+        kind = settings.get("_class_name")
+        if kind != method.tokenizer_class.__name__:
+            raise ConfigError(f"the tokenizer in {tokenizer} is a {kind}; method {method_name} needs a "
+                              f"{method.tokenizer_class.__name__}")
         if settings.get("resolution") != data.resolution:
             raise ConfigError(f"the tokenizer in {tokenizer} works at {settings.get('resolution')} px but data.resolution "
                               f"is {data.resolution}; use the same resolution")
@@ -237,6 +268,9 @@ def _resolve_network(method_name: str, data: DataConfig, raw: dict[str, Any], pr
             if key in settings:
                 derived[key] = list(settings[key]) if key == "scales" else settings[key]
         derived.pop("input_size"), derived.pop("resolution")
+        if "vocab_size" not in settings:  # a continuous latent space: the network denoises (z, H/f, W/f) latents
+            derived["in_channels"] = settings["latent_channels"]
+            derived["input_size"] = data.resolution // 2 ** (len(settings["channel_multipliers"]) - 1)
     field_names = {f.name for f in dataclasses.fields(method.network_class.config_class)}
     for key, value in derived.items():
         if key not in field_names:

@@ -66,7 +66,7 @@ class Pipeline:
         self.method = get_method(method)
         if generator is None and self.method.kind == "generator":
             raise ValueError(f"a {self.method.name} pipeline needs a generator network")
-        if self.method.tokenizer_class is not None and tokenizer is None:
+        if self.method.tokenizer_class is not None and self.method.tokenizer_required and tokenizer is None:
             raise ValueError(f"a {self.method.name} pipeline needs a tokenizer ({self.method.tokenizer_class.__name__})")
         self.generator = generator
         self.tokenizer = tokenizer

@@ -16,6 +16,7 @@ from .models.var import VAR, VAR_PRESETS
 from .objectives.ddpm import GaussianDiffusion
 from .objectives.flow_matching import RectifiedFlow
 from .objectives.hmar import HMARObjective
+from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
 from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
@@ -32,11 +33,16 @@ class Method:
     paper: str
     kind: str = "generator"  # "generator" or "tokenizer"
     tokenizer_class: type | None = None  # generators that sample through a frozen tokenizer
+    tokenizer_required: bool = True  # False: pixel space without one, latent space with one (DiT + KL-VAE)
 
 
 METHODS: dict[str, Method] = {
-    "dit-flow": Method("dit-flow", DiT, RectifiedFlow, DIT_PRESETS, "DiT (2212.09748) + rectified flow (2209.03003)"),
-    "dit-ddpm": Method("dit-ddpm", DiT, GaussianDiffusion, DIT_PRESETS, "DiT (2212.09748) + DDPM with learned variance"),
+    "dit-flow": Method("dit-flow", DiT, RectifiedFlow, DIT_PRESETS, "DiT (2212.09748) + rectified flow (2209.03003)",
+                       tokenizer_class=KLVAE, tokenizer_required=False),
+    "dit-ddpm": Method("dit-ddpm", DiT, GaussianDiffusion, DIT_PRESETS, "DiT (2212.09748) + DDPM with learned variance",
+                       tokenizer_class=KLVAE, tokenizer_required=False),
+    "klvae": Method("klvae", KLVAE, KLVAELoss, KLVAE_PRESETS, "KL autoencoder of latent diffusion (2112.10752)",
+                    kind="tokenizer"),
     "msvq": Method("msvq", MultiScaleVQ, VQTokenizerLoss, MSVQ_PRESETS, "VAR's multi-scale residual VQ-VAE (2404.02905)",
                    kind="tokenizer"),
     "var": Method("var", VAR, NextScalePrediction, VAR_PRESETS, "VAR next-scale prediction (2404.02905)",

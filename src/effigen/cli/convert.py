@@ -4,21 +4,25 @@
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt --out lightningdit-xl-1
     effigen convert var-official --vae vae_ch160v4096z32.pth --var var_d16.pth --out var-d16
     effigen convert hmar-official --vae vae_ch160v4096z32.pth --hmar hmar-d16.pth --out hmar-d16
+    effigen convert sd-vae --vae sd-vae-ft-mse/ --out sd-vae          # diffusers folder or a single weights file
+    effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ --out dit-xl-2-256
+    effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt \
+        --vae vavae-imagenet256-f16d32-dinov2.pt --latent-stats latents_stats.pt --out lightningdit-xl-1
 
 Converters: dit-official (facebookresearch/DiT: released weights or training checkpoints, EMA weights);
 lightningdit-official (hustvl/LightningDiT training checkpoints, EMA weights; time and velocity
 conventions translated, official sampler settings recorded); var-official and hmar-official (VAR's VQVAE + the
 VAR or HMAR transformer; every hyperparameter read off the weights; HMAR's weights are non-commercial, NSCLv1).
-The DiT-family folders sample latents;
-decoding them to images needs the SD-VAE / VA-VAE, which effigen does not load yet (sample with
-`output_type="latent"`).
+sd-vae: a KL autoencoder (SD-VAE in diffusers or LDM layout, LightningDiT's VA-VAE) -> a tokenizer folder.
+With `--vae`, the DiT-family converters put the autoencoder into the folder so that it decodes to images;
+without it they sample latents (`output_type="latent"`).
 """
 
 from __future__ import annotations
 
 import argparse
 
-CONVERTERS = ("dit-official", "lightningdit-official", "var-official", "hmar-official")
+CONVERTERS = ("dit-official", "lightningdit-official", "var-official", "hmar-official", "sd-vae")
 
 
 def run(argv: list[str]) -> int:
@@ -26,7 +30,12 @@ def run(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=CONVERTERS, help="which official format")
     parser.add_argument("--ckpt", help="the official checkpoint file (DiT, LightningDiT)")
-    parser.add_argument("--vae", help="var-official, hmar-official: the VQVAE state dict (vae_ch160v4096z32.pth)")
+    parser.add_argument("--vae", help="var/hmar-official: the VQVAE state dict (vae_ch160v4096z32.pth); sd-vae, "
+                                      "dit-official, lightningdit-official: a KL autoencoder (diffusers folder or file)")
+    parser.add_argument("--latent-stats", help="KL autoencoder: per-channel latent mean/std file (LightningDiT's "
+                                               "latents_stats.pt)")
+    parser.add_argument("--scaling-factor", type=float, help="KL autoencoder: latent scaling (default: the diffusers "
+                                                             "config's, else SD's 0.18215)")
     parser.add_argument("--var", help="var-official: the transformer state dict (var_d16.pth, ...)")
     parser.add_argument("--hmar", help="hmar-official: the HMAR state dict (hmar-d16.pth, ...)")
     parser.add_argument("--scales", help="var/hmar-official: scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16 (default: from "
@@ -57,17 +66,30 @@ def run(argv: list[str]) -> int:
         path = convert_hmar_official(args.vae, args.hmar, args.out, args.num_heads, scales, args.resolution)
         print(f"converted {args.vae} + {args.hmar} -> {path}\nlicence of the HMAR weights: {LICENCE}")
         return 0
+    if args.source == "sd-vae":
+        if not args.vae:
+            parser.error("sd-vae needs --vae (a diffusers AutoencoderKL folder or a weights file)")
+        from ..convert.sd_vae import convert_kl_vae
+
+        path = convert_kl_vae(args.vae, args.out, args.resolution, args.scaling_factor, args.latent_stats)
+        print(f"converted {args.vae} -> {path}")
+        return 0
     if not args.ckpt:
         parser.error(f"{args.source} needs --ckpt")
+    vae = None
+    if args.vae:
+        from ..convert.sd_vae import load_kl_vae
+
+        vae = load_kl_vae(args.vae, args.resolution, args.scaling_factor, args.latent_stats)
     if args.source == "dit-official":
         from ..convert.dit_official import convert_dit_official
 
         path = convert_dit_official(args.ckpt, args.out, args.num_heads, args.steps,
-                                    1.5 if args.cfg_scale is None else args.cfg_scale)
+                                    1.5 if args.cfg_scale is None else args.cfg_scale, vae=vae)
     else:
         from ..convert.lightningdit_official import convert_lightningdit_official, official_sampler
 
         sampler = official_sampler(args.steps, cfg_scale=6.7 if args.cfg_scale is None else args.cfg_scale)
-        path = convert_lightningdit_official(args.ckpt, args.out, args.num_heads, sampler)
+        path = convert_lightningdit_official(args.ckpt, args.out, args.num_heads, sampler, vae=vae)
     print(f"converted {args.ckpt} -> {path}")
     return 0

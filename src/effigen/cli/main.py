@@ -14,12 +14,13 @@ COMMANDS = {
     "eval": ("effigen.cli.evaluate", "FID / sFID / IS / KID / precision-recall"),
     "bench": ("effigen.cli.bench", "throughput, latency, memory and FLOPs of a pipeline"),
     "convert": ("effigen.cli.convert", "convert an official checkpoint into an effigen folder"),
+    "cache-latents": ("effigen.cli.cache_latents", "encode a dataset once with a KL-VAE for latent training"),
 }
 
 
 def usage() -> str:
     lines = ["usage: effigen <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += [f"  {name:<14} {help_text}" for name, (_, help_text) in COMMANDS.items()]
     lines += ["", "Run `effigen <command> --help` for a command's options."]
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import save_config_file
+from ..config import ConfigError, save_config_file
 from ..data import build_dataset, check_resolution
 from ..experiment import ExperimentConfig, build_experiment_dict, parse_experiment
 from ..images import save_image_grid
@@ -40,12 +40,45 @@ def make_pipeline(config: ExperimentConfig, network, info: dict, tokenizer=None)
 
 def load_tokenizer(config: ExperimentConfig, device) -> torch.nn.Module | None:
     method = get_method(config.method)
-    if method.tokenizer_class is None:
+    if method.tokenizer_class is None or config.tokenizer is None:
         return None
     from ..experiment import tokenizer_folder
     from ..pipeline import load_network
 
     return load_network(tokenizer_folder(config.tokenizer), method.tokenizer_class).to(device).eval().requires_grad_(False)
+
+
+def is_latent_space(tokenizer) -> bool:
+    """A continuous latent space (KL-VAE): the generator trains on cached latents instead of images."""
+    from ..tokenizers.kl_vae import KLVAE
+
+    return isinstance(tokenizer, KLVAE)
+
+
+def latent_training_set(config: ExperimentConfig, tokenizer, dataset, context, quiet: bool = False):
+    """The latents the generator trains on: `dataset` itself when it is a latent cache (checked against the
+    tokenizer), else a cache of it built once in `<output_dir>/latents` (by the main process; reused on resume)."""
+    from ..data.latents import LatentDataset, cache_latents, tokenizer_fingerprint
+
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if isinstance(dataset, LatentDataset):
+        return LatentDataset(dataset.root, config.data.resolution, fingerprint)
+    cache = Path(config.trainer.output_dir) / "latents"
+    if context.is_main:
+        started = time.perf_counter()
+        cache_latents(tokenizer, dataset, cache, flip=config.data.horizontal_flip,
+                      progress=config.trainer.progress and not quiet)
+        if not quiet:
+            print(f"latents of {dataset.name}/{dataset.split} ({len(dataset)} images) cached in {cache} "
+                  f"({time.perf_counter() - started:.1f}s)")
+    if context.enabled:
+        torch.distributed.barrier()
+    return LatentDataset(cache, config.data.resolution, fingerprint)
+
+
+def calibration_batches(dataset, batch_size: int = 128, limit: int = 20000):
+    for start in range(0, min(len(dataset), limit), batch_size):
+        yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset), limit))])
 
 
 def initialize_from(config: ExperimentConfig, network, objective, tokenizer=None) -> str:
@@ -98,17 +131,25 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
     dataset = build_dataset(config.data, "train")
     config = parse_experiment(config_dict, num_classes=dataset.num_classes)
     method = get_method(config.method)
+    tokenizer = load_tokenizer(config, context.device)
     patch = getattr(config.network, "patch_size", 1)
-    check_resolution(config.data.resolution, patch, f"{method.network_class.__name__} with patch size {patch}")
+    if is_latent_space(tokenizer):
+        side = config.data.resolution // tokenizer.config.downsample_factor
+        if side % patch:
+            raise ConfigError(f"the {side}x{side} latents of the tokenizer in {config.tokenizer} do not split into "
+                              f"{patch}x{patch} patches; use a patch size that divides {side}")
+        dataset = latent_training_set(config, tokenizer, dataset, context, quiet)
+    else:
+        check_resolution(config.data.resolution, patch, f"{method.network_class.__name__} with patch size {patch}")
 
     torch.manual_seed(config.trainer.seed)
     network = method.network_class(config.network)
-    tokenizer = load_tokenizer(config, context.device)
     objective = build_objective(method, config.objective, dataset.num_classes, tokenizer)
     init_note = initialize_from(config, network, objective, tokenizer) if config.init_from is not None else None
     if hasattr(objective, "prepare_network"):  # e.g. freeze what a training stage does not train
         objective.prepare_network(network)
-    info = {"dataset": config.data.name, "resolution": config.data.resolution, "class_names": list(dataset.class_names)}
+    # the image dataset (a latent cache records its source), which evaluation compares samples against
+    info = {"dataset": getattr(dataset, "name", config.data.name), "resolution": config.data.resolution, "class_names": list(dataset.class_names)}
     output_dir = Path(config.trainer.output_dir)
     if context.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +186,11 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
     summary["trained_parameters"] = num_trainable
     ema_state = trainer.ema_state_dict()  # collective under FSDP: every process takes part
     ema_network = trainer.ema_network_for_sampling()
+    if context.is_main and hasattr(ema_network, "calibrate_latents"):  # KL-VAE: per-channel latent statistics
+        stats = ema_network.calibrate_latents(calibration_batches(dataset))
+        for key in ("channel_mean", "channel_std", "scaling_factor", "shift_factor"):
+            setattr(network.config, key, getattr(ema_network.config, key))
+        summary["latent_channel_std"] = [round(x, 4) for x in stats["channel_std"]]
     if context.is_main:
         final = output_dir / "final"
         make_pipeline(config, network, info, tokenizer).save_pretrained(final, generator_state=ema_state)
@@ -182,6 +228,9 @@ def run(argv: list[str]) -> int:
               f"{summary['images_per_second']:.1f} images/s, final loss {summary['final_loss']}")
         print(f"pipeline folder: {summary['pipeline']}")
         print(f"sample grid: {summary['grid']}")
+        if "latent_channel_std" in summary:
+            print(f"latent statistics stored in the tokenizer config (std per channel before normalisation: "
+                  f"{summary['latent_channel_std']})")
         if "codebook_usage_per_scale" in summary:
             print(f"codebook usage per scale (% of codes in use, coarse to fine): {summary['codebook_usage_per_scale']}")
     return 0

@@ -64,11 +64,24 @@ def load_official_dit(path: str | Path, num_heads: int | None = None, prefer: st
 
 
 def convert_dit_official(checkpoint: str | Path, out: str | Path, num_heads: int | None = None,
-                         num_steps: int = 250, cfg_scale: float = 1.5) -> Path:
+                         num_steps: int = 250, cfg_scale: float = 1.5, vae=None) -> Path:
+    """`vae`: a KLVAE (e.g. `convert.sd_vae.load_kl_vae`) stored as the folder's decoder; None = latents only."""
     from ..pipeline import Pipeline
 
     network = load_official_dit(checkpoint, num_heads)
     objective = DDPMConfig(num_timesteps=1000, beta_schedule="linear", learn_sigma=network.config.learn_sigma)
     sampler = DDPMSamplerConfig(solver="ddpm", num_steps=num_steps, cfg_scale=cfg_scale, cfg_channels=3)
     info = {"source": "facebookresearch/DiT", "checkpoint": str(checkpoint), "licence": "CC-BY-NC 4.0"}
-    return Pipeline("dit-ddpm", network, objective, sampler, info).save_pretrained(out)
+    check_vae(network, vae)
+    return Pipeline("dit-ddpm", network, objective, sampler, info, tokenizer=vae).save_pretrained(out)
+
+
+def check_vae(network: DiT, vae) -> None:
+    if vae is None:
+        return
+    config = network.config
+    if vae.config.latent_channels != config.in_channels or vae.config.resolution // vae.config.downsample_factor != config.input_size:
+        raise CheckpointError(
+            f"the VAE makes {vae.config.latent_channels} x {vae.config.resolution // vae.config.downsample_factor}^2 "
+            f"latents at {vae.config.resolution} px, the network denoises {config.in_channels} x {config.input_size}^2; "
+            "use the VAE the network was trained with (and --resolution for its image size)")

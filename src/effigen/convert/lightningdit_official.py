@@ -26,7 +26,7 @@ import torch
 from ..io import CheckpointError, load_state_dict_strict, load_torch_file
 from ..models.dit import DiT, DiTConfig
 from ..objectives.flow_matching import FlowSamplerConfig, RectifiedFlowConfig
-from .dit_official import extract_state_dict
+from .dit_official import check_vae, extract_state_dict
 
 OFFICIAL_HEADS = {768: 12, 1024: 16, 1152: 16, 1536: 24, 1792: 28}
 
@@ -101,10 +101,13 @@ def official_sampler(num_sampling_steps: int = 250, timestep_shift: float = 0.3,
 
 
 def convert_lightningdit_official(checkpoint: str | Path, out: str | Path, num_heads: int | None = None,
-                                  sampler: FlowSamplerConfig | None = None) -> Path:
+                                  sampler: FlowSamplerConfig | None = None, vae=None) -> Path:
+    """`vae`: the VA-VAE as a KLVAE with its latent statistics (`convert.sd_vae.load_kl_vae(..., latent_stats=)`),
+    stored as the folder's decoder; None = latents only."""
     from ..pipeline import Pipeline
 
     network = load_official_lightningdit(checkpoint, num_heads)
     objective = RectifiedFlowConfig(time_sampling="logit_normal", cosine_loss_weight=1.0)
     info = {"source": "hustvl/LightningDiT", "checkpoint": str(checkpoint)}
-    return Pipeline("dit-flow", network, objective, sampler or official_sampler(), info).save_pretrained(out)
+    check_vae(network, vae)
+    return Pipeline("dit-flow", network, objective, sampler or official_sampler(), info, tokenizer=vae).save_pretrained(out)

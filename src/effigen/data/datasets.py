@@ -15,6 +15,9 @@ Every dataset yields ``(image, label)`` with ``image`` a float32 ``(3, H, W)`` t
 ``folder``
     An ImageNet-style tree ``root/<class_name>/<image files>``, loaded lazily with the ADM
     (guided-diffusion) ``center_crop_arr`` preprocessing.
+``latents``
+    A latent cache folder ``root`` written by `effigen cache-latents` (or by `effigen train` for a latent
+    generator): a dataset already encoded by a KL autoencoder (`effigen.data.latents`). One split only.
 
 ``mnist``, ``digits`` and ``folder`` are split into ``train``/``test`` per class: a
 ``holdout_fraction`` of every class, chosen from ``seed``, is the test split. Datasets are
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder")
+DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder", "latents")
 SPLITS: tuple[str, ...] = ("train", "test")
 MINIMUM_RESOLUTION = 8
 
@@ -48,9 +51,9 @@ class DataError(ValueError):
 class DataConfig:
     """Which images to train on and how they are prepared."""
 
-    name: str = "mnist"  # "mnist" | "digits" | "shapes" | "folder"
+    name: str = "mnist"  # "mnist" | "digits" | "shapes" | "folder" | "latents"
     resolution: int = 32  # output height = width, any value >= 8
-    root: str | None = None  # folder only: ImageNet-style class-per-subfolder tree
+    root: str | None = None  # folder: ImageNet-style class-per-subfolder tree; latents: a latent cache folder
     holdout_fraction: float = 0.1  # per-class fraction held out as the "test" split (mnist, digits, folder)
     num_images: int = 10000  # shapes only: train split size; the test split has max(num_images // 10, 100)
     seed: int = 0  # shapes drawing seed; also seeds the deterministic train/test split
@@ -252,6 +255,15 @@ def build_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
     """Build the ``split`` ("train" or "test") of the dataset described by ``config``."""
     _validate(config, split)
     # Imported here because builtin.py and folder.py subclass ImageDataset from this module.
+    if config.name == "latents":
+        from effigen.data.latents import LatentDataset
+
+        if not config.root:
+            raise DataError("data.name=latents needs data.root, the folder of a latent cache (`effigen cache-latents`)")
+        if split != "train":
+            raise DataError("a latent cache holds one split of its source dataset; evaluate and preview against the "
+                            "source dataset (the pipeline records it)")
+        return LatentDataset(config.root, config.resolution)
     if config.name == "folder":
         from effigen.data.folder import build_folder_dataset
 

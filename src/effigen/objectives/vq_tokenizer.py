@@ -4,17 +4,7 @@
          + perceptual_weight * P(x_rec, x) + adaptive_weight * gan_weight * (-D(x_rec))     (after gan_start_step)
 
 - VQ loss: the quantizer's per-scale commitment + codebook terms (`MultiScaleQuantizer.forward`).
-- Perceptual term P: an LPIPS-like distance (unit-normalised channels, squared difference, spatial mean, summed
-  over layers) on the intermediate stages of a frozen feature net that exists offline: a built-in one
-  (`mnist-net`, `digits-net`, `shapes-net`) or a user's `.safetensors` file saved by
-  `effigen.eval.feature_nets.save_feature_net`. Only the stages before the last are used, so the final features
-  that FID (mnist-net) measures are not optimised directly (the coupling is weaker, not zero: say which net
-  trained the tokenizer when you report FIDs on the same net).
-- GAN: a PatchGAN discriminator (taming's NLayerDiscriminator with GroupNorm, so a sample's output never depends
-  on its batch) trained with the hinge loss; the generator term is weighted adaptively as in VQGAN,
-  ||grad_last L_rec|| / ||grad_last L_gan|| at the decoder's last layer, clamped to [0, 1e4]. The
-  discriminator is an auxiliary trainable module of the objective (`trainable_modules`): the trainer optimises
-  and checkpoints it with the tokenizer, and the two losses reach only their own parameters.
+- Reconstruction, perceptual and GAN terms: `objectives.autoencoder` (shared with the KL-VAE).
 - Dead codes: after each optimizer step divisible by `restart_every`, codes whose usage EMA summed over scales is
   below `restart_threshold` are moved onto residual vectors of the last batch (`after_step`), with a generator
   seeded by (seed, step), so runs and resumes stay deterministic. Per-scale codebook usage is logged.
@@ -23,13 +13,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..rng import BatchRandom
+from .autoencoder import AutoencoderLoss, NoSamplerConfig, PatchDiscriminator, PerceptualDistance  # noqa: F401
 from .next_scale import unwrap
 
 # Tokenizer sizes for `effigen train --network_preset=...` (method `msvq`).
@@ -62,93 +51,12 @@ class VQTokenizerLossConfig:
     restart_threshold: float = 0.03  # usage EMA (hits per batch, summed over scales) below which a code is dead
 
 
-@dataclass
-class NoSamplerConfig:
-    """Tokenizers have no sampler settings."""
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (Isola et al.; taming's NLayerDiscriminator) with GroupNorm instead of BatchNorm."""
-
-    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 2):
-        super().__init__()
-        blocks: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
-        width = channels
-        for i in range(1, layers + 1):
-            out = channels * min(2**i, 8)
-            stride = 2 if i < layers else 1
-            blocks += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.GroupNorm(min(32, out // 4), out), nn.LeakyReLU(0.2)]
-            width = out
-        blocks.append(nn.Conv2d(width, 1, 4, 1, 1))
-        self.main = nn.Sequential(*blocks)
-        self.layers = layers
-        self.minimum_size = 3 * 2**layers
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        side = min(x.shape[-2:])
-        if side < self.minimum_size:
-            fits = max((n for n in range(1, self.layers + 1) if 3 * 2**n <= side), default=0)
-            raise ValueError(f"images of {side} px are too small for a PatchGAN with discriminator_layers={self.layers} "
-                             f"(needs >= {self.minimum_size} px); set objective.discriminator_layers={fits}"
-                             + (" " if fits else " (none fits: use a larger data.resolution or gan_weight=0)"))
-        return self.main(x)
-
-
-class PerceptualDistance(nn.Module):
-    """LPIPS-like distance on the stages of a frozen effigen feature net (no learned layer weights)."""
-
-    def __init__(self, name_or_path: str):
-        super().__init__()
-        from ..eval.feature_nets import FEATURE_NETS, load_feature_net, load_feature_net_file
-
-        if name_or_path in FEATURE_NETS:
-            net = load_feature_net(name_or_path)
-        elif Path(name_or_path).is_file():
-            net = load_feature_net_file(name_or_path)
-        else:
-            raise FileNotFoundError(f"perceptual_net {name_or_path!r} is neither a built-in feature net "
-                                    f"({', '.join(FEATURE_NETS)}) nor a feature-net .safetensors file")
-        self.net = net.float().eval().requires_grad_(False)
-        self.native = net.config.native_resolution
-        # stage boundaries: outputs after each AvgPool except the last one
-        pools = [i for i, layer in enumerate(net.body) if isinstance(layer, nn.AvgPool2d)]
-        self.taps = set(pools[:-1]) if len(pools) > 1 else set(pools)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        x = torch.cat((a, b)).float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if tuple(x.shape[-2:]) != (self.native, self.native):
-            x = F.interpolate(x, size=(self.native, self.native), mode="bilinear", align_corners=False, antialias=True)
-        total = x.new_zeros(())
-        for i, layer in enumerate(self.net.body):
-            x = layer(x)
-            if i in self.taps:
-                fa, fb = F.normalize(x, dim=1).chunk(2)
-                total = total + (fa - fb).square().sum(1).mean()
-            if i >= max(self.taps):
-                break
-        return total
-
-
-class VQTokenizerLoss:
+class VQTokenizerLoss(AutoencoderLoss):
     config_class = VQTokenizerLossConfig
-    sampler_config_class = NoSamplerConfig
 
     def __init__(self, config: VQTokenizerLossConfig, num_classes: int = 0):
-        self.config = config
-        self.perceptual = PerceptualDistance(config.perceptual_net) if config.perceptual_weight > 0 else None
-        self.discriminator = (PatchDiscriminator(3, config.discriminator_channels, config.discriminator_layers)
-                              if config.gan_weight > 0 else None)
-        self.discriminator_model: nn.Module | None = self.discriminator  # the trainer may wrap it (DDP)
+        super().__init__(config, num_classes)
         self.restarted = 0
-
-    # ---------------------------------------------------------------- trainer hooks
-    def trainable_modules(self) -> nn.Module | None:
-        return self.discriminator
-
-    def bind_trainable(self, wrapped: nn.Module) -> None:
-        self.discriminator_model = wrapped
 
     @torch.no_grad()
     def after_step(self, network: nn.Module, step: int, seed: int) -> dict[str, float]:
@@ -159,48 +67,16 @@ class VQTokenizerLoss:
             self.restarted += quantizer.restart_dead_codes(self.config.restart_threshold, generator)
         return {"restarted_codes": float(self.restarted)}  # this run's total
 
-    # ---------------------------------------------------------------- loss
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], random: BatchRandom) -> dict[str, torch.Tensor]:
-        config = self.config
         images = batch["images"]
         reconstruction, vq_loss, hits = model(images)
         reconstruction = reconstruction.float()
-        l2 = (reconstruction - images).square().mean()
-        l1 = (reconstruction - images).abs().mean()
-        rec_loss = config.l2_weight * l2 + config.l1_weight * l1
-        logs: dict[str, torch.Tensor] = {"l2": l2.detach(), "l1": l1.detach(), "vq": vq_loss.detach()}
-        if self.perceptual is not None:
-            self.perceptual.to(images.device)
-            perceptual = self.perceptual(reconstruction, images)
-            rec_loss = rec_loss + config.perceptual_weight * perceptual
-            logs["perceptual"] = perceptual.detach()
-        loss = rec_loss + config.vq_weight * vq_loss
-        step = random.key[1]
-        if self.discriminator is not None and step >= config.gan_start_step:
-            disc = unwrap(self.discriminator_model)
-            frozen = {k: v.detach() for k, v in disc.named_parameters()}
-            fake_logits = torch.func.functional_call(disc, frozen, (reconstruction,))
-            gan_g = -fake_logits.float().mean()
-            weight = self.adaptive_weight(rec_loss, gan_g, unwrap(model).decoder.last_layer)
-            real_d = self.discriminator_model(images.detach())
-            fake_d = self.discriminator_model(reconstruction.detach())
-            gan_d = 0.5 * (F.relu(1 - real_d.float()).mean() + F.relu(1 + fake_d.float()).mean())
-            loss = loss + weight * config.gan_weight * gan_g + gan_d
-            logs.update(gan_g=gan_g.detach(), gan_d=gan_d.detach(), gan_weight=weight.detach())
+        logs: dict[str, torch.Tensor] = {"vq": vq_loss.detach()}
+        rec_loss = self.reconstruction_terms(images, reconstruction, logs)
+        loss = rec_loss + self.config.vq_weight * vq_loss
+        loss = loss + self.adversarial_terms(model, images, reconstruction, rec_loss, random.key[1], logs)
         # per-scale usage of this batch (% of the codebook hit), for the logs
         for si in range(hits.shape[0]):
             logs[f"usage_scale{si}"] = (hits[si] > 0).float().mean() * 100
         logs["loss"] = loss
         return logs
-
-    @staticmethod
-    def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-        rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-        gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # the gradients of the global batch (mean losses: the average over processes), so that the weight, and
-            # with it the run, does not depend on how the batch is split
-            grads = torch.stack((rec_grad, gan_grad))
-            torch.distributed.all_reduce(grads, op=torch.distributed.ReduceOp.AVG)
-            rec_grad, gan_grad = grads[0], grads[1]
-        return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()

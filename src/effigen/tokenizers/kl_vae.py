@@ -1,16 +1,19 @@
 """KL autoencoder with the Stable-Diffusion VAE architecture (Rombach et al. arXiv 2112.10752, `AutoencoderKL`
 of the CompVis/LDM code): a convolutional encoder to a diagonal Gaussian posterior, a decoder, and
-`quant_conv` / `post_quant_conv` 1x1 convolutions around the latent.
+`quant_conv` / `post_quant_conv` 1x1 convolutions around the latent. The same class holds LightningDiT's VA-VAE
+(f16, 32 channels; preset `VA-VAE`) and the small VAEs trained here on built-in data (`KL-S/4`).
 
 Parameter names follow the LDM layout (`encoder.down.0.block.0.conv1`, `encoder.mid.attn_1.q`,
-`decoder.up.3.upsample.conv`, ...), the layout of the released SD-VAE `.ckpt`/`.safetensors` files, so a local
-copy of those weights loads with `load_state_dict_strict`. (The diffusers folder layout renames these keys;
-mapping it is not done yet.)
+`decoder.up.3.upsample.conv`, ...), the layout of the released SD-VAE `.ckpt`/`.safetensors` files and of the
+VA-VAE checkpoint; the diffusers folder layout (`encoder.down_blocks.0.resnets.0.conv1`, ...) is translated by
+`effigen.convert.sd_vae` (`effigen convert sd-vae`).
 
-Contract (DESIGN.md): `encode(images) -> latents` already multiplied by `scaling_factor` (0.18215 for SD-VAE)
-after subtracting `shift_factor`; `decode(latents) -> images` in [-1, 1]. Training uses `posterior(images)`:
-the loss is L1 reconstruction + `kl_weight` * KL(q(z|x) || N(0, I)) (`KLVAELoss`); the perceptual and GAN terms
-of the paper are not implemented yet.
+Contract (DESIGN.md): `encode(images) -> latents`, normalised: ((z - shift) / std) * scaling_factor, with z the
+posterior mean, `shift`/`std` either the scalars `shift_factor` / 1 (SD-VAE: 0, 0.18215) or per-channel
+statistics `channel_mean` / `channel_std` (LightningDiT's latent_stats, multiplier 1); `decode(latents)` inverts
+that and returns images in [-1, 1]. A VAE trained by effigen measures its per-channel statistics on its training
+data at the end of the run (`calibrate_latents`), so generators train on unit-variance latents.
+Training: `forward(images, noise)` (see `objectives.kl_vae`): L1 + KL, optional perceptual and GAN terms.
 """
 
 from __future__ import annotations
@@ -18,10 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..rng import BatchRandom
 from .autoencoder import ConvAutoencoderSpec, Decoder, Encoder
 
 
@@ -37,6 +38,13 @@ class KLVAEConfig:
     resolution: int = 256
     scaling_factor: float = 0.18215
     shift_factor: float = 0.0
+    channel_mean: tuple[float, ...] = ()  # per-channel latent statistics (LightningDiT's latent_stats); empty = scalars
+    channel_std: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if len(self.channel_mean) != len(self.channel_std) or (self.channel_mean and len(self.channel_mean) != self.latent_channels):
+            raise ValueError(f"channel_mean and channel_std need one value per latent channel ({self.latent_channels}), "
+                             f"got {len(self.channel_mean)} and {len(self.channel_std)}")
 
     @property
     def downsample_factor(self) -> int:
@@ -72,41 +80,61 @@ class KLVAE(nn.Module):
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training pass: (reconstruction of z = mean + std * noise (unclamped), mean, log-variance)."""
+        mean, logvar = self.posterior(images)
+        z = mean + torch.exp(0.5 * logvar) * noise.to(mean.dtype)
+        return self.decode_raw(z), mean, logvar
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        side = (resolution or self.config.resolution) // self.config.downsample_factor
+        return (self.config.latent_channels, side, side)
+
+    def _normalisation(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        if config.channel_mean:
+            shift = torch.tensor(config.channel_mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+            std = torch.tensor(config.channel_std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        else:
+            shift, std = like.new_tensor(config.shift_factor), like.new_tensor(1.0)
+        return shift, std / config.scaling_factor
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = False) -> torch.Tensor:
-        """Scaled latents: (z - shift) * scale, with z the posterior mean (or a sample)."""
+        """Normalised latents of images in [-1, 1]: the posterior mean (or a sample from q(z | x))."""
         mean, logvar = self.posterior(images)
         z = mean
         if sample:
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator).to(mean.device)
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+        shift, scale = self._normalisation(z)
+        return (z - shift) / scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        z = latents / self.config.scaling_factor + self.config.shift_factor
-        return self.decode_raw(z).clamp(-1, 1)
+        shift, scale = self._normalisation(latents)
+        return self.decode_raw(latents * scale + shift).clamp(-1, 1)
 
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(images))
 
-@dataclass
-class KLVAELossConfig:
-    kl_weight: float = 1e-6  # LDM's SD-VAE / VA-VAE setting
-
-
-class KLVAELoss:
-    """L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)) (summed over latent dims, averaged over the batch,
-    as LDM; the reconstruction is a per-pixel mean)."""
-
-    config_class = KLVAELossConfig
-
-    def __init__(self, config: KLVAELossConfig):
-        self.config = config
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], random: BatchRandom) -> dict[str, torch.Tensor]:
-        images = batch["images"]
-        vae = model.module if hasattr(model, "module") else model
-        mean, logvar = vae.posterior(images)
-        z = mean + torch.exp(0.5 * logvar) * random.randn(*mean.shape[1:]).to(mean.dtype)
-        reconstruction = vae.decode_raw(z).float()
-        l1 = (reconstruction - images).abs().mean()
-        kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).sum(dim=(1, 2, 3)).mean()
-        return {"loss": l1 + self.config.kl_weight * kl, "l1": l1.detach(), "kl": kl.detach()}
+    @torch.no_grad()
+    def calibrate_latents(self, batches) -> dict[str, list[float]]:
+        """Measure per-channel mean and std of the posterior means over `batches` of images (an iterable of
+        (B, 3, H, W) tensors) and store them in the config (scaling_factor 1, shift 0): afterwards `encode` gives
+        zero-mean unit-variance latents per channel, as LightningDiT normalises VA-VAE latents."""
+        total, total_sq, count = 0.0, 0.0, 0
+        for images in batches:
+            mean, _ = self.posterior(images.to(next(self.parameters()).device).float())
+            mean = mean.double()
+            total = total + mean.sum(dim=(0, 2, 3))
+            total_sq = total_sq + mean.square().sum(dim=(0, 2, 3))
+            count += mean.shape[0] * mean.shape[2] * mean.shape[3]
+        if count == 0:
+            raise ValueError("calibrate_latents needs at least one batch of images")
+        channel_mean = total / count
+        channel_std = (total_sq / count - channel_mean.square()).clamp_min(1e-12).sqrt()
+        self.config.channel_mean = tuple(float(x) for x in channel_mean)
+        self.config.channel_std = tuple(float(x) for x in channel_std)
+        self.config.scaling_factor, self.config.shift_factor = 1.0, 0.0
+        return {"channel_mean": list(self.config.channel_mean), "channel_std": list(self.config.channel_std)}

@@ -372,7 +372,11 @@ class Trainer:
             images, labels = next(batches)
             random = self._random(micro)
             images = images.to(self.device, non_blocking=True)
-            if self.horizontal_flip:
+            if getattr(self.dataset, "stores_flipped", False):  # latent caches: (latent, mirror's latent) pairs
+                from ..data.latents import pick_views
+
+                images = pick_views(images, (random.rand() < 0.5) if self.horizontal_flip else None)
+            elif self.horizontal_flip:
                 flip = (random.rand() < 0.5).view(-1, 1, 1, 1)
                 images = torch.where(flip, images.flip(-1), images)
             batch = {"images": images, "labels": labels.to(self.device)}

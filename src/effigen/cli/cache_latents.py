@@ -1,0 +1,66 @@
+"""`effigen cache-latents`: encode a dataset once with a KL autoencoder into a latent cache (sharded
+safetensors), for latent generators to train on.
+
+    effigen cache-latents --tokenizer runs/mnist-klvae/final --out cache/mnist-klvae --data.name=mnist --data.resolution=32
+    effigen cache-latents --tokenizer sd-vae/ --out cache/imagenet --data.name=folder --data.root=/data/imagenet/train \
+        --data.resolution=256 --flip
+    effigen train --preset mnist-lightningdit-latent --data.name=latents --data.root=cache/mnist-klvae
+
+`--flip` also stores the latents of every image's mirror, which training with `--data.horizontal_flip=true` picks
+from (LightningDiT's flip augmentation). `effigen train` builds such a cache by itself in its output folder when a
+latent generator is given an image dataset; a shared cache saves re-encoding across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from ..config import ConfigError, apply_overrides, config_from_dict
+from ..data import DataConfig, build_dataset
+from ..data.latents import cache_latents
+from ..experiment import tokenizer_folder
+from ..pipeline import load_network
+from ..registry import TOKENIZERS
+from ..training.distributed import select_device
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="effigen cache-latents", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokenizer", required=True, help="a KL-VAE folder (tokenizer run's final/, a converted "
+                                                            "SD-VAE, or a pipeline folder with tokenizer/)")
+    parser.add_argument("--out", required=True, help="cache folder to write")
+    parser.add_argument("--split", default="train", choices=("train", "test"))
+    parser.add_argument("--flip", action="store_true", help="also store the latents of mirrored images")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=16384, help="latents per safetensors shard")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--data.") or "=" not in o]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; dataset settings look like --data.name=mnist")
+    data = apply_overrides({"data": {}}, overrides)["data"]
+    data_config = config_from_dict(DataConfig, data, "data")
+    if data_config.name == "latents":
+        raise ConfigError("--data.name=latents is already a latent cache; name the image dataset to encode")
+    folder = tokenizer_folder(args.tokenizer)
+    from ..io import read_json
+
+    kind = read_json(folder / "config.json").get("_class_name")
+    if kind != "KLVAE":
+        raise ConfigError(f"{folder} holds a {kind}; latent caches are made with a KL autoencoder (KLVAE)")
+    device = select_device(args.device)
+    tokenizer = load_network(folder, TOKENIZERS["KLVAE"]).to(device).eval()
+    if tokenizer.config.resolution != data_config.resolution:
+        raise ConfigError(f"the tokenizer works at {tokenizer.config.resolution} px; use --data.resolution="
+                          f"{tokenizer.config.resolution}")
+    dataset = build_dataset(data_config, args.split)
+    started = time.perf_counter()
+    out = cache_latents(tokenizer, dataset, args.out, flip=args.flip, batch_size=args.batch_size,
+                        shard_size=args.shard_size, precision=args.precision)
+    seconds = time.perf_counter() - started
+    print(f"cached {len(dataset)} latents of {dataset.name}/{args.split} ({'with' if args.flip else 'no'} flips) in "
+          f"{out} ({seconds:.1f}s)")
+    return 0
