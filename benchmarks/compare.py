@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from effigen.bench.throughput import benchmark_runs, environment
-from effigen.eval.evaluate import Reference, default_extractor_for, evaluate_images, generate_for_evaluation, load_extractor
+from effigen.bench.throughput import environment
+from effigen.eval.evaluate import default_extractor_for, load_extractor
 from effigen.pipeline import Pipeline
-
-
-def count(module) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
+from effigen.report import count_parameters as count
+from effigen.report import quality_metrics, speed_rows  # the protocol of `effigen report` (docs/results.md)
 
 
 def main() -> None:
@@ -48,30 +45,21 @@ def main() -> None:
     for source, pipeline in zip(args.sources, pipelines):
         if pipeline.info.get("dataset") != dataset or pipeline.sample_shape != pipelines[0].sample_shape:
             raise SystemExit(f"{source} was trained on other data or another image size than {args.sources[0]}")
-        reference = Reference(dataset=dataset, split="train", resolution=pipeline.sample_shape[-1])
-        started = time.perf_counter()
-        images = generate_for_evaluation(pipeline, args.num_images, seed=args.seed, precision=args.precision,
-                                         progress=False)
-        generation_seconds = time.perf_counter() - started
-        record = evaluate_images(images, reference, extractor, progress=False, seed=args.seed)
+        quality = quality_metrics(pipeline, args.num_images, args.seed, args.precision, extractor)
         rows.append({"folder": source, "method": pipeline.method.name, "generator_parameters": count(pipeline.generator),
-                     "tokenizer_parameters": count(pipeline.tokenizer),
-                     "metrics": {m["metric"]: m["value"] for m in record["metrics"]},
-                     "generation_seconds": generation_seconds})
+                     "tokenizer_parameters": count(pipeline.tokenizer), "metrics": quality["metrics"],
+                     "generation_seconds": quality["generation_seconds"]})
     if args.cfg_scales:
         print(f"guidance sweep ({args.num_images} images, {extractor.name}): cfg_scale -> FID / precision / recall")
         for source, pipeline in zip(args.sources, pipelines):
-            reference = Reference(dataset=dataset, split="train", resolution=pipeline.sample_shape[-1])
             sweep = {}
             for cfg in (float(c) for c in args.cfg_scales.split(",")):
-                images = generate_for_evaluation(pipeline, args.num_images, seed=args.seed, precision=args.precision,
-                                                 progress=False, cfg_scale=cfg)
-                m = {x["metric"]: x["value"] for x in evaluate_images(images, reference, extractor, progress=False)["metrics"]}
+                m = quality_metrics(pipeline, args.num_images, args.seed, args.precision, extractor, cfg_scale=cfg)["metrics"]
                 sweep[cfg] = m
                 print(f"  {pipeline.method.name:<12} cfg {cfg:<5} FID {m['fid']:.3f}  precision {m['precision']:.3f}  "
                       f"recall {m['recall']:.3f}", flush=True)
             next(r for r in rows if r["folder"] == source)["cfg_sweep"] = sweep
-    speed = benchmark_runs([(p, args.precision) for p in pipelines], batch_size=args.batch_size, repeats=args.repeats)
+    speed = speed_rows(pipelines, args.precision, batch_size=args.batch_size, repeats=args.repeats)
     for row, bench in zip(rows, speed):
         row.update({k: bench[k] for k in ("images_per_second", "latency_median_s", "evaluations_per_image",
                                           "flops_per_image", "peak_memory_bytes")})

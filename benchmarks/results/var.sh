@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# var: VAR (2404.02905) next-scale prediction, VAR-d4 (5.05M parameters) on the multi-scale VQ tokenizer.
+# Needs the tokenizer first: benchmarks/results/tokenizer-msvq.sh (TOKENIZER = its $OUT/final).
+#   BUDGET_MINUTES, STEPS_PER_MINUTE (one core, batch 32), OUT (pipeline in $OUT/final), SEED, TOKENIZER
+set -euo pipefail
+BUDGET_MINUTES=${BUDGET_MINUTES:-10}
+STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-57}
+OUT=${OUT:-runs/results/var}
+SEED=${SEED:-0}
+TOKENIZER=${TOKENIZER:-runs/results/tokenizer-msvq/final}
+EFFIGEN=${EFFIGEN:-effigen}
+MAX_STEPS=$(awk -v m="$BUDGET_MINUTES" -v r="$STEPS_PER_MINUTE" 'BEGIN { print int(m * r) + 1 }')
+WARMUP=$(( MAX_STEPS / 10 < 100 ? MAX_STEPS / 10 : 100 ))
+
+$EFFIGEN train --preset mnist-var --tokenizer="$TOKENIZER" \
+  --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false
