@@ -20,6 +20,7 @@ from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
 from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
+from .post.distill import DistilledGenerator
 from .tokenizers.kl_vae import KLVAE
 from .tokenizers.msvq import MultiScaleVQ
 
@@ -41,6 +42,9 @@ METHODS: dict[str, Method] = {
                        tokenizer_class=KLVAE, tokenizer_required=False),
     "dit-ddpm": Method("dit-ddpm", DiT, GaussianDiffusion, DIT_PRESETS, "DiT (2212.09748) + DDPM with learned variance",
                        tokenizer_class=KLVAE, tokenizer_required=False),
+    # a guided-distillation student of a pixel-space dit-flow / dit-ddpm teacher, made by `effigen distill`
+    "dit-distilled": Method("dit-distilled", DiT, DistilledGenerator, DIT_PRESETS,
+                            "guided distillation (2210.03142) of a dit-flow / dit-ddpm teacher"),
     "klvae": Method("klvae", KLVAE, KLVAELoss, KLVAE_PRESETS, "KL autoencoder of latent diffusion (2112.10752)",
                     kind="tokenizer"),
     "msvq": Method("msvq", MultiScaleVQ, VQTokenizerLoss, MSVQ_PRESETS, "VAR's multi-scale residual VQ-VAE (2404.02905)",

@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": ("effigen.cli.bench", "throughput, latency, memory and FLOPs of a pipeline"),
     "convert": ("effigen.cli.convert", "convert an official checkpoint into an effigen folder"),
     "cache-latents": ("effigen.cli.cache_latents", "encode a dataset once with a KL-VAE for latent training"),
+    "distill": ("effigen.cli.distill", "guided distillation into a few-step, one-evaluation student (2210.03142)"),
     "neon": ("effigen.cli.neon", "Neon: self-training + negative extrapolation of a trained generator (2510.03597)"),
     "report": ("effigen.cli.report", "train, evaluate and benchmark every generator under one budget (docs/results.md)"),
 }
