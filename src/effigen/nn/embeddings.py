@@ -59,7 +59,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D)
+        # contiguous: the transposed view would make every (B, L, D) op downstream inherit its strides (each LayerNorm
+        # then copies its input; 1.15x / 1.5x slower DiT-S/2 forwards in fp32 / bf16 on this CPU); same values
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (B, L, D)
 
 
 def sincos_2d_positions(dim: int, grid_size: int) -> np.ndarray:
