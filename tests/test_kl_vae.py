@@ -214,6 +214,14 @@ def test_latent_generator_trains_from_the_cli_and_decodes(tmp_path):
     images = pipeline([0, 1], seed=0)
     assert images.shape == (2, 3, 32, 32) and images.abs().max() <= 1
     assert pipeline([0, 1], seed=0, output_type="latent").shape == (2, 4, 16, 16)
+    # DDPM with learned variance on the same cache: the network's output channels double over the latent's
+    assert main(["train", "--preset", "mnist-dit-ddpm", f"--tokenizer={tmp_path / 'vae' / 'final'}",
+                 "--data.name=latents", f"--data.root={tmp_path / 'cache'}", "--network_preset=DiT-Test",
+                 "--network.hidden_size=32", "--network.depth=1", "--network.num_heads=2", "--network.patch_size=2",
+                 "--trainer.max_steps=1", f"--trainer.output_dir={tmp_path / 'ddpm'}", "--sampler.num_steps=2", *common]) == 0
+    ddpm = Pipeline.from_pretrained(tmp_path / "ddpm" / "final")
+    assert ddpm.generator.config.in_channels == 4 and ddpm.generator.config.learn_sigma
+    assert ddpm([3], seed=0).shape == (1, 3, 32, 32)
     # a VQ tokenizer is not a latent space for a DiT
     from effigen.experiment import build_experiment_config
 
