@@ -64,6 +64,8 @@ RECIPES: list[Recipe] = [
     Recipe("sit", "sit.sh", "SiT 2401.08740"),
     Recipe("lightningdit", "lightningdit.sh", "LightningDiT 2501.01423 (pixels)"),
     Recipe("lightningdit-latent", "lightningdit-latent.sh", "LightningDiT 2501.01423 + KL-VAE", tokenizer="tokenizer-klvae"),
+    Recipe("dit-ddpm-latent", "dit-ddpm-latent.sh", "DiT 2212.09748 (DDPM) + KL-VAE", tokenizer="tokenizer-klvae"),
+    Recipe("sit-latent", "sit-latent.sh", "SiT 2401.08740 + KL-VAE", tokenizer="tokenizer-klvae"),
     Recipe("var", "var.sh", "VAR 2404.02905", tokenizer="tokenizer-msvq"),
     Recipe("raster-ar", "raster-ar.sh", "LlamaGen 2406.06525 (raster AR)", tokenizer="tokenizer-vq"),
     Recipe("hmar", "hmar.sh", "HMAR 2506.04421 (stage 1 + mask fine-tune)", tokenizer="tokenizer-msvq"),

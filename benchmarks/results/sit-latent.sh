@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# sit-latent: SiT (2401.08740), SDE sampling in the latent space of the KL-VAE (preset `mnist-sit` with the experiment key `tokenizer`):
+# width 256 x depth 4 x 4 heads, patch 1 on the 8x8x4 latent (64 tokens), as lightningdit-latent.
+# Needs the tokenizer first: benchmarks/results/tokenizer-klvae.sh (TOKENIZER = its $OUT/final).
+#   BUDGET_MINUTES, STEPS_PER_MINUTE (one core, the preset's batch), OUT (pipeline in $OUT/final), SEED, TOKENIZER
+set -euo pipefail
+BUDGET_MINUTES=${BUDGET_MINUTES:-10}
+STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-40}
+OUT=${OUT:-runs/results/sit-latent}
+SEED=${SEED:-0}
+TOKENIZER=${TOKENIZER:-runs/results/tokenizer-klvae/final}
+EFFIGEN=${EFFIGEN:-effigen}
+MAX_STEPS=$(awk -v m="$BUDGET_MINUTES" -v r="$STEPS_PER_MINUTE" 'BEGIN { print int(m * r) + 1 }')
+WARMUP=$(( MAX_STEPS / 10 < 50 ? MAX_STEPS / 10 : 50 ))
+
+$EFFIGEN train --preset mnist-sit --tokenizer="$TOKENIZER" \
+  --network.hidden_size=256 --network.depth=4 --network.num_heads=4 --network.patch_size=1 \
+  --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false
