@@ -462,7 +462,12 @@ class Report:
                           docs / "results.md", docs / "images" / "results", self.budget, self.page_commands())
 
     def page_commands(self) -> list[str]:
-        argv = ["python", "-m", "effigen.cli.report", "--budget", self.budget.name, "--out", str(self.out)]
+        argv = ["effigen", "report", "--budget", self.budget.name, "--out", str(self.out)]
+        default = BUDGETS.get(self.budget.name)
+        if default is not None and self.budget.num_images != default.num_images:
+            argv += ["--num-images", str(self.budget.num_images)]
+        if default is not None and self.budget.train_minutes != default.train_minutes:
+            argv += ["--train-minutes", f"{self.budget.train_minutes:g}"]
         if self.docs is not None:
             argv += ["--docs", str(self.docs)]
         return [" ".join(shlex.quote(a) for a in argv)]
@@ -502,6 +507,9 @@ def plot_fid_vs_time(rows: list[dict], path: Path) -> Path:
     for row, (x, y) in zip(rows, points):
         ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels of a log axis overlap the major ones
     ax.margins(x=0.25, y=0.12)  # room for the labels of the extreme points
     ax.set_xlabel("sampling time per image (s, log scale)")
     ax.set_ylabel("FID (mnist-net)")
