@@ -462,7 +462,8 @@ def distill(teacher_dir: str | Path, out_dir: str | Path, settings: DistillSetti
     if settings.stage == "progressive" and method != METHOD:
         raise ConfigError(f"--stage progressive starts from a stage-1 ({METHOD}) folder, and --from {teacher_dir} holds "
                           f"a {method} teacher: use --stage all (or --stage guidance first)")
-    source = Pipeline.from_pretrained(teacher_dir).to("cpu")
+    local = Path(teacher_dir)  # a local pipeline folder; nothing is downloaded (from_pretrained fails if missing)
+    source = Pipeline.from_pretrained(local).to("cpu")
     if source.tokenizer is not None:
         raise ConfigError(f"--from {teacher_dir} is a latent model (it has a {type(source.tokenizer).__name__} tokenizer): "
                           "distillation supports pixel-space dit-flow / dit-ddpm teachers for now")

@@ -226,7 +226,8 @@ def finetune_experiment(base: str | Path, synthetic_root: str | Path, output_dir
     info = index.get("info") or {}
     resolution = info.get("resolution")
     if resolution is None:
-        resolution = Pipeline.from_pretrained(base).sample_shape[-1]
+        local = Path(base)  # a local pipeline folder; nothing is downloaded (from_pretrained fails if it is missing)
+        resolution = Pipeline.from_pretrained(local).sample_shape[-1]
     experiment: dict[str, Any] = {
         "method": method.name,
         "data": {"name": "folder", "root": str(synthetic_root), "resolution": int(resolution), "holdout_fraction": 0.0},
@@ -367,7 +368,8 @@ def run_neon(base: str | Path, out: str | Path, config: NeonConfig | None = None
     if base.resolve() == out.resolve() or out.resolve() in base.resolve().parents:
         raise ConfigError(f"--out {out} must not be the base folder {base} or hold it")
     device = select_device(config.device)
-    pipeline = Pipeline.from_pretrained(base, device=device)
+    local = Path(base)  # a local pipeline folder; nothing is downloaded (from_pretrained fails if it is missing)
+    pipeline = Pipeline.from_pretrained(local, device=device)
     if pipeline.generator is None:
         raise ConfigError(f"{base} holds a tokenizer, not a generator")
     base_digest = _file_digest(base / "generator" / WEIGHTS_NAME)
