@@ -91,7 +91,7 @@ def test_learned_sigma_needs_doubled_channels():
 
 
 def test_dit_ddpm_trains_from_the_cli_config(tmp_path):
-    from effigen.cli.train import build_and_train
+    from effigen.training.run import build_and_train
     from effigen.experiment import build_experiment_dict
     from effigen.pipeline import Pipeline
 

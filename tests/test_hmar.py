@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from effigen.cli.train import build_and_train
+from effigen.training.run import build_and_train
 from effigen.config import ConfigError
 from effigen.convert.hmar_official import convert_hmar_official
 from effigen.experiment import build_experiment_dict, parse_experiment

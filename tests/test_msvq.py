@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effigen.cli.train import build_and_train
+from effigen.training.run import build_and_train
 from effigen.experiment import build_experiment_dict
 from effigen.io import load_weights
 from effigen.objectives.vq_tokenizer import (MSVQ_PRESETS, PatchDiscriminator, PerceptualDistance, VQTokenizerLoss,

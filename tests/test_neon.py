@@ -12,7 +12,7 @@ import torch
 
 from effigen.cli.neon import run as neon_cli
 from effigen.cli.sample import run as sample_cli
-from effigen.cli.train import build_and_train
+from effigen.training.run import build_and_train
 from effigen.config import ConfigError
 from effigen.data import DataConfig, build_dataset
 from effigen.experiment import build_experiment_dict

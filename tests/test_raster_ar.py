@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from effigen.cli.train import build_and_train
+from effigen.training.run import build_and_train
 from effigen.config import ConfigError
 from effigen.experiment import build_experiment_config, build_experiment_dict
 from effigen.models.gpt import GPT, GPT_PRESETS, GPTConfig

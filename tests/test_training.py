@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from effigen.cli.train import build_and_train
+from effigen.training.run import build_and_train
 from effigen.experiment import build_experiment_dict
 from effigen.io import CheckpointError, load_weights
 from effigen.training import trainer as trainer_module
@@ -26,16 +26,19 @@ def test_a_few_steps_lower_the_loss_on_one_batch(tmp_path, monkeypatch):
                    "--trainer.checkpoint_every=0", "--trainer.precision=bf16")
     config["data"].update(name="digits", resolution=8)
     config["network"] = {"patch_size": 2}
-    import effigen.cli.train as train_cli
+    import effigen.training.run as train_run
 
-    original = train_cli.build_dataset
-    monkeypatch.setattr(train_cli, "build_dataset", lambda data_config, split="train": _Head(original(data_config, split), 8))
+    original = train_run.build_dataset
+    monkeypatch.setattr(train_run, "build_dataset", lambda data_config, split="train": _Head(original(data_config, split), 8))
     summary = build_and_train(config, quiet=True)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
     assert summary["steps"] == 40
     assert last < 0.7 * first, (first, last)
+    written = json.loads((tmp_path / "summary.json").read_text())  # the run folder records its own summary
+    assert written["steps"] == 40 and written["images_seen"] == summary["images_seen"]
+    assert written["pipeline"] == str(tmp_path / "final") and written["final_loss"] == pytest.approx(records[-1]["loss"])
 
 
 class _Head(torch.utils.data.Dataset):

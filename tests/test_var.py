@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from effigen.cli.train import build_and_train
+from effigen.training.run import build_and_train
 from effigen.config import ConfigError
 from effigen.convert.var_official import convert_var_official
 from effigen.experiment import build_experiment_dict, parse_experiment
@@ -340,7 +340,7 @@ def _var_run(path, tokenizer, *extra):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tokenizer trained for 2 steps, then VAR trained on its tokens of one repeated batch of 8 images."""
-    import effigen.cli.train as train_cli
+    import effigen.training.run as train_cli
 
     root = tmp_path_factory.mktemp("var")
     tokenizer_run = build_experiment_dict("mnist-msvq", overrides=[

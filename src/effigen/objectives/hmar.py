@@ -64,7 +64,7 @@ class HMARObjective(NextScalePrediction):
         super().__init__(config, num_classes, tokenizer)
         self._checked = False
 
-    # ------------------------------------------------------------------ set-up hooks (effigen.cli.train)
+    # ------------------------------------------------------------------ set-up hooks (effigen.training.run)
     def prepare_network(self, network: nn.Module) -> None:
         """Freeze what this stage does not train (before the trainer builds its optimizer)."""
         unwrap(network).set_trainable(self.config.stage)

@@ -19,7 +19,7 @@ Which choices this module follows (from the paper's code, see docs/neon.md):
    reads it through the shared data interface like any image folder.
 2. Fine-tune: the experiment is rebuilt from the folder itself (model_index.json's method, objective and sampler,
    generator/config.json's network; token models use the tokenizer saved in the folder), started from the folder's
-   (EMA) generator weights with `init_from`, and trained by the shared Trainer (`effigen train`'s build_and_train) on
+   (EMA) generator weights with `init_from`, and trained by the shared Trainer (`effigen.training.run.build_and_train`) on
    the synthetic folder. The learning rate ramps linearly from 0 to its target over the whole fine-tune (warm-up
    only: the schedule of the paper's VAR fork); weight decay 0. theta_s is the fine-tune's EMA (decay `ema_decay`
    with the trainer's EMA warm-up), so base and fine-tune are merged as the same kind of weights (both EMA);
@@ -254,7 +254,7 @@ def finetune_experiment(base: str | Path, synthetic_root: str | Path, output_dir
 def finetune(base: str | Path, synthetic_root: str | Path, output_dir: str | Path, config: NeonConfig,
              settings: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume, or skip when done) the fine-tune; returns its stage record with the final folder's path."""
-    from ..cli.train import build_and_train  # the one place that builds a run from an experiment dict
+    from ..training.run import build_and_train  # the one place that builds a run from an experiment dict
 
     output_dir = Path(output_dir)
     record_path = output_dir / "neon_finetune.json"

@@ -1,0 +1,216 @@
+"""Build a training run from an experiment dict and train it: what `effigen train` does, callable from Python.
+
+    from effigen.experiment import build_experiment_dict
+    from effigen.training.run import build_and_train
+    summary = build_and_train(build_experiment_dict("mnist-dit", None, ["--trainer.max_steps=50"]))
+
+One place turns an experiment (method, data, network, objective, sampler, trainer, tokenizer, init_from) into a
+dataset, a network, an objective and a `Trainer`, and writes the run folder: config.yaml, metrics.jsonl,
+samples/*.png, checkpoints/step_N/, final/ (the EMA pipeline) and summary.json. `effigen train`, `effigen neon`,
+`effigen distill` and the tests all go through `build_and_train`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, save_config_file
+from ..data import build_dataset, check_resolution
+from ..experiment import ExperimentConfig, parse_experiment
+from ..images import save_image_grid
+from ..pipeline import Pipeline
+from ..registry import build_objective, get_method
+from .distributed import init_distributed
+from .trainer import Trainer
+
+
+def preview_labels(num_classes: int, per_class: int = 8, max_classes: int = 10) -> torch.Tensor:
+    """One row per class (up to `max_classes`), for the preview grids."""
+    classes = torch.arange(min(num_classes, max_classes))
+    return classes.repeat_interleave(per_class)
+
+
+def make_pipeline(config: ExperimentConfig, network, info: dict, tokenizer=None) -> Pipeline:
+    if get_method(config.method).kind == "tokenizer":
+        return Pipeline(config.method, None, config.objective, config.sampler, info, tokenizer=network)
+    return Pipeline(config.method, network, config.objective, config.sampler, info, tokenizer=tokenizer)
+
+
+def load_tokenizer(config: ExperimentConfig, device) -> torch.nn.Module | None:
+    method = get_method(config.method)
+    if method.tokenizer_class is None or config.tokenizer is None:
+        return None
+    from ..experiment import tokenizer_folder
+    from ..pipeline import load_network
+
+    return load_network(tokenizer_folder(config.tokenizer), method.tokenizer_class).to(device).eval().requires_grad_(False)
+
+
+def is_latent_space(tokenizer) -> bool:
+    """A continuous latent space (KL-VAE): the generator trains on cached latents instead of images."""
+    from ..tokenizers.kl_vae import KLVAE
+
+    return isinstance(tokenizer, KLVAE)
+
+
+def latent_training_set(config: ExperimentConfig, tokenizer, dataset, context, quiet: bool = False):
+    """The latents the generator trains on: `dataset` itself when it is a latent cache (checked against the
+    tokenizer), else a cache of it built once in `<output_dir>/latents` (by the main process; reused on resume)."""
+    from ..data.latents import LatentDataset, cache_latents, tokenizer_fingerprint
+
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if isinstance(dataset, LatentDataset):
+        return LatentDataset(dataset.root, config.data.resolution, fingerprint)
+    cache = Path(config.trainer.output_dir) / "latents"
+    if context.is_main:
+        started = time.perf_counter()
+        cache_latents(tokenizer, dataset, cache, flip=config.data.horizontal_flip,
+                      progress=config.trainer.progress and not quiet)
+        if not quiet:
+            print(f"latents of {dataset.name}/{dataset.split} ({len(dataset)} images) cached in {cache} "
+                  f"({time.perf_counter() - started:.1f}s)")
+    if context.enabled:
+        torch.distributed.barrier()
+    return LatentDataset(cache, config.data.resolution, fingerprint)
+
+
+def calibration_batches(dataset, batch_size: int = 128, limit: int = 20000):
+    for start in range(0, min(len(dataset), limit), batch_size):
+        yield torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset), limit))])
+
+
+def initialize_from(config: ExperimentConfig, network, objective, tokenizer=None) -> str:
+    """Load the generator weights of the pipeline folder `config.init_from` into `network` (before the trainer copies
+    it into its EMA and builds the optimizer); the objective may map them (`init_from_state`, e.g. HMAR's stage 2
+    starts its mask branch from the next-scale branch). Returns a note for the log."""
+    from ..config import ConfigError
+    from ..experiment import check_init_from
+    from ..io import CheckpointError, load_state_dict_strict, load_weights
+
+    folder = Path(config.init_from)
+    index = check_init_from(config.init_from, config.method)
+    source_tokenizer = folder / "tokenizer" / "model.safetensors"
+    if tokenizer is not None and source_tokenizer.is_file():
+        theirs, ours = load_weights(source_tokenizer), tokenizer.state_dict()
+        if theirs.keys() != ours.keys() or any(not torch.equal(theirs[k].cpu(), ours[k].cpu()) for k in theirs):
+            raise ConfigError(f"init_from={config.init_from!r} was trained with another tokenizer than "
+                              f"tokenizer={config.tokenizer!r}: use the tokenizer of that run")
+    where = str(folder / "generator" / "model.safetensors")
+    state = load_weights(folder / "generator" / "model.safetensors")
+    try:
+        if hasattr(objective, "init_from_state"):
+            return objective.init_from_state(network, state, index, where)
+        load_state_dict_strict(network, state, where)
+    except CheckpointError as e:
+        raise ConfigError(f"init_from={config.init_from!r}: its generator does not fit this experiment's network "
+                          f"(use the same network_preset / network settings as that run):\n{e}") from None
+    return "weights loaded"
+
+
+def reconstruction_grid_fn(dataset_test, output_dir: Path, device, count: int = 16):
+    """Preview for tokenizer runs: held-out images (odd rows) above their reconstructions (even rows)."""
+    picks = torch.linspace(0, len(dataset_test) - 1, min(count, len(dataset_test))).long().tolist()  # across classes
+    images = torch.stack([dataset_test[i][0] for i in picks]).to(device)
+
+    def sample_fn(ema_network, step: int) -> Path:
+        with torch.no_grad():
+            recon = ema_network.reconstruct(images)
+        rows = torch.stack((images.view(2, -1, *images.shape[1:]), recon.view(2, -1, *images.shape[1:])), 1)
+        return save_image_grid(rows.flatten(0, 2).cpu(), output_dir / "samples" / f"step_{step:07d}.png",
+                               nrow=images.shape[0] // 2, upscale=2)
+
+    return sample_fn
+
+
+def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
+    """Everything `effigen train` does, callable from Python. Returns the trainer's summary plus paths."""
+    config = parse_experiment(config_dict)  # fail on bad keys before any work
+    context = init_distributed(config.trainer.device)
+    dataset = build_dataset(config.data, "train")
+    config = parse_experiment(config_dict, num_classes=dataset.num_classes)
+    method = get_method(config.method)
+    tokenizer = load_tokenizer(config, context.device)
+    patch = getattr(config.network, "patch_size", 1)
+    if is_latent_space(tokenizer):
+        side = config.data.resolution // tokenizer.config.downsample_factor
+        if side % patch:
+            raise ConfigError(f"the {side}x{side} latents of the tokenizer in {config.tokenizer} do not split into "
+                              f"{patch}x{patch} patches; use a patch size that divides {side}")
+        dataset = latent_training_set(config, tokenizer, dataset, context, quiet)
+    else:
+        check_resolution(config.data.resolution, patch, f"{method.network_class.__name__} with patch size {patch}")
+
+    torch.manual_seed(config.trainer.seed)
+    network = method.network_class(config.network)
+    objective = build_objective(method, config.objective, dataset.num_classes, tokenizer)
+    init_note = initialize_from(config, network, objective, tokenizer) if config.init_from is not None else None
+    if hasattr(objective, "prepare_network"):  # e.g. freeze what a training stage does not train
+        objective.prepare_network(network)
+    # the image dataset (a latent cache records its source), which evaluation compares samples against
+    info = {"dataset": getattr(dataset, "name", config.data.name), "resolution": config.data.resolution, "class_names": list(dataset.class_names)}
+    output_dir = Path(config.trainer.output_dir)
+    if context.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config_file(config, output_dir / "config.yaml")
+
+    def save_folder(path: Path, ema_state: dict, extra) -> None:
+        make_pipeline(config, network, info, tokenizer).save_pretrained(path, generator_state=ema_state, extra=extra)
+
+    labels = preview_labels(dataset.num_classes)
+
+    def sample_fn(ema_network, step: int) -> Path:
+        pipeline = make_pipeline(config, ema_network, info, tokenizer)
+        # previews follow the training precision (bf16 autocast makes CPU sampling several times faster)
+        precision = "bf16" if config.trainer.precision == "bf16" else "fp32"
+        images = pipeline(labels.to(context.device), seed=0, precision=precision)
+        return save_image_grid(images, output_dir / "samples" / f"step_{step:07d}.png", nrow=8, upscale=2)
+
+    if method.kind == "tokenizer":
+        sample_fn = reconstruction_grid_fn(build_dataset(config.data, "test"), output_dir, context.device)
+    trainer = Trainer(config.trainer, network, objective, dataset, save_folder, sample_fn,
+                      horizontal_flip=config.data.horizontal_flip, context=context, run_config=config.to_dict(),
+                      component="tokenizer" if method.kind == "tokenizer" else "generator")
+    num_params = sum(p.numel() for p in network.parameters())
+    num_trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    if context.is_main and not quiet:
+        trainable = f" ({num_trainable / 1e6:.2f}M trained)" if num_trainable != num_params else ""
+        print(f"effigen train: {config.method} ({method.paper}), {num_params / 1e6:.2f}M parameters{trainable}, "
+              f"{config.data.name} {len(dataset)} images at {config.data.resolution}px, "
+              f"{context.world_size} process(es) on {context.device}, output {output_dir}")
+        if init_note is not None:
+            print(f"initialised from {config.init_from}: {init_note}")
+    summary = trainer.train()
+    summary["parameters"] = num_params
+    summary["trained_parameters"] = num_trainable
+    ema_state = trainer.ema_state_dict()  # collective under FSDP: every process takes part
+    ema_network = trainer.ema_network_for_sampling()
+    if context.is_main and hasattr(ema_network, "calibrate_latents"):  # KL-VAE: per-channel latent statistics
+        stats = ema_network.calibrate_latents(calibration_batches(dataset))
+        for key in ("channel_mean", "channel_std", "scaling_factor", "shift_factor"):
+            setattr(network.config, key, getattr(ema_network.config, key))
+        summary["latent_channel_std"] = [round(x, 4) for x in stats["channel_std"]]
+    if context.is_main:
+        final = output_dir / "final"
+        make_pipeline(config, network, info, tokenizer).save_pretrained(final, generator_state=ema_state)
+        started = time.perf_counter()
+        grid = sample_fn(ema_network, trainer.step)
+        grid_final = output_dir / "samples" / "final.png"
+        grid_final.write_bytes(grid.read_bytes())
+        summary.update(pipeline=str(final), grid=str(grid_final), sampling_seconds=time.perf_counter() - started)
+        if method.kind == "tokenizer" and hasattr(ema_network, "quantize"):
+            summary["codebook_usage_per_scale"] = [round(u, 1) for u in ema_network.quantize.usage()]
+        write_summary(output_dir / "summary.json", summary)
+    return summary
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """The run's summary as JSON (steps, images seen, seconds, images/s, final loss, parameters, paths), written
+    atomically: a crash leaves the previous summary or none, never half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
