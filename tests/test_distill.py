@@ -228,6 +228,31 @@ def test_ddpm_teacher_distills_with_v_parameterisation(tmp_path):
     assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
 
 
+def test_latent_teacher_distils_in_its_latent_space_and_students_decode(tmp_path):
+    from effigen.cli.distill import run
+    from effigen.data.latents import LatentDataset
+    from effigen.tokenizers.kl_vae import KLVAE, KLVAEConfig
+
+    torch.manual_seed(0)
+    vae = randomize(KLVAE(KLVAEConfig(base_channels=8, channel_multipliers=(1, 2), num_res_blocks=1, resolution=8,
+                                      scaling_factor=1.0)), std=0.05).eval()
+    config = DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=10)
+    info = {"dataset": "mnist", "resolution": 8, "class_names": CLASSES}
+    teacher = Pipeline("dit-flow", randomize(DiT(config), std=0.02), RectifiedFlowConfig(prediction="velocity"),
+                       FlowSamplerConfig(solver="euler", num_steps=2, cfg_scale=2.0), info, vae).save_pretrained(tmp_path / "t")
+    assert run(distill_args(teacher, tmp_path / "out", "--steps", 1, "--teacher-steps", 2, "--max-steps", 1,
+                            "--data.holdout_fraction=0.9")) == 0
+    cache = LatentDataset(tmp_path / "out" / "latents", 8)
+    assert cache[0][0].shape == (4, 4, 4) and len(cache) > 0  # the students trained on the teacher's latents
+    for folder in (tmp_path / "out" / "guidance" / "final", tmp_path / "out" / "final"):
+        student = Pipeline.from_pretrained(folder)
+        assert student.method.name == "dit-distilled" and isinstance(student.tokenizer, KLVAE)
+        assert all(torch.equal(a, b) for a, b in zip(student.tokenizer.state_dict().values(), vae.state_dict().values()))
+        assert student([0, 1], seed=0, output_type="latent").shape == (2, 4, 4, 4)
+        images = student([0, 1], seed=0)
+        assert images.shape == (2, 3, 8, 8) and torch.isfinite(images).all()
+
+
 def test_clear_errors(tmp_path, distilled):
     from effigen.cli.distill import run
     from effigen.io import write_json

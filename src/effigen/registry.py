@@ -42,9 +42,10 @@ METHODS: dict[str, Method] = {
                        tokenizer_class=KLVAE, tokenizer_required=False),
     "dit-ddpm": Method("dit-ddpm", DiT, GaussianDiffusion, DIT_PRESETS, "DiT (2212.09748) + DDPM with learned variance",
                        tokenizer_class=KLVAE, tokenizer_required=False),
-    # a guided-distillation student of a pixel-space dit-flow / dit-ddpm teacher, made by `effigen distill`
+    # a guided-distillation student of a dit-flow / dit-ddpm teacher (pixels or KL-VAE latents), made by `effigen distill`
     "dit-distilled": Method("dit-distilled", DiT, DistilledGenerator, DIT_PRESETS,
-                            "guided distillation (2210.03142) of a dit-flow / dit-ddpm teacher"),
+                            "guided distillation (2210.03142) of a dit-flow / dit-ddpm teacher",
+                            tokenizer_class=KLVAE, tokenizer_required=False),
     "klvae": Method("klvae", KLVAE, KLVAELoss, KLVAE_PRESETS, "KL autoencoder of latent diffusion (2112.10752)",
                     kind="tokenizer"),
     "msvq": Method("msvq", MultiScaleVQ, VQTokenizerLoss, MSVQ_PRESETS, "VAR's multi-scale residual VQ-VAE (2404.02905)",

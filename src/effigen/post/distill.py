@@ -1,6 +1,8 @@
 """Guided-diffusion distillation: "On Distillation of Guided Diffusion Models" (Meng, Rombach, Gao, Kingma, Ermon,
 Ho, Salimans; arXiv 2210.03142), for effigen's DiT teachers (`dit-flow`, including the SiT / LightningDiT presets,
-and `dit-ddpm`).
+and `dit-ddpm`), in pixel space or in a KL-VAE latent space (the paper's second setting: its latent-diffusion
+teachers). A latent teacher's data are encoded once into `out_dir/latents` with its own tokenizer, every student
+regresses in that latent space, and every student folder carries the same frozen tokenizer to decode its samples.
 
 What the paper does. A classifier-free-guided teacher costs two network evaluations per step (conditional and
 unconditional) and many steps. Stage 1 trains ONE student x_eta(z_t, w) that takes the guidance strength w as an
@@ -425,8 +427,9 @@ def check_steps(teacher_steps: int, steps: int) -> int:
 
 def _run_round(name: str, out_dir: Path, student: DiT, objective: _Distillation, objective_config: DistilledConfig,
                sampler_config: DistilledSamplerConfig, info: dict, dataset, trainer_config: TrainerConfig,
-               seed_offset: int, log) -> tuple[Path, dict]:
-    """One stage / halving round = one resumable Trainer run in out_dir/name; its EMA student goes to name/final."""
+               seed_offset: int, log, tokenizer=None) -> tuple[Path, dict]:
+    """One stage / halving round = one resumable Trainer run in out_dir/name; its EMA student goes to name/final
+    (with the teacher's frozen tokenizer for a latent teacher)."""
     from ..pipeline import Pipeline
     from ..training.trainer import Trainer
 
@@ -434,14 +437,14 @@ def _run_round(name: str, out_dir: Path, student: DiT, objective: _Distillation,
     config = dataclasses.replace(trainer_config, output_dir=str(run_dir), seed=trainer_config.seed + seed_offset)
 
     def save_folder(path: Path, ema_state: dict, extra) -> None:
-        Pipeline(METHOD, student, objective_config, sampler_config, info).save_pretrained(path, generator_state=ema_state,
-                                                                                        extra=extra)
+        Pipeline(METHOD, student, objective_config, sampler_config, info, tokenizer).save_pretrained(
+            path, generator_state=ema_state, extra=extra)
 
     trainer = Trainer(config, student, objective, dataset, save_folder, component="generator")
     objective.to(trainer.device)
     log(f"[{name}] {type(objective).__name__}: {config.max_steps} steps of batch {config.batch_size} into {run_dir}")
     summary = trainer.train()
-    final = Pipeline(METHOD, student, objective_config, sampler_config, info).save_pretrained(
+    final = Pipeline(METHOD, student, objective_config, sampler_config, info, tokenizer).save_pretrained(
         run_dir / "final", generator_state=trainer.ema_state_dict())
     log(f"[{name}] {summary['steps']} steps ({summary['steps_this_run']} this run, {summary['seconds']:.0f}s), "
         f"final loss {summary['final_loss']}: {final}")
@@ -464,9 +467,7 @@ def distill(teacher_dir: str | Path, out_dir: str | Path, settings: DistillSetti
                           f"a {method} teacher: use --stage all (or --stage guidance first)")
     local = Path(teacher_dir)  # a local pipeline folder; nothing is downloaded (from_pretrained fails if missing)
     source = Pipeline.from_pretrained(local).to("cpu")
-    if source.tokenizer is not None:
-        raise ConfigError(f"--from {teacher_dir} is a latent model (it has a {type(source.tokenizer).__name__} tokenizer): "
-                          "distillation supports pixel-space dit-flow / dit-ddpm teachers for now")
+    tokenizer = source.tokenizer  # a KL-VAE for a latent teacher: the students work in its latents and keep it
     if method == METHOD:
         teacher_config: DistilledConfig = source.objective_config
         w_min = teacher_config.w_min if settings.w_min is None else settings.w_min
@@ -497,6 +498,12 @@ def distill(teacher_dir: str | Path, out_dir: str | Path, settings: DistillSetti
     info["distilled_from"] = str(teacher_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:  # latent teacher: encode the data once into out_dir/latents (reused on resume)
+        from ..training.run import latent_training_set
+
+        dataset = latent_training_set(tokenizer, dataset, out_dir / "latents", data_config.resolution, flip=False,
+                                      quiet=True)  # distillation rounds do not flip (pixel-space ones neither)
+        log(f"latents of {data_config.name} ({len(dataset)} images) cached in {out_dir / 'latents'}")
     num_classes = source.num_classes
     summaries: dict[str, Any] = {}
 
@@ -514,7 +521,7 @@ def distill(teacher_dir: str | Path, out_dir: str | Path, settings: DistillSetti
         objective = GuidanceDistillation(family, teacher, num_classes, w_min, w_max)
         sampler_config = DistilledSamplerConfig(num_steps=teacher_steps, guidance_w=w, stochastic=settings.stochastic)
         folder, summaries["guidance"] = _run_round("guidance", out_dir, student, objective, objective_config,
-                                                  sampler_config, info, dataset, trainer_config, 0, log)
+                                                  sampler_config, info, dataset, trainer_config, 0, log, tokenizer)
         if settings.stage == "guidance":
             rounds = 0
     else:
@@ -533,7 +540,7 @@ def distill(teacher_dir: str | Path, out_dir: str | Path, settings: DistillSetti
         sampler_config = DistilledSamplerConfig(num_steps=student_steps, guidance_w=w, stochastic=settings.stochastic)
         name = f"progressive_{2 * student_steps}to{student_steps}"
         folder, summaries[name] = _run_round(name, out_dir, student.train(), objective, objective_config, sampler_config,
-                                             info, dataset, trainer_config, r + 1, log)
+                                             info, dataset, trainer_config, r + 1, log, tokenizer)
     final = out_dir / "final"
     if folder.resolve() != final.resolve():
         shutil.rmtree(final, ignore_errors=True)

@@ -58,25 +58,26 @@ def is_latent_space(tokenizer) -> bool:
     return isinstance(tokenizer, KLVAE)
 
 
-def latent_training_set(config: ExperimentConfig, tokenizer, dataset, context, quiet: bool = False):
-    """The latents the generator trains on: `dataset` itself when it is a latent cache (checked against the
-    tokenizer), else a cache of it built once in `<output_dir>/latents` (by the main process; reused on resume)."""
+def latent_training_set(tokenizer, dataset, cache: str | Path, resolution: int, flip: bool = False, context=None,
+                        progress: bool = False, quiet: bool = False):
+    """The latents a generator trains on: `dataset` itself when it is a latent cache (checked against the
+    tokenizer), else a cache of it built once in `cache` (by the main process; reused on resume). `flip` also
+    stores the latents of mirrored images. `context` is the run's distributed context (None: one process)."""
     from ..data.latents import LatentDataset, cache_latents, tokenizer_fingerprint
 
     fingerprint = tokenizer_fingerprint(tokenizer)
     if isinstance(dataset, LatentDataset):
-        return LatentDataset(dataset.root, config.data.resolution, fingerprint)
-    cache = Path(config.trainer.output_dir) / "latents"
-    if context.is_main:
+        return LatentDataset(dataset.root, resolution, fingerprint)
+    cache = Path(cache)
+    if context is None or context.is_main:
         started = time.perf_counter()
-        cache_latents(tokenizer, dataset, cache, flip=config.data.horizontal_flip,
-                      progress=config.trainer.progress and not quiet)
+        cache_latents(tokenizer, dataset, cache, flip=flip, progress=progress and not quiet)
         if not quiet:
             print(f"latents of {dataset.name}/{dataset.split} ({len(dataset)} images) cached in {cache} "
                   f"({time.perf_counter() - started:.1f}s)")
-    if context.enabled:
+    if context is not None and context.enabled:
         torch.distributed.barrier()
-    return LatentDataset(cache, config.data.resolution, fingerprint)
+    return LatentDataset(cache, resolution, fingerprint)
 
 
 def calibration_batches(dataset, batch_size: int = 128, limit: int = 20000):
@@ -141,7 +142,9 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
         if side % patch:
             raise ConfigError(f"the {side}x{side} latents of the tokenizer in {config.tokenizer} do not split into "
                               f"{patch}x{patch} patches; use a patch size that divides {side}")
-        dataset = latent_training_set(config, tokenizer, dataset, context, quiet)
+        dataset = latent_training_set(tokenizer, dataset, Path(config.trainer.output_dir) / "latents",
+                                      config.data.resolution, config.data.horizontal_flip, context,
+                                      config.trainer.progress, quiet)
     else:
         check_resolution(config.data.resolution, patch, f"{method.network_class.__name__} with patch size {patch}")
 
