@@ -507,9 +507,13 @@ def plot_fid_vs_time(rows: list[dict], path: Path) -> Path:
     for row, (x, y) in zip(rows, points):
         ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-    ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels of a log axis overlap the major ones
+    xs = [p[0] for p in points]
+    if xs and max(xs) / min(xs) < 10:  # within one decade a log axis may have no major tick: label the minor ones
+        ax.xaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+    else:
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor-tick labels of a log axis overlap the major ones
     ax.margins(x=0.25, y=0.12)  # room for the labels of the extreme points
     ax.set_xlabel("sampling time per image (s, log scale)")
     ax.set_ylabel("FID (mnist-net)")
