@@ -21,14 +21,17 @@ def plot(sweeps: list[dict], labels: list[str], out: Path, title: str | None = N
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    markers = "osD^v<>"
-    for i, (sweep, label) in enumerate(zip(sweeps, labels)):
+    markers, styles = "osD^v<>", ["-", "--", ":", "-."]
+    groups = list(dict.fromkeys(labels))  # one line style per label (model), one marker per series
+    series = 0
+    for sweep, label in zip(sweeps, labels):
         solvers = list(dict.fromkeys(row["solver"] for row in sweep["rows"]))
-        for j, solver in enumerate(solvers):
+        for solver in solvers:
             rows = sorted((r for r in sweep["rows"] if r["solver"] == solver), key=lambda r: r["nfe"])
             suffix = "".join(f", {k}={v}" for k, v in sweep.get("sampler_overrides", {}).items())
-            ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], marker=markers[j % len(markers)],
-                    linestyle="-" if i == 0 else "--", label=f"{label}: {solver}{suffix}")
+            ax.plot([r["nfe"] for r in rows], [r["fid"] for r in rows], marker=markers[series % len(markers)],
+                    linestyle=styles[groups.index(label) % len(styles)], label=f"{label}: {solver}{suffix}")
+            series += 1
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
