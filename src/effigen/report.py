@@ -400,7 +400,7 @@ class Report:
 
         record = self.results[recipe.name]
         try:
-            pipeline = Pipeline.from_pretrained(record["pipeline"])
+            pipeline = Pipeline.from_pretrained(Path(record["pipeline"]))  # a local run folder; nothing is downloaded
             extractor = load_extractor(default_extractor_for(pipeline.info.get("dataset")))
             quality = quality_metrics(pipeline, self.budget.num_images, self.eval_seed, self.precision, extractor)
             labels = torch.arange(10).repeat_interleave(8)  # one row per class, seeds fixed
@@ -438,7 +438,7 @@ class Report:
         speed: dict[str, Any] = {"methods": names, "budget": self.budget.name, "rows": {}}
         if names:
             self.log(f"[report] benchmarking sampling of {len(names)} methods in one process")
-            pipelines = [Pipeline.from_pretrained(self.results[n]["pipeline"]) for n in names]
+            pipelines = [Pipeline.from_pretrained(Path(self.results[n]["pipeline"])) for n in names]  # local run folders
             rows = speed_rows(pipelines, self.precision, self.budget.bench_batch_size, self.budget.bench_repeats)
             speed["rows"] = dict(zip(names, rows))
             speed["environment"] = environment(pipelines[0].device)
