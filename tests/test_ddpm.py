@@ -31,39 +31,48 @@ def test_respacing_keeps_alpha_bar_at_kept_steps():
 
 
 class SinglePointOracle(nn.Module):
-    """The exact epsilon for a data set of one point x0: eps = (x_k - sqrt(ab) x0) / sqrt(1 - ab)."""
+    """The exact prediction for a data set of one point x0: eps = (x_k - sqrt(ab) x0) / sqrt(1 - ab), or the
+    velocity sqrt(ab) eps - sqrt(1 - ab) x0, or x0 itself."""
 
-    def __init__(self, x0, schedule, learn_sigma=False):
+    def __init__(self, x0, schedule, learn_sigma=False, prediction="noise"):
         super().__init__()
-        self.x0, self.schedule, self.learn_sigma = x0, schedule, learn_sigma
+        self.x0, self.schedule, self.learn_sigma, self.prediction = x0, schedule, learn_sigma, prediction
 
     def forward(self, x, t, labels):
         k = (t * self.schedule.num_original).round().long()
         ab = torch.from_numpy(self.schedule.alphas_cumprod).float()[k].view(-1, 1, 1, 1)
         eps = (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+        if self.prediction == "velocity":
+            eps = ab.sqrt() * eps - (1 - ab).sqrt() * self.x0
+        elif self.prediction == "data":
+            eps = self.x0.expand_as(x)
         if self.learn_sigma:  # v = -1 selects the posterior variance: the KL term is then exactly 0
             return torch.cat([eps, -torch.ones_like(eps)], dim=1)
         return eps
 
 
+@pytest.mark.parametrize("prediction", ["noise", "velocity", "data"])
 @pytest.mark.parametrize("solver", ["ddim", "ddpm"])
-def test_oracle_sampling_reaches_the_data(solver):
+def test_oracle_sampling_reaches_the_data(solver, prediction):
     x0 = torch.rand(1, 3, 4, 4) * 2 - 1
-    objective = GaussianDiffusion(DDPMConfig(learn_sigma=False), num_classes=2)
-    oracle = SinglePointOracle(x0, objective.schedule)
+    objective = GaussianDiffusion(DDPMConfig(learn_sigma=False, prediction=prediction), num_classes=2)
+    oracle = SinglePointOracle(x0, objective.schedule, prediction=prediction)
     sample = objective.sample(oracle, torch.zeros(2, dtype=torch.long), (3, 4, 4),
                               DDPMSamplerConfig(solver=solver, num_steps=10), torch.Generator().manual_seed(0))
     torch.testing.assert_close(sample, x0.expand(2, -1, -1, -1), atol=1e-3, rtol=1e-3)
 
 
-def test_oracle_loss_is_zero_and_vb_term_vanishes_with_the_posterior_variance():
+@pytest.mark.parametrize("prediction", ["noise", "velocity", "data"])
+def test_oracle_loss_is_zero_and_vb_term_vanishes_with_the_posterior_variance(prediction):
     x0 = torch.rand(1, 3, 4, 4) * 2 - 1
-    objective = GaussianDiffusion(DDPMConfig(learn_sigma=True), num_classes=2)
-    oracle = SinglePointOracle(x0, objective.schedule, learn_sigma=True)
+    objective = GaussianDiffusion(DDPMConfig(learn_sigma=True, prediction=prediction), num_classes=2)
+    oracle = SinglePointOracle(x0, objective.schedule, learn_sigma=True, prediction=prediction)
     batch = {"images": x0.repeat(16, 1, 1, 1), "labels": torch.zeros(16, dtype=torch.long)}
     random = BatchRandom.local(5, 16)
     out = objective.loss(oracle, batch, random)
     assert out["mse"].item() < 1e-6
+    # the posterior variance with the exact mean: the KL part of the bound is 0 (k = 0 keeps the decoder NLL)
+    assert out["vb"].item() < 0.05
     index = BatchRandom.local(5, 16).randint(1000)
     vb = objective.variational_bound(batch["images"], None or _noisy(objective, x0, index), index,
                                      torch.zeros(16, 3, 4, 4), -torch.ones(16, 3, 4, 4))
@@ -73,6 +82,25 @@ def test_oracle_loss_is_zero_and_vb_term_vanishes_with_the_posterior_variance():
 def _noisy(objective, x0, index):
     ab = torch.from_numpy(objective.schedule.alphas_cumprod).float()[index].view(-1, 1, 1, 1)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * torch.randn(len(index), *x0.shape[1:])
+
+
+@pytest.mark.parametrize("prediction", ["velocity", "data"])
+def test_predictions_convert_to_noise_and_their_loss_weights_the_x0_error_by_snr(prediction):
+    objective = GaussianDiffusion(DDPMConfig(learn_sigma=False, prediction=prediction), num_classes=2)
+    x0, noise = torch.randn(6, 3, 4, 4), torch.randn(6, 3, 4, 4)
+    alpha_bar = torch.tensor([0.9999, 0.9, 0.5, 0.1, 1e-3, 4e-5], dtype=torch.float64).view(-1, 1, 1, 1)
+    x0, noise = x0.double(), noise.double()
+    x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+    target = objective.target(x0, noise, alpha_bar)
+    torch.testing.assert_close(objective.to_noise(target, x_t, alpha_bar), noise)
+    # an x0 error d, seen through each parameterisation: |eps error|^2 = SNR |d|^2, |v error|^2 = (SNR + 1) |d|^2
+    d = 0.01 * torch.randn_like(x0)
+    snr = alpha_bar / (1 - alpha_bar)
+    eps_of = lambda x0_hat: (x_t - alpha_bar.sqrt() * x0_hat) / (1 - alpha_bar).sqrt()  # noqa: E731
+    wrong = objective.target(x0 + d, eps_of(x0 + d), alpha_bar)
+    error = ((wrong - target) ** 2).flatten(1).sum(1) / (d**2).flatten(1).sum(1)
+    expected = (snr + 1).flatten() if prediction == "velocity" else torch.ones(6, dtype=torch.float64)
+    torch.testing.assert_close(error, expected)
 
 
 def test_normal_kl_identities():

@@ -10,6 +10,16 @@ Papers: DDPM (Ho et al. arXiv 2006.11239), improved DDPM (Nichol & Dhariwal arXi
                at k = 0 the discretized Gaussian decoder NLL instead.
     loss     = L_simple + L_vlb    (DiT's `create_diffusion` default: learn_sigma=True, MSE loss type)
 
+`prediction` picks what the network's first C channels mean; L_simple is the MSE to that target:
+    noise    eps (DDPM, DiT: the default, and what official checkpoints predict)
+    velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho arXiv 2202.00512, sec. 4)
+    data     x_0
+In terms of the x_0 error, the noise MSE weights noise level k by SNR_k = alpha_bar / (1 - alpha_bar), the
+velocity MSE by SNR_k + 1 and the data MSE by 1. On the linear schedule SNR < 0.01 for k > 700, so eps-prediction
+barely trains the steps that lay out a pixel-space image's global shape (docs/status.md measures this on MNIST in
+pixels); velocity prediction keeps them weighted. Every prediction is converted to eps for the VLB term and the
+samplers, so the learned variance, DDIM, DDPM ancestral and guidance work the same for all three.
+
 The network outputs 2C channels when `learn_sigma`: epsilon, then v in [-1, 1] interpolating log beta
 and log beta-tilde (iDDPM eq. 15). Sampling: DDIM (any eta) or DDPM ancestral over a respaced schedule
 (`samplers/diffusion.py`), with classifier-free guidance on epsilon (optionally DiT's first-3-channels
@@ -44,6 +54,7 @@ from ..samplers.diffusion import (
 class DDPMConfig:
     num_timesteps: int = 1000
     beta_schedule: Literal["linear", "cosine"] = "linear"
+    prediction: Literal["noise", "velocity", "data"] = "noise"
     learn_sigma: bool = True  # hybrid loss; the network must have learn_sigma=True (2C output channels)
     label_dropout: float = 0.1
 
@@ -97,6 +108,23 @@ class GaussianDiffusion:
                              f"got {out.shape[1]}")
         return out[:, :channels], out[:, channels:]
 
+    def to_noise(self, prediction: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The network's prediction (of `config.prediction`) as an eps prediction; alpha_bar broadcasts to x_t."""
+        kind = self.config.prediction
+        if kind == "noise":
+            return prediction
+        if kind == "velocity":  # eps = sqrt(ab) v + sqrt(1 - ab) x_t
+            return torch.sqrt(alpha_bar) * prediction + torch.sqrt(1 - alpha_bar) * x_t
+        return (x_t - torch.sqrt(alpha_bar) * prediction) * torch.rsqrt(1 - alpha_bar)  # data
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        kind = self.config.prediction
+        if kind == "noise":
+            return noise
+        if kind == "velocity":
+            return torch.sqrt(alpha_bar) * noise - torch.sqrt(1 - alpha_bar) * x0
+        return x0
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], random: BatchRandom) -> dict[str, torch.Tensor]:
         x0, labels = batch["images"], batch["labels"]
         schedule, C = self.schedule, x0.shape[1]
@@ -106,13 +134,15 @@ class GaussianDiffusion:
         labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         alpha_bar = gather(schedule.alphas_cumprod, index, x0.dim())
         x_t = torch.sqrt(alpha_bar) * x0 + torch.sqrt(1 - alpha_bar) * noise
-        eps, variance_output = self._split(model(x_t, schedule.network_time(index), labels).float(), C)
-        mse = ((eps - noise) ** 2).mean(dim=tuple(range(1, x0.dim())))  # (B,)
+        prediction, variance_output = self._split(model(x_t, schedule.network_time(index), labels).float(), C)
+        target = self.target(x0, noise, alpha_bar)
+        mse = ((prediction - target) ** 2).mean(dim=tuple(range(1, x0.dim())))  # (B,)
         out = {"mse": mse.mean().detach()}
         loss = mse
         if variance_output is not None:
             # the variance term sees a frozen mean, so it only trains the variance (iDDPM sec. 3.1)
-            vb = self.variational_bound(x0, x_t, index, eps.detach(), variance_output)
+            eps = self.to_noise(prediction.detach(), x_t, alpha_bar)
+            vb = self.variational_bound(x0, x_t, index, eps, variance_output)
             loss = loss + vb
             out["vb"] = vb.mean().detach()
         out["loss"] = loss.mean()
@@ -146,7 +176,9 @@ class GaussianDiffusion:
             channels = sampler.cfg_channels if sampler.cfg_channels is not None else C
             out = guided_prediction(model, x_t, t, labels, self.num_classes, sampler.cfg_scale, sampler.cfg_interval,
                                     channels).float()
-            return self._split(out, C)
+            prediction, variance_output = self._split(out, C)
+            alpha_bar = gather(schedule.alphas_cumprod, index, x_t.dim())
+            return self.to_noise(prediction, x_t, alpha_bar), variance_output
 
         if sampler.solver == "ddim":
             return ddim_sample(predict, x, schedule, sampler.eta, sampler.clip_denoised, generator, progress)
