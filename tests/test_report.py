@@ -107,6 +107,19 @@ def test_selection_puts_tokenizers_first_and_adds_the_replicate():
         selected_recipes("dit-flow,nope")
 
 
+def test_page_command_reproduces_the_selection(tmp_path):
+    def command(**kwargs):
+        recipes = kwargs.pop("recipes")
+        return Report(out=tmp_path, budget=BUDGETS["full"], recipes=recipes, log=lambda m: None, **kwargs).page_commands()[0]
+
+    assert "--methods" not in command(recipes=selected_recipes(None)) and "--resume" not in command(recipes=selected_recipes(None))
+    line = command(recipes=selected_recipes("dit-ddpm,sit", spread=False), resume=True)
+    assert "--methods dit-ddpm,sit" in line and "--resume" in line and "--no-spread" not in line  # nothing to spread
+    line = command(recipes=selected_recipes("dit-flow,var", spread=False), jobs=1)
+    assert "--methods dit-flow,var" in line and "--no-spread" in line and "--jobs 1" in line
+    assert "--no-spread" not in command(recipes=selected_recipes("dit-flow,var", spread=True))
+
+
 def test_missing_preset_and_failed_prerequisite_are_recorded_not_run(tmp_path):
     report = Report(out=tmp_path, budget=BUDGETS["smoke"], recipes=selected_recipes("lightningdit-latent"),
                     log=lambda m: None)

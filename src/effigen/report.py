@@ -470,6 +470,19 @@ class Report:
             argv += ["--train-minutes", f"{self.budget.train_minutes:g}"]
         if self.docs is not None:
             argv += ["--docs", str(self.docs)]
+        # the methods this page was made with, when not the default set: `--methods`, and `--no-spread` when a
+        # method with a second-seed replicate ran without it
+        asked = [r.name for r in self.recipes if r.kind == "generator" and r.replicate_of is None]
+        everything = [r.name for r in RECIPES if r.kind == "generator" and r.replicate_of is None]
+        if asked != everything:
+            argv += ["--methods", ",".join(asked)]
+        replicated = {r.replicate_of for r in RECIPES if r.replicate_of}
+        if replicated & set(asked) and not any(r.replicate_of for r in self.recipes):
+            argv.append("--no-spread")
+        if self.resume:
+            argv.append("--resume")
+        if self.jobs != 2:
+            argv += ["--jobs", str(self.jobs)]
         return [" ".join(shlex.quote(a) for a in argv)]
 
 
