@@ -5,16 +5,20 @@
 #                   so that the cosine schedule ends near the budget)
 #   STEPS_PER_MINUTE  this network's training steps per minute on one core of the reference machine (batch 128)
 #   OUT, SEED       the run folder (pipeline in $OUT/final) and the training seed
+#   PREDICTION      noise (DiT's eps, the default), velocity or data: in pixels eps draws blobs at this budget and
+#                   velocity / data draw digits (docs/results-30min.md, "Pixel DiT-DDPM")
 set -euo pipefail
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
 STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-40}
 OUT=${OUT:-runs/results/dit-ddpm}
 SEED=${SEED:-0}
+PREDICTION=${PREDICTION:-noise}
 EFFIGEN=${EFFIGEN:-effigen}
 MAX_STEPS=$(awk -v m="$BUDGET_MINUTES" -v r="$STEPS_PER_MINUTE" 'BEGIN { print int(m * r) + 1 }')
 WARMUP=$(( MAX_STEPS / 10 < 50 ? MAX_STEPS / 10 : 50 ))
 
 $EFFIGEN train --preset mnist-dit-ddpm \
+  --objective.prediction="$PREDICTION" \
   --network.hidden_size=256 --network.depth=4 --network.num_heads=4 --network.patch_size=4 \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
   --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \

@@ -53,6 +53,8 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
                     "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 400, "sample_every": 400, "log_every": 25},
     },
     # The same network and budget under each paper's own objective (for side-by-side comparisons).
+    # DiT's own objective (eps + learned variance). In pixels, eps-prediction barely trains the high-noise steps that
+    # lay out the digit and draws blobs at this budget; `--objective.prediction=velocity` draws digits (results-30min.md).
     "mnist-dit-ddpm": {
         "method": "dit-ddpm",
         "data": {"name": "mnist", "resolution": 32},
