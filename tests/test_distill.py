@@ -79,6 +79,25 @@ def test_progressive_target_makes_one_step_land_on_the_teachers_two(kind):
     torch.testing.assert_close(family.step_regression(target, z_t, t, s), z_s, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("teacher_prediction", ["noise", "velocity", "data"])
+@pytest.mark.parametrize("student", ["teacher", "eps", "x", "v"])
+def test_stage1_target_is_the_teachers_x0_whatever_either_predicts(teacher_prediction, student):
+    """A DDPM teacher's output is read in its own parameterisation, the student's in its own: an exact teacher gives
+    the data point as target, and an exact student in its parameterisation matches it."""
+    objective = GaussianDiffusion(DDPMConfig(learn_sigma=False, prediction=teacher_prediction), 2)
+    family = DiffusionFamily(objective, student)
+    x0, noise = torch.rand(4, 3, 4, 4) * 2 - 1, torch.randn(4, 3, 4, 4)
+    k = torch.tensor([0, 250, 600, 999])
+    alpha, sigma = family.coefficients(k, 4)
+    z = alpha * x0 + sigma * noise
+    exact = {"eps": noise, "x": x0, "v": alpha * noise - sigma * x0}
+    teacher_output = exact[DiffusionFamily.KINDS[teacher_prediction]]
+    torch.testing.assert_close(family.teacher_regression(teacher_output, z, k), x0, atol=2e-3, rtol=1e-3)
+    expected_student = DiffusionFamily.KINDS[teacher_prediction] if student == "teacher" else student
+    assert family.parameterization == expected_student
+    torch.testing.assert_close(family.regression(exact[expected_student], z, k), x0, atol=2e-3, rtol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------- toy convergence
 class MixtureDenoiser(nn.Module):
     """The exact guided E[x_0 | z_t] of a few fixed images per class on the linear path (a converged teacher)."""

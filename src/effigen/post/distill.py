@@ -46,10 +46,12 @@ Conventions (explicit, because both exist in the literature):
   t is drawn from the student's grid points (as in the paper), x from the data, w ~ U[w_min, w_max].
 - Parameterisation: a student keeps its teacher's output meaning by default, so that at initialisation it IS the
   teacher's conditional prediction (the w embedding of `DiTConfig.guidance_embed` ends in a zero-initialised
-  Linear). The paper avoids epsilon prediction at few steps; for `dit-ddpm` (epsilon) teachers choose
+  Linear). The paper avoids epsilon prediction at few steps; for `dit-ddpm` teachers choose
   `parameterization="x"` or `"v"` (v = alpha eps - sigma x): the student then re-learns the meaning of its output
-  head during stage 1 (it no longer equals the teacher at initialisation). Flow students keep the teacher's
-  prediction (the mnist-dit preset already predicts x).
+  head during stage 1 (it no longer equals the teacher at initialisation). The stage-1 target is always the x_0
+  implied by the teacher's guided output read in the teacher objective's own `prediction` (noise, velocity or
+  data), whatever the student's parameterisation. Flow students keep the teacher's prediction (the mnist-dit
+  preset already predicts x).
 
 Each stage and each halving round is one resumable run of the shared Trainer (`GuidanceDistillation` and
 `ProgressiveDistillation` are objectives with the frozen teacher inside); every round writes a normal pipeline folder
@@ -120,6 +122,9 @@ class FlowFamily:
             return prediction
         return self.objective.velocity_and_noise(prediction, z, t)[0]
 
+    def teacher_regression(self, prediction: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.regression(prediction, z, t)  # a flow student keeps its teacher's prediction
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """max(SNR, 1) of the x-space error, expressed on the velocity error (module docstring), (B,)."""
         alpha, sigma, d_alpha, d_sigma = (c.flatten() for c in self.objective.path.coefficients(t, 1))
@@ -135,11 +140,15 @@ class FlowFamily:
 class DiffusionFamily:
     """DDPM teachers: discrete steps k (k = -1 is the data), DDIM steps, loss in x-space."""
 
-    def __init__(self, objective: GaussianDiffusion, parameterization: Literal["eps", "x", "v"] = "eps"):
+    # the teacher objective's `prediction` in this module's names
+    KINDS = {"noise": "eps", "velocity": "v", "data": "x"}
+
+    def __init__(self, objective: GaussianDiffusion, parameterization: Literal["teacher", "eps", "x", "v"] = "teacher"):
         self.objective = objective
         self.schedule = objective.schedule
         self.num_timesteps = objective.config.num_timesteps
-        self.parameterization = parameterization
+        self.teacher_parameterization = self.KINDS[objective.config.prediction]
+        self.parameterization = self.teacher_parameterization if parameterization == "teacher" else parameterization
         self.alpha_bar = torch.from_numpy(np.append(1.0, self.schedule.alphas_cumprod))  # index k + 1
 
     def grid(self, num_steps: int) -> torch.Tensor:
@@ -161,14 +170,19 @@ class DiffusionFamily:
     def output(self, out: torch.Tensor, channels: int) -> torch.Tensor:
         return out[:, :channels].float()  # never the learned-variance channels
 
-    def regression(self, prediction: torch.Tensor, z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """The x_0 implied by the prediction at (z, k)."""
-        if self.parameterization == "eps":
+    def regression(self, prediction: torch.Tensor, z: torch.Tensor, k: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+        """The x_0 implied by a prediction at (z, k): the student's (`parameterization`) unless `kind` is given."""
+        kind = kind or self.parameterization
+        if kind == "eps":
             return predict_x0_from_eps(self.schedule, z, k, prediction)
-        if self.parameterization == "x":
+        if kind == "x":
             return prediction
         alpha, sigma = self.coefficients(k, z.dim())
         return alpha * z - sigma * prediction  # from v = alpha eps - sigma x
+
+    def teacher_regression(self, prediction: torch.Tensor, z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The x_0 implied by the (stage-1) teacher's prediction, in the teacher objective's own parameterisation."""
+        return self.regression(prediction, z, k, self.teacher_parameterization)
 
     def weight(self, k: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.alpha_bar.to(k.device)[k.long() + 1].float()
@@ -229,7 +243,7 @@ def make_family(config: DistilledConfig, num_classes: int):
                                   num_classes)
         return FlowFamily(objective, config.time_shift, config.sample_eps)
     objective = GaussianDiffusion(config_from_dict(DDPMConfig, config.teacher_objective, "teacher_objective"), num_classes)
-    return DiffusionFamily(objective, "eps" if config.parameterization == "teacher" else config.parameterization)
+    return DiffusionFamily(objective, config.parameterization)
 
 
 class DistilledGenerator:
@@ -322,7 +336,7 @@ class GuidanceDistillation(_Distillation):
         t_net = family.network_time(t)
         with torch.no_grad():
             guided = _teacher_guided(self.teacher, z, t_net, labels, w, self.num_classes, family, C)
-            target = family.regression(guided, z, t)
+            target = family.teacher_regression(guided, z, t)
         prediction = family.regression(family.output(model(z, t_net, labels, guidance=w), C), z, t)
         loss = _weighted_mse(family, prediction, target, t)
         return {"loss": loss, "mse": ((prediction - target) ** 2).mean().detach()}
