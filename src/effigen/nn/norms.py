@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,8 +17,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        # fp32 statistics; the gain is applied before casting back, so a bf16 input (autocast) gives a bf16 output
+        # instead of promoting to fp32 (the same values as LightningDiT's `_norm(x.float()).type_as(x) * weight` in fp32)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
 def make_norm(kind: str, dim: int, affine: bool) -> nn.Module:

@@ -34,4 +34,6 @@ class VisionRoPE2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, heads, L, head_dim)."""
-        return x * self.freqs_cos + rotate_pairs(x) * self.freqs_sin
+        # the tables in x's dtype: under bf16 autocast q and k stay bf16 instead of promoting to fp32 and back
+        cos, sin = self.freqs_cos.to(x.dtype), self.freqs_sin.to(x.dtype)
+        return x * cos + rotate_pairs(x) * sin
