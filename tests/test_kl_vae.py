@@ -222,8 +222,9 @@ def test_latent_generator_trains_from_the_cli_and_decodes(tmp_path):
     ddpm = Pipeline.from_pretrained(tmp_path / "ddpm" / "final")
     assert ddpm.generator.config.in_channels == 4 and ddpm.generator.config.learn_sigma
     assert ddpm([3], seed=0).shape == (1, 3, 32, 32)
-    # a VQ tokenizer is not a latent space for a DiT
-    from effigen.experiment import build_experiment_config
+    # a continuous latent space is not a token space for VAR (the tokenizer's declared output decides, not its class)
+    from effigen.training.experiment import build_experiment_config
 
-    with pytest.raises(ConfigError, match="is a KLVAE|needs a KLVAE"):
+    with pytest.raises(ConfigError, match=r"\(a KLVAE\) produces continuous latents 4x16x16; method var works on "
+                                          "multiscale outputs"):
         build_experiment_config("mnist-var", overrides=[f"--tokenizer={tmp_path / 'vae' / 'final'}"])

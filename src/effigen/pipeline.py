@@ -1,21 +1,28 @@
 """Pipeline = generator network + objective (what its outputs mean and how to sample it) + sampler
-settings (+ a tokenizer for latent or token models). Saved as a diffusers-like folder:
+settings + any further named components (a tokenizer for latent or token models; a guidance model, a teacher,
+a low-resolution stage or quantization parameters for the methods that need them). Saved as a diffusers-like
+folder:
 
-    model_index.json          method, objective and sampler settings, data info, component names
-    generator/config.json     the network's constructor arguments
+    model_index.json          method, component names -> class names, objective and sampler settings, data info
+    generator/config.json     the network's constructor arguments ("_class_name" + its config dataclass)
     generator/model.safetensors   weights (the EMA weights when saved by the trainer)
     tokenizer/config.json, tokenizer/model.safetensors   (token and latent models) the frozen tokenizer
+    <name>/config.json, <name>/model.safetensors         any other component, the same way
     train_state/              (trainer checkpoints only) raw weights, optimizer, scheduler, step
 
-A tokenizer's own training run (methods of kind "tokenizer", e.g. `msvq`) writes the same folder with a
-`tokenizer/` and no `generator/`; a generator run points its experiment's `tokenizer` key at that folder.
+`model_index.json` names any number of components, `{"generator": "DiT", "tokenizer": "KLVAE", ...}`; each is
+rebuilt by class name through one table (`registry.COMPONENTS`) from its config.json, and its weights are loaded
+strictly. A component listed as null is absent (a tokenizer's own run writes `"generator": null`). A tokenizer's
+training run (methods of kind "tokenizer", e.g. `msvq`) writes the same folder with a `tokenizer/` and no
+`generator/`; a generator run points its experiment's `tokenizer` key at that folder. Objectives that need a
+further component at sampling time name it (`extra_components = ("guidance_model",)`) and receive it.
 
-No pickled code: every class is rebuilt from the method registry and the JSON configs.
+No pickled code: every class is rebuilt from the registry and the JSON configs.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +34,28 @@ from . import __version__
 from .config import ConfigError, config_from_dict, config_to_dict
 from .images import to_pil
 from .io import CheckpointError, atomic_directory, load_state_dict_strict, load_weights, read_json, save_weights, write_json
-from .registry import TOKENIZERS, build_objective, get_method
+from .registry import Method, build_objective, component_class, get_method
 
 MODEL_INDEX = "model_index.json"
 WEIGHTS_NAME = "model.safetensors"
+RESERVED = ("train_state", "samples", "checkpoints")  # folder names a component may not take
+_COMPONENT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a sampling precision ("fp32" = none)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def check_component_name(name: str) -> str:
+    if not isinstance(name, str) or not _COMPONENT_NAME.match(name) or name in RESERVED:
+        raise ValueError(f"component name {name!r} must be a lower-case identifier (letters, digits, _) and not one "
+                         f"of {', '.join(RESERVED)}: it names the component's subfolder")
+    return name
 
 
 def save_network(network: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -39,9 +64,19 @@ def save_network(network: nn.Module, folder: Path, state_dict: dict[str, torch.T
     save_weights(state_dict if state_dict is not None else network.state_dict(), folder / WEIGHTS_NAME)
 
 
-def load_network(folder: Path, network_class: type, weights_file: str = WEIGHTS_NAME) -> nn.Module:
+def load_network(folder: Path, network_class: type | None = None, weights_file: str = WEIGHTS_NAME) -> nn.Module:
+    """Build the network described by `folder/config.json` and load its weights strictly. `network_class`: the class
+    it must be (None: any registered component class, by the config's `_class_name`)."""
+    folder = Path(folder)
     config_data = read_json(folder / "config.json")
-    class_name = config_data.pop("_class_name", network_class.__name__)
+    if not isinstance(config_data, dict):
+        raise CheckpointError(f"{folder}/config.json must hold a JSON object")
+    class_name = config_data.pop("_class_name", None if network_class is None else network_class.__name__)
+    if network_class is None:
+        try:
+            network_class = component_class(str(class_name))
+        except KeyError as e:
+            raise CheckpointError(f"{folder}/config.json: {e.args[0]}") from None
     if class_name != network_class.__name__:
         raise CheckpointError(f"{folder}/config.json describes a {class_name}, expected {network_class.__name__}")
     try:
@@ -56,28 +91,38 @@ def load_network(folder: Path, network_class: type, weights_file: str = WEIGHTS_
 class Pipeline:
     def __init__(
         self,
-        method: str,
+        method: str | Method,
         generator: nn.Module | None,
         objective_config: Any,
         sampler_config: Any,
         info: dict[str, Any] | None = None,
         tokenizer: nn.Module | None = None,
+        components: dict[str, nn.Module] | None = None,
     ):
         self.method = get_method(method)
         if generator is None and self.method.kind == "generator":
             raise ValueError(f"a {self.method.name} pipeline needs a generator network")
-        if self.method.tokenizer_class is not None and self.method.tokenizer_required and tokenizer is None:
-            raise ValueError(f"a {self.method.name} pipeline needs a tokenizer ({self.method.tokenizer_class.__name__})")
-        self.generator = generator
-        self.tokenizer = tokenizer
+        if self.method.uses_tokenizer and self.method.tokenizer_required and tokenizer is None:
+            raise ValueError(f"a {self.method.name} pipeline needs a tokenizer (producing {' or '.join(self.method.accepts)})")
+        self.components: dict[str, nn.Module] = {}
+        for name, module in {"generator": generator, "tokenizer": tokenizer, **(components or {})}.items():
+            if module is not None:
+                self.components[check_component_name(name)] = module
         self.objective_config = objective_config
         self.sampler_config = sampler_config
         self.info = dict(info or {})
-        num_classes = generator.config.num_classes if generator is not None else len(self.info.get("class_names", []))
-        self.objective = build_objective(self.method, objective_config, num_classes, tokenizer)
+        self.objective = build_objective(self.method, objective_config, self.num_classes, tokenizer, self.components)
+
+    @property
+    def generator(self) -> nn.Module | None:
+        return self.components.get("generator")
+
+    @property
+    def tokenizer(self) -> nn.Module | None:
+        return self.components.get("tokenizer")
 
     def _modules(self) -> list[nn.Module]:
-        return [m for m in (self.generator, self.tokenizer) if m is not None]
+        return list(self.components.values())
 
     @property
     def device(self) -> torch.device:
@@ -101,8 +146,8 @@ class Pipeline:
     def sample_shape(self) -> tuple[int, int, int]:
         """Shape of one output image (or latent, for a latent model without a decoder)."""
         if self.tokenizer is not None:
-            config = self.tokenizer.config
-            return (getattr(config, "in_channels", 3), config.resolution, config.resolution)
+            output = self.tokenizer.output
+            return (output.image_channels, output.resolution, output.resolution)
         return self.latent_shape
 
     def to(self, device: str | torch.device) -> "Pipeline":
@@ -112,26 +157,27 @@ class Pipeline:
 
     # ---------------------------------------------------------------- folders
     def save_pretrained(self, path: str | Path, generator_state: dict[str, torch.Tensor] | None = None, extra=None) -> Path:
-        """Write the folder atomically. `extra(tmp_folder)` may add files (the trainer's train_state/)."""
+        """Write the folder atomically. `generator_state` replaces the weights of the trained component (the
+        generator; the tokenizer in a tokenizer's own run), e.g. with the trainer's EMA. `extra(tmp_folder)` may add
+        files (the trainer's train_state/)."""
         path = Path(path)
+        trained = "generator" if self.generator is not None else "tokenizer"
+        names = {"generator": None, "tokenizer": None}  # always listed, null when absent (older readers expect both)
+        names.update({name: type(module).__name__ for name, module in self.components.items()})
         with atomic_directory(path) as tmp:
             write_json(
                 tmp / MODEL_INDEX,
                 {
                     "_effigen_version": __version__,
                     "method": self.method.name,
-                    "components": {"generator": type(self.generator).__name__ if self.generator is not None else None,
-                                   "tokenizer": type(self.tokenizer).__name__ if self.tokenizer is not None else None},
+                    "components": names,
                     "objective": config_to_dict(self.objective_config),
                     "sampler": config_to_dict(self.sampler_config),
                     "info": self.info,
                 },
             )
-            if self.generator is not None:
-                save_network(self.generator, tmp / "generator", generator_state)
-            if self.tokenizer is not None:
-                # a tokenizer run saves its trained (EMA) weights here; a generator run its frozen tokenizer
-                save_network(self.tokenizer, tmp / "tokenizer", generator_state if self.generator is None else None)
+            for name, module in self.components.items():
+                save_network(module, tmp / name, generator_state if name == trained else None)
             if extra is not None:
                 extra(tmp)
         return path
@@ -142,24 +188,34 @@ class Pipeline:
         if not path.is_dir():
             raise CheckpointError(f"pipeline folder {path} does not exist (expected a folder with {MODEL_INDEX})")
         index = read_json(path / MODEL_INDEX)
+        if not isinstance(index, dict):
+            raise CheckpointError(f"{path / MODEL_INDEX} must hold a JSON object")
         try:
             method = get_method(index["method"])
         except KeyError as e:
             raise CheckpointError(f"{path / MODEL_INDEX}: {e}") from e
-        components = index.get("components") or {}
-        tokenizer = None
-        if components.get("tokenizer"):
-            name = components["tokenizer"]
-            if name not in TOKENIZERS:
-                raise CheckpointError(f"{path / MODEL_INDEX}: unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
-            tokenizer = load_network(path / "tokenizer", TOKENIZERS[name]).eval()
-        generator = load_network(path / "generator", method.network_class).eval() if method.kind == "generator" else None
+        components: dict[str, nn.Module] = {}
+        for name, class_name in (index.get("components") or {}).items():
+            if not class_name:
+                continue
+            try:
+                check_component_name(name)
+                network_class = component_class(class_name)
+            except (KeyError, ValueError) as e:
+                raise CheckpointError(f"{path / MODEL_INDEX}: component {name!r}: {e.args[0]}") from None
+            if name == "generator" and network_class is not method.network_class:
+                raise CheckpointError(f"{path / MODEL_INDEX}: method {method.name} generates with a "
+                                      f"{method.network_class.__name__}, the folder's generator is a {class_name}")
+            components[name] = load_network(path / name, network_class).eval()
+        if method.kind == "generator" and "generator" not in components:
+            raise CheckpointError(f"{path / MODEL_INDEX} lists no generator for method {method.name}")
         try:
             objective_config = config_from_dict(method.objective_class.config_class, index.get("objective", {}), "objective")
             sampler_config = config_from_dict(method.objective_class.sampler_config_class, index.get("sampler", {}), "sampler")
         except ConfigError as e:
             raise CheckpointError(f"{path / MODEL_INDEX} is invalid: {e}") from e
-        pipeline = cls(method.name, generator, objective_config, sampler_config, index.get("info"), tokenizer)
+        generator, tokenizer = components.pop("generator", None), components.pop("tokenizer", None)
+        pipeline = cls(method, generator, objective_config, sampler_config, index.get("info"), tokenizer, components)
         return pipeline.to(device)
 
     # ---------------------------------------------------------------- sampling
@@ -171,7 +227,9 @@ class Pipeline:
                 continue
             if key not in data:
                 valid = ", ".join(data)
-                raise ConfigError(f"unknown sampler setting {key!r} for {self.method.name}; valid: {valid}")
+                hint = getattr(type(self.sampler_config), "setting_hints", {}).get(key)
+                raise ConfigError(f"unknown sampler setting {key!r} for {self.method.name}"
+                                  + (f": {hint}" if hint else f"; valid: {valid}"))
             data[key] = value
         return config_from_dict(type(self.sampler_config), data, "sampler")
 
@@ -211,13 +269,12 @@ class Pipeline:
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         device = self.device
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.generator.eval()
         chunks = []
         bar = tqdm(total=len(labels), desc="sampling", unit="img", disable=not progress)
         for start in range(0, len(labels), batch_size):
             batch_labels = labels[start : start + batch_size].to(device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device, precision):
                 out = self.objective.sample(self.generator, batch_labels, self.latent_shape, settings, generator)
                 if self.tokenizer is not None and output_type != "latent":
                     out = self.tokenizer.decode(out)
@@ -267,9 +324,8 @@ class Pipeline:
         settings = self.sampler_settings(**sampler_overrides)
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
-        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         self.generator.eval()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device, precision):
             out = self.objective.sample(self.generator, labels.to(device), self.latent_shape, settings, generator, edit=spec)
             if output_type != "latent":
                 out = self.tokenizer.decode(out)

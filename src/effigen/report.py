@@ -137,7 +137,7 @@ def presets_in(script: Path) -> list[str]:
 
 
 def available_presets() -> set[str]:
-    from .experiment import preset_names
+    from .training.experiment import preset_names
 
     return set(preset_names())
 

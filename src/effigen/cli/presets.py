@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..experiment import EXPERIMENT_PRESETS
+from ..training.experiment import EXPERIMENT_PRESETS
 from ..registry import METHODS
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..experiment import build_experiment_dict, parse_experiment
+from ..training.experiment import build_experiment_dict, parse_experiment
 from ..training.run import build_and_train
 
 __all__ = ["build_and_train", "run"]

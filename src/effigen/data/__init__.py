@@ -9,11 +9,11 @@ from effigen.data.datasets import (
     DataError,
     GrayscaleTensorDataset,
     ImageDataset,
-    build_dataset,
     check_resolution,
     random_flip,
     stratified_split,
 )
+from effigen.data.build import build_dataset
 from effigen.data.folder import FolderDataset, center_crop_arr, scan_folder
 
 __all__ = [

@@ -249,25 +249,3 @@ def _validate(config: DataConfig, split: str) -> None:
             f"the {config.name} test split is empty because holdout_fraction is 0; "
             "use --data.holdout_fraction=0.1 (or more) to hold out test images"
         )
-
-
-def build_dataset(config: DataConfig, split: str = "train") -> ImageDataset:
-    """Build the ``split`` ("train" or "test") of the dataset described by ``config``."""
-    _validate(config, split)
-    # Imported here because builtin.py and folder.py subclass ImageDataset from this module.
-    if config.name == "latents":
-        from effigen.data.latents import LatentDataset
-
-        if not config.root:
-            raise DataError("data.name=latents needs data.root, the folder of a latent cache (`effigen cache-latents`)")
-        if split != "train":
-            raise DataError("a latent cache holds one split of its source dataset; evaluate and preview against the "
-                            "source dataset (the pipeline records it)")
-        return LatentDataset(config.root, config.resolution)
-    if config.name == "folder":
-        from effigen.data.folder import build_folder_dataset
-
-        return build_folder_dataset(config, split)
-    from effigen.data.builtin import build_builtin_dataset
-
-    return build_builtin_dataset(config, split)

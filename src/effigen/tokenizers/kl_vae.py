@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .autoencoder import ConvAutoencoderSpec, Decoder, Encoder
+from .base import LatentSpace, TokenizerOutput
 
 
 @dataclass
@@ -51,8 +52,14 @@ class KLVAEConfig:
         return 2 ** (len(self.channel_multipliers) - 1)
 
 
-class KLVAE(nn.Module):
+class KLVAE(TokenizerOutput, nn.Module):
     config_class = KLVAEConfig
+
+    @classmethod
+    def output_of(cls, config: KLVAEConfig) -> LatentSpace:
+        side = config.resolution // config.downsample_factor
+        return LatentSpace(config.latent_channels, (side, side), config.resolution, config.in_channels,
+                           config.downsample_factor)
 
     def __init__(self, config: KLVAEConfig):
         super().__init__()

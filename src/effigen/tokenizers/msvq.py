@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autoencoder import ConvAutoencoderSpec, Decoder, Encoder
+from .base import TokenizerOutput, TokenSpace
 
 # VAR's released schedules, by image resolution (the 16x-downsampling tokenizer).
 VAR_SCALES = {
@@ -315,7 +316,7 @@ class MultiScaleQuantizer(nn.Module):
         return int(dead.numel())
 
 
-class MultiScaleVQ(nn.Module):
+class MultiScaleVQ(TokenizerOutput, nn.Module):
     """Encoder -> quant_conv -> multi-scale residual quantizer -> post_quant_conv -> decoder.
 
     Tokenizer contract: `encode(images) -> f_hat` (the quantized latent), `decode(f_hat) -> images` in [-1, 1];
@@ -323,6 +324,11 @@ class MultiScaleVQ(nn.Module):
     """
 
     config_class = MultiScaleVQConfig
+
+    @classmethod
+    def output_of(cls, config: MultiScaleVQConfig) -> TokenSpace:
+        return TokenSpace(config.vocab_size, "multiscale", config.resolution, scales=tuple(config.scales),
+                          embed_dim=config.latent_channels, image_channels=config.in_channels)
 
     def __init__(self, config: MultiScaleVQConfig):
         super().__init__()

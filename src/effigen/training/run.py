@@ -1,6 +1,6 @@
 """Build a training run from an experiment dict and train it: what `effigen train` does, callable from Python.
 
-    from effigen.experiment import build_experiment_dict
+    from effigen.training.experiment import build_experiment_dict
     from effigen.training.run import build_and_train
     summary = build_and_train(build_experiment_dict("mnist-dit", None, ["--trainer.max_steps=50"]))
 
@@ -21,11 +21,11 @@ import torch
 
 from ..config import ConfigError, save_config_file
 from ..data import build_dataset, check_resolution
-from ..experiment import ExperimentConfig, parse_experiment
 from ..images import save_image_grid
-from ..pipeline import Pipeline
-from ..registry import build_objective, get_method
+from ..pipeline import Pipeline, load_network
+from ..registry import build_objective
 from .distributed import init_distributed
+from .experiment import ExperimentConfig, check_init_from, parse_experiment, tokenizer_folder
 from .trainer import Trainer
 
 
@@ -36,26 +36,24 @@ def preview_labels(num_classes: int, per_class: int = 8, max_classes: int = 10) 
 
 
 def make_pipeline(config: ExperimentConfig, network, info: dict, tokenizer=None) -> Pipeline:
-    if get_method(config.method).kind == "tokenizer":
-        return Pipeline(config.method, None, config.objective, config.sampler, info, tokenizer=network)
-    return Pipeline(config.method, network, config.objective, config.sampler, info, tokenizer=tokenizer)
+    if config.method_spec.kind == "tokenizer":
+        return Pipeline(config.method_spec, None, config.objective, config.sampler, info, tokenizer=network)
+    return Pipeline(config.method_spec, network, config.objective, config.sampler, info, tokenizer=tokenizer)
 
 
 def load_tokenizer(config: ExperimentConfig, device) -> torch.nn.Module | None:
-    method = get_method(config.method)
-    if method.tokenizer_class is None or config.tokenizer is None:
+    """The experiment's frozen tokenizer (any tokenizer class, by the name its folder records), or None."""
+    if config.tokenizer is None:
         return None
-    from ..experiment import tokenizer_folder
-    from ..pipeline import load_network
-
-    return load_network(tokenizer_folder(config.tokenizer), method.tokenizer_class).to(device).eval().requires_grad_(False)
+    tokenizer = load_network(tokenizer_folder(config.tokenizer)).to(device).eval().requires_grad_(False)
+    if config.tokenizer_output is not None and tokenizer.output != config.tokenizer_output:
+        raise ConfigError(f"the tokenizer in {config.tokenizer} changed while the run was being set up")
+    return tokenizer
 
 
 def is_latent_space(tokenizer) -> bool:
-    """A continuous latent space (KL-VAE): the generator trains on cached latents instead of images."""
-    from ..tokenizers.kl_vae import KLVAE
-
-    return isinstance(tokenizer, KLVAE)
+    """A continuous latent space (KL-VAE, RAE, ...): the generator trains on cached latents instead of images."""
+    return tokenizer is not None and tokenizer.output.kind == "continuous"
 
 
 def latent_training_set(tokenizer, dataset, cache: str | Path, resolution: int, flip: bool = False, context=None,
@@ -89,12 +87,10 @@ def initialize_from(config: ExperimentConfig, network, objective, tokenizer=None
     """Load the generator weights of the pipeline folder `config.init_from` into `network` (before the trainer copies
     it into its EMA and builds the optimizer); the objective may map them (`init_from_state`, e.g. HMAR's stage 2
     starts its mask branch from the next-scale branch). Returns a note for the log."""
-    from ..config import ConfigError
-    from ..experiment import check_init_from
     from ..io import CheckpointError, load_state_dict_strict, load_weights
 
     folder = Path(config.init_from)
-    index = check_init_from(config.init_from, config.method)
+    index = check_init_from(config.init_from, config.method_spec)
     source_tokenizer = folder / "tokenizer" / "model.safetensors"
     if tokenizer is not None and source_tokenizer.is_file():
         theirs, ours = load_weights(source_tokenizer), tokenizer.state_dict()
@@ -134,11 +130,11 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
     context = init_distributed(config.trainer.device)
     dataset = build_dataset(config.data, "train")
     config = parse_experiment(config_dict, num_classes=dataset.num_classes)
-    method = get_method(config.method)
+    method = config.method_spec
     tokenizer = load_tokenizer(config, context.device)
     patch = getattr(config.network, "patch_size", 1)
     if is_latent_space(tokenizer):
-        side = config.data.resolution // tokenizer.config.downsample_factor
+        side = tokenizer.output.size[0]
         if side % patch:
             raise ConfigError(f"the {side}x{side} latents of the tokenizer in {config.tokenizer} do not split into "
                               f"{patch}x{patch} patches; use a patch size that divides {side}")
