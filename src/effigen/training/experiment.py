@@ -47,6 +47,18 @@ class ExperimentConfig:
         return config_to_dict(self)
 
 
+# Trainer settings the recipes of one family share (each preset adds its output_dir and budget).
+_DIT_TRAINER = {"max_steps": 1200, "batch_size": 128, "learning_rate": 1e-3, "warmup_steps": 50,
+                "schedule": "cosine", "min_learning_rate_ratio": 0.05, "ema_decay": 0.999, "precision": "bf16",
+                "checkpoint_every": 400, "sample_every": 400, "log_every": 25}
+_TOKENIZER_TRAINER = {"max_steps": 1500, "batch_size": 64, "learning_rate": 1e-3, "warmup_steps": 50,
+                      "schedule": "cosine", "min_learning_rate_ratio": 0.1, "ema_decay": 0.0, "betas": [0.5, 0.9],
+                      "precision": "bf16", "checkpoint_every": 500, "sample_every": 500, "log_every": 25}
+_TOKEN_TRAINER = {"batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95],
+                  "warmup_steps": 100, "schedule": "cosine", "min_learning_rate_ratio": 0.05, "grad_clip": 2.0,
+                  "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 500, "sample_every": 500,
+                  "log_every": 25}
+
 # Whole-run presets: plain dicts, overridable key by key. `network_preset` names a size from the
 # method's network presets (e.g. DiT-S/2) that `network` keys then refine.
 EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
@@ -60,9 +72,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network": {"hidden_size": 192, "depth": 4, "num_heads": 3, "patch_size": 2},
         "objective": {"prediction": "data", "time_sampling": "uniform", "label_dropout": 0.1},
         "sampler": {"solver": "heun", "num_steps": 20, "cfg_scale": 2.0},
-        "trainer": {"output_dir": "runs/mnist-dit", "max_steps": 1200, "max_minutes": 12.0, "batch_size": 128,
-                    "learning_rate": 1e-3, "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.05,
-                    "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 400, "sample_every": 400, "log_every": 25},
+        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-dit", "max_minutes": 12.0},
     },
     # The same network and budget under each paper's own objective (for side-by-side comparisons).
     # DiT's own objective (eps + learned variance). In pixels, eps-prediction barely trains the high-noise steps that
@@ -74,9 +84,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network": {"hidden_size": 192, "depth": 4, "num_heads": 3, "patch_size": 4},
         "objective": {"beta_schedule": "linear", "learn_sigma": True},
         "sampler": {"solver": "ddim", "num_steps": 50, "cfg_scale": 2.0},
-        "trainer": {"output_dir": "runs/mnist-dit-ddpm", "max_steps": 1200, "batch_size": 128, "learning_rate": 1e-3,
-                    "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.05, "ema_decay": 0.999,
-                    "precision": "bf16", "checkpoint_every": 400, "sample_every": 400, "log_every": 25},
+        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-dit-ddpm"},
     },
     "mnist-sit": {  # SiT's defaults: linear path, velocity prediction, uniform t; SDE sampling
         "method": "dit-flow",
@@ -85,9 +93,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network": {"hidden_size": 192, "depth": 4, "num_heads": 3, "patch_size": 4},
         "objective": {"path": "linear", "prediction": "velocity", "time_sampling": "uniform"},
         "sampler": {"solver": "euler_maruyama", "num_steps": 50, "cfg_scale": 2.0},
-        "trainer": {"output_dir": "runs/mnist-sit", "max_steps": 1200, "batch_size": 128, "learning_rate": 1e-3,
-                    "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.05, "ema_decay": 0.999,
-                    "precision": "bf16", "checkpoint_every": 400, "sample_every": 400, "log_every": 25},
+        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-sit"},
     },
     "mnist-lightningdit": {  # LightningDiT blocks, logit-normal t, velocity-direction loss, shifted Euler grid
         "method": "dit-flow",
@@ -96,9 +102,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network": {"hidden_size": 192, "depth": 4, "num_heads": 3, "patch_size": 4},
         "objective": {"prediction": "velocity", "time_sampling": "logit_normal", "cosine_loss_weight": 1.0},
         "sampler": {"solver": "euler", "num_steps": 50, "cfg_scale": 2.0, "time_shift": 1.0},
-        "trainer": {"output_dir": "runs/mnist-lightningdit", "max_steps": 1200, "batch_size": 128, "learning_rate": 1e-3,
-                    "betas": [0.9, 0.95], "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.05,
-                    "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 400, "sample_every": 400, "log_every": 25},
+        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-lightningdit", "betas": [0.9, 0.95]},
     },
     # Latent space: a KL-VAE trained on MNIST (32 px -> 8x8x4 latents, L1 + KL + perceptual on mnist-net's early
     # stages), then LightningDiT on its latents (patch 1: 64 tokens, as the pixel recipes' patch 4 at 32 px). The
@@ -109,10 +113,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network_preset": "KL-S/4",
         "objective": {"l1_weight": 1.0, "l2_weight": 1.0, "kl_weight": 1e-6, "perceptual_weight": 0.1,
                       "perceptual_net": "mnist-net"},
-        "trainer": {"output_dir": "runs/mnist-klvae", "max_steps": 1500, "max_minutes": 15.0, "batch_size": 64,
-                    "learning_rate": 1e-3, "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.1,
-                    "ema_decay": 0.0, "betas": [0.5, 0.9], "precision": "bf16", "checkpoint_every": 500,
-                    "sample_every": 500, "log_every": 25},
+        "trainer": {**_TOKENIZER_TRAINER, "output_dir": "runs/mnist-klvae", "max_minutes": 15.0},
     },
     "mnist-lightningdit-latent": {
         "method": "dit-flow",
@@ -122,10 +123,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network": {"hidden_size": 192, "depth": 4, "num_heads": 3, "patch_size": 1},
         "objective": {"prediction": "velocity", "time_sampling": "logit_normal", "cosine_loss_weight": 1.0},
         "sampler": {"solver": "euler", "num_steps": 50, "cfg_scale": 2.0, "time_shift": 1.0},
-        "trainer": {"output_dir": "runs/mnist-lightningdit-latent", "max_steps": 1200, "batch_size": 128,
-                    "learning_rate": 1e-3, "betas": [0.9, 0.95], "warmup_steps": 50, "schedule": "cosine",
-                    "min_learning_rate_ratio": 0.05, "ema_decay": 0.999, "precision": "bf16", "checkpoint_every": 400,
-                    "sample_every": 400, "log_every": 25},
+        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-lightningdit-latent", "betas": [0.9, 0.95]},
     },
     "shapes-dit": {
         "method": "dit-flow",
@@ -143,9 +141,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network_preset": "MSVQ-S/4",
         "objective": {"l2_weight": 1.0, "l1_weight": 0.2, "perceptual_weight": 0.1, "perceptual_net": "mnist-net",
                       "restart_every": 25},
-        "trainer": {"output_dir": "runs/mnist-msvq", "max_steps": 1500, "batch_size": 64, "learning_rate": 1e-3,
-                    "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.1, "ema_decay": 0.0,
-                    "betas": [0.5, 0.9], "precision": "bf16", "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+        "trainer": {**_TOKENIZER_TRAINER, "output_dir": "runs/mnist-msvq"},
     },
     "mnist-var": {
         "method": "var",
@@ -155,10 +151,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "objective": {"label_dropout": 0.1},
         "sampler": {"cfg_scale": 1.5, "top_k": 0, "top_p": 0.0},  # best FID of 1.5/2/3/4 (benchmarks/compare.py)
         # ~20 minutes on one core of this machine (VAR-d4 trains at ~20-40 images/s there, load permitting)
-        "trainer": {"output_dir": "runs/mnist-var", "max_steps": 1400, "max_minutes": 22.0, "batch_size": 32, "learning_rate": 1e-3,
-                    "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 100, "schedule": "cosine",
-                    "min_learning_rate_ratio": 0.05, "grad_clip": 2.0, "ema_decay": 0.999, "precision": "bf16",
-                    "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+        "trainer": {**_TOKEN_TRAINER, "output_dir": "runs/mnist-var", "max_steps": 1400, "max_minutes": 22.0},
     },
     # The raster-scan AR baseline (LlamaGen-style next-token prediction) on the same data and budgets as VAR: a
     # single-scale VQ tokenizer with MSVQ-S/4's encoder (32 px -> one 8x8 map, 64 tokens, 512 codes), then a GPT of
@@ -169,9 +162,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network_preset": "VQ-S/4",
         "objective": {"l2_weight": 1.0, "l1_weight": 0.2, "perceptual_weight": 0.1, "perceptual_net": "mnist-net",
                       "restart_every": 25},
-        "trainer": {"output_dir": "runs/mnist-vq", "max_steps": 1500, "batch_size": 64, "learning_rate": 1e-3,
-                    "warmup_steps": 50, "schedule": "cosine", "min_learning_rate_ratio": 0.1, "ema_decay": 0.0,
-                    "betas": [0.5, 0.9], "precision": "bf16", "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+        "trainer": {**_TOKENIZER_TRAINER, "output_dir": "runs/mnist-vq"},
     },
     "mnist-raster-ar": {
         "method": "raster-ar",
@@ -181,10 +172,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "objective": {"label_dropout": 0.1},
         "sampler": {"cfg_scale": 1.5, "guidance_schedule": "constant", "top_k": 0, "top_p": 0.0},  # best of 1.5/2/3/4
         # the same wall budget as mnist-var on one core: the 64-token sequence trains ~2.4x more images/s than VAR's 155
-        "trainer": {"output_dir": "runs/mnist-raster-ar", "max_steps": 2800, "max_minutes": 22.0, "batch_size": 32, "learning_rate": 1e-3,
-                    "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 100, "schedule": "cosine",
-                    "min_learning_rate_ratio": 0.05, "grad_clip": 2.0, "ema_decay": 0.999, "precision": "bf16",
-                    "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+        "trainer": {**_TOKEN_TRAINER, "output_dir": "runs/mnist-raster-ar", "max_steps": 2800, "max_minutes": 22.0},
     },
     # HMAR on mnist-var's tokenizer and budget, in two stages (docs/hmar.md): next-scale prediction with block-diagonal
     # attention and HMAR's lognorm scale weighting (HMAR-d4: VAR-d4's parameter count), then the masked-refinement
@@ -199,10 +187,7 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "objective": {"label_dropout": 0.1, "stage": "next_scale", "scale_weighting": "lognorm"},
         "sampler": {"cfg_scale": 3.0, "top_k": 0, "top_p": 0.0, "mask_schedule": "off"},
         # mnist-var's budget (~20 minutes on one core; HMAR-d4 trains at about VAR-d4's speed)
-        "trainer": {"output_dir": "runs/mnist-hmar", "max_steps": 1400, "max_minutes": 22.0, "batch_size": 32,
-                    "learning_rate": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 100, "schedule": "cosine",
-                    "min_learning_rate_ratio": 0.05, "grad_clip": 2.0, "ema_decay": 0.999, "precision": "bf16",
-                    "checkpoint_every": 500, "sample_every": 500, "log_every": 25},
+        "trainer": {**_TOKEN_TRAINER, "output_dir": "runs/mnist-hmar", "max_steps": 1400, "max_minutes": 22.0},
     },
     # stage 2: a third of stage 1's steps (the official fine-tune runs 100 epochs after 200-350 of stage 1), same
     # optimiser settings
@@ -214,10 +199,8 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "network_preset": "HMAR-d4",
         "objective": {"label_dropout": 0.1, "stage": "mask"},
         "sampler": {"cfg_scale": 3.0, "top_k": 0, "top_p": 0.0, "mask_schedule": "default"},
-        "trainer": {"output_dir": "runs/mnist-hmar-mask", "max_steps": 450, "max_minutes": 8.0, "batch_size": 32,
-                    "learning_rate": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.95], "warmup_steps": 50, "schedule": "cosine",
-                    "min_learning_rate_ratio": 0.05, "grad_clip": 2.0, "ema_decay": 0.999, "precision": "bf16",
-                    "checkpoint_every": 150, "sample_every": 150, "log_every": 25},
+        "trainer": {**_TOKEN_TRAINER, "output_dir": "runs/mnist-hmar-mask", "max_steps": 450, "max_minutes": 8.0,
+                    "warmup_steps": 50, "checkpoint_every": 150, "sample_every": 150},
     },
     # Seconds on a CPU: for tests and for checking that a recipe runs end to end.
     "smoke": {
