@@ -13,10 +13,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 PIP=".venv/bin/python -m pip"
-if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+# torch's version is read from the package metadata: importing torch before numpy is installed prints a
+# "Failed to initialize NumPy" warning.
+installed_torch() { .venv/bin/python -c "import importlib.metadata as m; print(m.version('torch').split('+')[0])" 2>/dev/null; }
+if ! installed_torch >/dev/null; then
   $PIP install -q "torch==2.13.0"
 fi
-torch_version=$(.venv/bin/python -c "import torch; print(torch.__version__.split('+')[0])")
+torch_version=$(installed_torch)
 # The constraint keeps pip from "upgrading" the torch that is there while resolving effigen's deps.
 constraint=$(mktemp)
 echo "torch==${torch_version}" > "$constraint"
