@@ -116,3 +116,20 @@ def test_registered_methods_and_components_join_the_tables():
         registry.METHODS.pop("widget-test", None)
         registry.COMPONENTS.pop("Widget", None)
     assert COMPONENTS["KLVAE"] is KLVAE and COMPONENTS["DiT"] is DiT
+
+
+def test_init_from_accepts_a_post_training_wrapper_of_its_base_methods():
+    from effigen.config import ConfigError
+    from effigen.training.experiment import check_init_from
+
+    class QuantizedDiT(torch.nn.Module):  # a wrapper network of another class than the folder's generator
+        config_class = dict
+
+    wrapper = Method("quantized-test", QuantizedDiT, object, {}, "a test", base_methods=("dit-flow", "dit-ddpm"))
+    assert check_init_from(str(LEGACY / "dit-flow"), wrapper)["method"] == "dit-flow"
+    with pytest.raises(ConfigError, match="holds a VAR generator .method var.; method quantized-test starts from a "
+                                          "QuantizedDiT or a folder of dit-flow, dit-ddpm"):
+        check_init_from(str(LEGACY / "var"), wrapper)
+    plain = Method("plain-test", QuantizedDiT, object, {}, "a test")
+    with pytest.raises(ConfigError, match="starts from a QuantizedDiT$"):
+        check_init_from(str(LEGACY / "dit-flow"), plain)
