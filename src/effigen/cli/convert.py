@@ -48,23 +48,22 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="default guidance scale saved with the folder (DiT: 1.5, LightningDiT: 6.7)")
     args = parser.parse_args(argv)
-    if args.source == "var-official":
-        if not (args.vae and args.var):
-            parser.error("var-official needs --vae and --var")
-        from ..convert.var_official import convert_var_official
+    if args.source in ("var-official", "hmar-official"):  # VAR's VQVAE + a next-scale transformer
+        kind = args.source.split("-")[0]
+        weights = getattr(args, kind)
+        if not (args.vae and weights):
+            parser.error(f"{args.source} needs --vae and --{kind}")
+        if kind == "var":
+            from ..convert.var_official import convert_var_official as convert
 
-        scales = tuple(int(x) for x in args.scales.split(",")) if args.scales else None
-        path = convert_var_official(args.vae, args.var, args.out, args.num_heads, scales, args.resolution)
-        print(f"converted {args.vae} + {args.var} -> {path}")
-        return 0
-    if args.source == "hmar-official":
-        if not (args.vae and args.hmar):
-            parser.error("hmar-official needs --vae and --hmar")
-        from ..convert.hmar_official import LICENCE, convert_hmar_official
+            note = ""
+        else:
+            from ..convert.hmar_official import LICENCE, convert_hmar_official as convert
 
+            note = f"\nlicence of the HMAR weights: {LICENCE}"
         scales = tuple(int(x) for x in args.scales.split(",")) if args.scales else None
-        path = convert_hmar_official(args.vae, args.hmar, args.out, args.num_heads, scales, args.resolution)
-        print(f"converted {args.vae} + {args.hmar} -> {path}\nlicence of the HMAR weights: {LICENCE}")
+        path = convert(args.vae, weights, args.out, args.num_heads, scales, args.resolution)
+        print(f"converted {args.vae} + {weights} -> {path}{note}")
         return 0
     if args.source == "sd-vae":
         if not args.vae:

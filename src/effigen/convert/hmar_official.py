@@ -30,7 +30,7 @@ from ..models.hmar import HMAR, HMARConfig
 from ..objectives.hmar import HMARObjectiveConfig
 from ..samplers.hmar import HMARSamplerConfig
 from ..tokenizers.msvq import MultiScaleVQ
-from .var_official import _clean, _indices, _state_dict, scales_from_state_dict, vqvae_config_from_state_dict
+from .var_official import _clean, _indices, _state_dict, load_vqvae_for, scales_from_state_dict
 
 LICENCE = "NVIDIA One-Way Noncommercial License (NSCLv1): non-commercial use only"
 # config/sample/hmar-dXX.yaml: HMAR's cfg (effigen cfg_scale = 1 + cfg), top-k, top-p
@@ -89,18 +89,10 @@ def load_official_hmar(vae_path: str | Path, hmar_path: str | Path, num_heads: i
                               "(hmar-d16.pth ...)")
     config = hmar_config_from_state_dict(hmar_state, num_heads, scales)
     _check_block_diagonal(hmar_state, config.scales)
-    vae_config = vqvae_config_from_state_dict(vae_state, resolution, config.scales, quant_resi)
-    if vae_config.vocab_size != config.vocab_size or vae_config.latent_channels != config.latent_channels:
-        raise CheckpointError(f"{vae_path} (vocabulary {vae_config.vocab_size}, {vae_config.latent_channels} channels) does "
-                              f"not match {hmar_path} (vocabulary {config.vocab_size}, {config.latent_channels})")
-    tokenizer, network = MultiScaleVQ(vae_config), HMAR(config)
-    vae_state = dict(vae_state)
-    hits = vae_state.get("quantize.ema_vocab_hit_SV")
-    if hits is not None and hits.shape != tokenizer.quantize.ema_vocab_hit_SV.shape:
-        vae_state["quantize.ema_vocab_hit_SV"] = tokenizer.quantize.ema_vocab_hit_SV  # as the official loader does
-    load_state_dict_strict(tokenizer, _clean(vae_state), str(vae_path))
+    tokenizer = load_vqvae_for(vae_state, vae_path, config, hmar_path, resolution, quant_resi)
+    network = HMAR(config)
     load_state_dict_strict(network, _clean(hmar_state, "HMAR"), str(hmar_path))
-    return tokenizer.eval(), network.eval()
+    return tokenizer, network.eval()
 
 
 def official_sampler(depth: int) -> HMARSamplerConfig:

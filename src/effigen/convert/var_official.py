@@ -147,24 +147,34 @@ def _clean(state: dict[str, torch.Tensor], name: str = "VAR") -> dict[str, torch
     return out
 
 
+def load_vqvae_for(vae_state: dict[str, torch.Tensor], vae_path: str | Path, network_config: VARConfig,
+                   network_path: str | Path, resolution: int | None = None, quant_resi: float = 0.5) -> MultiScaleVQ:
+    """VAR's VQVAE as the tokenizer of a next-scale transformer (VAR, HMAR) whose config was read off its weights:
+    on the transformer's scale schedule, checked against its vocabulary and code width, weights loaded."""
+    vae_config = vqvae_config_from_state_dict(vae_state, resolution, network_config.scales, quant_resi)
+    if vae_config.vocab_size != network_config.vocab_size or vae_config.latent_channels != network_config.latent_channels:
+        raise CheckpointError(f"{vae_path} (vocabulary {vae_config.vocab_size}, {vae_config.latent_channels} channels) does "
+                              f"not match {network_path} (vocabulary {network_config.vocab_size}, "
+                              f"{network_config.latent_channels})")
+    tokenizer = MultiScaleVQ(vae_config)
+    vae_state = dict(vae_state)
+    hits = vae_state.get("quantize.ema_vocab_hit_SV")
+    if hits is not None and hits.shape != tokenizer.quantize.ema_vocab_hit_SV.shape:
+        vae_state["quantize.ema_vocab_hit_SV"] = tokenizer.quantize.ema_vocab_hit_SV  # as the official loader does
+    load_state_dict_strict(tokenizer, _clean(vae_state), str(vae_path))
+    return tokenizer.eval()
+
+
 def load_official_var(vae_path: str | Path, var_path: str | Path, num_heads: int | None = None,
                       scales: tuple[int, ...] | None = None, resolution: int | None = None,
                       quant_resi: float = 0.5) -> tuple[MultiScaleVQ, VAR]:
     vae_state = _state_dict(load_torch_file(vae_path), "vae")
     var_state = _state_dict(load_torch_file(var_path), "var")
     var_config = var_config_from_state_dict(var_state, num_heads, scales)
-    vae_config = vqvae_config_from_state_dict(vae_state, resolution, var_config.scales, quant_resi)
-    if vae_config.vocab_size != var_config.vocab_size or vae_config.latent_channels != var_config.latent_channels:
-        raise CheckpointError(f"{vae_path} (vocabulary {vae_config.vocab_size}, {vae_config.latent_channels} channels) does "
-                              f"not match {var_path} (vocabulary {var_config.vocab_size}, {var_config.latent_channels})")
-    tokenizer, network = MultiScaleVQ(vae_config), VAR(var_config)
-    vae_state = dict(vae_state)
-    hits = vae_state.get("quantize.ema_vocab_hit_SV")
-    if hits is not None and hits.shape != tokenizer.quantize.ema_vocab_hit_SV.shape:
-        vae_state["quantize.ema_vocab_hit_SV"] = tokenizer.quantize.ema_vocab_hit_SV  # as the official loader does
-    load_state_dict_strict(tokenizer, _clean(vae_state), str(vae_path))
+    tokenizer = load_vqvae_for(vae_state, vae_path, var_config, var_path, resolution, quant_resi)
+    network = VAR(var_config)
     load_state_dict_strict(network, _clean(var_state), str(var_path))
-    return tokenizer.eval(), network.eval()
+    return tokenizer, network.eval()
 
 
 def convert_var_official(vae_path: str | Path, var_path: str | Path, out: str | Path, num_heads: int | None = None,

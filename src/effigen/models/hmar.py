@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from ..nn.attention import BlockMask
-from .var import (AdaLNBeforeHead, AdaLNSelfAttn, ScalePyramidInputs, SharedAdaLin, VAR_PRESETS, VARConfig,
-                  init_next_scale_weights, scale_blocks)
+from .var import (AdaLNBeforeHead, AdaLNSelfAttn, ScalePyramidInputs, VAR_PRESETS, VARConfig, init_next_scale_weights,
+                  scale_blocks)
 
 
 @dataclass
@@ -82,20 +82,8 @@ class HMAR(ScalePyramidInputs, nn.Module):
     def __init__(self, config: HMARConfig):
         super().__init__()
         self.config = config
-        C, scales, depth, n = config.embed_dim, config.scales, config.depth, config.n_layers_train
-        self.first_l = scales[0] ** 2
-        self.begin_ends = []
-        start = 0
-        for s in scales:
-            self.begin_ends.append((start, start + s * s))
-            start += s * s
-        L = start
-        init_std = math.sqrt(1 / C / 3)
-        self.class_emb = nn.Embedding(config.num_classes + 1, C)  # the last row is the null class
-        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
-        self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
-        self.lvl_embed = nn.Embedding(len(scales), C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if config.shared_aln else nn.Identity()
+        C, depth, n = config.embed_dim, config.depth, config.n_layers_train
+        self.add_pyramid_inputs(config)
         # drop path rates as the two official training stages see them: block i of the depth-block transformer
         # gets rate i; the ns and mask blocks are its last n_layers_train blocks
         rates = torch.linspace(0, config.drop_path_rate, depth).tolist()
@@ -109,20 +97,10 @@ class HMAR(ScalePyramidInputs, nn.Module):
         self.word_embed = nn.Linear(config.latent_channels, C, bias=False)
         self.word_embed_bias = nn.Parameter(torch.zeros(C))
         self.mask_embed = nn.Embedding(1, C)
-        levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)]).view(1, L)
-        self.register_buffer("lvl_1L", levels, persistent=False)
         # block-diagonal attention, computed scale by scale (no L x L mask)
-        self.attention_blocks: BlockMask = scale_blocks(scales, "block_diagonal")
+        self.attention_blocks: BlockMask = scale_blocks(config.scales, "block_diagonal")
         init_next_scale_weights(self, config, self.blocks, [(self.ns_head_nm, self.ns_head),
-                                                            (self.mask_head_nm, self.mask_head)], init_std)
-
-    @property
-    def scales(self) -> tuple[int, ...]:
-        return self.config.scales
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
+                                                            (self.mask_head_nm, self.mask_head)], math.sqrt(1 / C / 3))
 
     @property
     def blocks(self) -> list[AdaLNSelfAttn]:
@@ -174,12 +152,6 @@ class HMAR(ScalePyramidInputs, nn.Module):
         return self._branch(x, cond, self.mask_blocks, self.mask_head_nm, self.mask_head, mask)
 
     # ------------------------------------------------------------------ teacher-forced passes
-    def _check(self, name: str, tensor: torch.Tensor) -> None:
-        L = self.pos_1LC.shape[1]
-        if tensor.shape[1:] != (L - self.first_l, self.config.latent_channels):
-            raise ValueError(f"{name} must be (B, {L - self.first_l}, {self.config.latent_channels}), got "
-                             f"{tuple(tensor.shape)}: is the tokenizer's scale schedule {self.scales}?")
-
     def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor, mask_input: torch.Tensor | None = None,
                 masked: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced logits (B, L, V) of every scale at once, block-diagonal attention.
@@ -188,7 +160,7 @@ class HMAR(ScalePyramidInputs, nn.Module):
         (`quantize.teacher_forcing_input`). Mask branch, when `mask_input` (B, L - s_1^2, Cvae)
         (`quantize.current_scale_inputs`) and `masked` (B or 1, L) bool (True = replaced by mask_embed; never the
         first scale) are given."""
-        self._check("teacher input", teacher_input)
+        self.check_teacher_input("teacher input", teacher_input)
         cond = self.class_condition(labels)
         B = labels.shape[0]
         sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start
@@ -196,7 +168,7 @@ class HMAR(ScalePyramidInputs, nn.Module):
         if mask_input is None:
             x = torch.cat((sos, previous + self.word_embed_bias), dim=1)
         else:
-            self._check("mask input", mask_input)
+            self.check_teacher_input("mask input", mask_input)
             L = self.pos_1LC.shape[1]
             if masked is None or masked.dim() != 2 or masked.shape[-1] != L:
                 raise ValueError(f"the mask branch needs `masked`, a (B or 1, {L}) boolean tensor")

@@ -203,8 +203,37 @@ class SharedAdaLin(nn.Linear):
 
 class ScalePyramidInputs:
     """The class, level and position inputs shared by next-scale networks (VAR, HMAR): the class embedding as the
-    condition and start token, and the learned level + position embedding of each scale's tokens. Expects
-    `class_emb`, `lvl_embed`, `lvl_1L`, `pos_1LC`, `pos_start`, `first_l` and `begin_ends`."""
+    condition and start token, and the learned level + position embedding of each scale's tokens
+    (`add_pyramid_inputs` registers them)."""
+
+    config: VARConfig
+
+    def add_pyramid_inputs(self, config: VARConfig) -> None:
+        """Registers, in the official order (which fixes the seeded initialisation), `class_emb` (the last row is the
+        null class), `pos_start`, `pos_1LC`, `lvl_embed` and `shared_ada_lin`, plus the constants `first_l`,
+        `begin_ends` (each scale's token range) and the `lvl_1L` buffer (each token's scale)."""
+        C, scales = config.embed_dim, config.scales
+        self.first_l = scales[0] ** 2
+        self.begin_ends = []
+        start = 0
+        for s in scales:
+            self.begin_ends.append((start, start + s * s))
+            start += s * s
+        self.class_emb = nn.Embedding(config.num_classes + 1, C)
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, start, C))
+        self.lvl_embed = nn.Embedding(len(scales), C)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if config.shared_aln else nn.Identity()
+        levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)]).view(1, start)
+        self.register_buffer("lvl_1L", levels, persistent=False)
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return self.config.scales
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
 
     def class_condition(self, labels: torch.Tensor) -> torch.Tensor:
         return self.class_emb(labels)
@@ -218,6 +247,13 @@ class ScalePyramidInputs:
         B = cond.shape[0]
         return cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start + self.level_position(0)
 
+    def check_teacher_input(self, name: str, tensor: torch.Tensor) -> None:
+        """A teacher-forced input must hold the Cvae-dim features of every token after the first scale."""
+        L = self.pos_1LC.shape[1]
+        if tensor.shape[1:] != (L - self.first_l, self.config.latent_channels):
+            raise ValueError(f"{name} must be (B, {L - self.first_l}, {self.config.latent_channels}), got "
+                             f"{tuple(tensor.shape)}: is the tokenizer's scale schedule {self.scales}?")
+
 
 class VAR(ScalePyramidInputs, nn.Module):
     config_class = VARConfig
@@ -225,38 +261,16 @@ class VAR(ScalePyramidInputs, nn.Module):
     def __init__(self, config: VARConfig):
         super().__init__()
         self.config = config
-        C, scales = config.embed_dim, config.scales
-        self.first_l = scales[0] ** 2
-        self.begin_ends = []
-        start = 0
-        for s in scales:
-            self.begin_ends.append((start, start + s * s))
-            start += s * s
-        L = start
-        init_std = math.sqrt(1 / C / 3)
+        C = config.embed_dim
         self.word_embed = nn.Linear(config.latent_channels, C)
-        self.class_emb = nn.Embedding(config.num_classes + 1, C)  # the last row is the null class
-        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
-        self.pos_1LC = nn.Parameter(torch.empty(1, L, C))
-        self.lvl_embed = nn.Embedding(len(scales), C)
-        self.shared_ada_lin = nn.Sequential(nn.SiLU(), SharedAdaLin(C, 6 * C)) if config.shared_aln else nn.Identity()
+        self.add_pyramid_inputs(config)
         rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
         self.blocks = nn.ModuleList([AdaLNSelfAttn(config, rates[i]) for i in range(config.depth)])
         self.head_nm = AdaLNBeforeHead(C, config.norm_eps)
         self.head = nn.Linear(C, config.vocab_size)
-        levels = torch.cat([torch.full((s * s,), i) for i, s in enumerate(scales)]).view(1, L)
-        self.register_buffer("lvl_1L", levels, persistent=False)
         # block-causal attention, computed block by block (effigen.nn.attention.BlockMask): no L x L mask
-        self.attention_blocks = scale_blocks(scales, "block_causal")
-        self.init_weights(init_std)
-
-    @property
-    def scales(self) -> tuple[int, ...]:
-        return self.config.scales
-
-    @property
-    def null_class(self) -> int:
-        return self.config.num_classes
+        self.attention_blocks = scale_blocks(config.scales, "block_causal")
+        self.init_weights(math.sqrt(1 / C / 3))
 
     def init_weights(self, init_std: float) -> None:
         """The official `init_weights` (`init_next_scale_weights`)."""
@@ -282,10 +296,7 @@ class VAR(ScalePyramidInputs, nn.Module):
     # ------------------------------------------------------------------ teacher-forced pass
     def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor) -> torch.Tensor:
         """labels (B,) (null class = num_classes), teacher_input (B, L - s_1^2, Cvae) -> logits (B, L, V)."""
-        L = self.pos_1LC.shape[1]
-        if teacher_input.shape[1:] != (L - self.first_l, self.config.latent_channels):
-            raise ValueError(f"teacher input must be (B, {L - self.first_l}, {self.config.latent_channels}), got "
-                             f"{tuple(teacher_input.shape)}: is the tokenizer's scale schedule {self.scales}?")
+        self.check_teacher_input("teacher input", teacher_input)
         cond = self.class_condition(labels)
         B = labels.shape[0]
         sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start
