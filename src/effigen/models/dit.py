@@ -39,6 +39,7 @@ from ..nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_
 from ..nn.layers import Mlp, SwiGLU, modulate
 from ..nn.norms import make_norm
 from ..nn.rope import VisionRoPE2D
+from ..nn.taps import Features, Taps, record_taps
 
 
 @dataclass
@@ -117,7 +118,7 @@ class DiTBlock(nn.Module):
             self.mlp = Mlp(D, int(D * config.mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, (6 if config.adaln_shift else 4) * D))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None, logits_tap=None) -> torch.Tensor:
         # Speed (CPU, bf16 autocast): the small (B, 1, k*D) conditioning is cast once to the residual's dtype, so every
         # (B, L, D) element-wise op below has a single dtype (a mixed-dtype op first copies its low-precision operand),
         # and modulation and gated residual are fused multiply-adds (one pass each instead of two).
@@ -127,7 +128,7 @@ class DiTBlock(nn.Module):
         else:
             scale_msa, gate_msa, scale_mlp, gate_mlp = modulation.chunk(4, dim=-1)
             shift_msa = shift_mlp = None
-        out = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), rope=rope)
+        out = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), rope=rope, logits_tap=logits_tap)
         x = _multiply_add(x, gate_msa, out.to(x.dtype))  # x + gate * attn, (B, L, D)
         out = self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
         return _multiply_add(x, gate_mlp, out.to(x.dtype))  # x + gate * mlp, (B, L, D)
@@ -211,10 +212,13 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], grid, grid, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, grid * p, grid * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor | None = None,
+                taps: Taps | None = None) -> torch.Tensor | tuple[torch.Tensor, Features]:
         """x: (B, C, H, W); t: (B,) in [0, 1]; labels: (B,) ints, `num_classes` = null class; guidance: (B,) the
-        paper's w (cfg_scale - 1), required exactly when `guidance_embed`."""
+        paper's w (cfg_scale - 1), required exactly when `guidance_embed`. With `taps` (`effigen.nn.taps`), returns
+        (output, features): the (B, L, D) output tokens of the requested blocks, L = (H / p)(W / p) in raster order,
+        and their (B, heads, L, L) attention logits."""
+        recorder = record_taps(taps, len(self.blocks), "this DiT")
         expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
@@ -232,6 +236,7 @@ class DiT(nn.Module):
             c = c + self.w_embedder(self.config.guidance_scale * guidance.expand(x.shape[0]))  # (B, D)
         elif guidance is not None:
             raise ValueError("guidance=w needs a DiT built with guidance_embed=True")
-        for block in self.blocks:
-            h = block(h, c, self.feat_rope)  # (B, L, D)
-        return self.unpatchify(self.final_layer(h, c))  # (B, C_out, H, W)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, self.feat_rope, recorder.logits_tap(i))  # (B, L, D)
+            recorder.block_output(i, h)
+        return recorder.result(self.unpatchify(self.final_layer(h, c)))  # (B, C_out, H, W)

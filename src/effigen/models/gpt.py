@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import LayerKVCache, attention
+from ..nn.attention import LayerKVCache, attention, attention_logits
 from ..nn.embeddings import LabelEmbedder
 from ..nn.layers import DropPath
 from ..nn.norms import RMSNorm
 from ..nn.rope import VisionRoPE2D, rotate_pairs
+from ..nn.taps import NO_TAPS, Features, TapRecorder, Taps, record_taps
 
 
 @dataclass
@@ -124,12 +125,15 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LayerKVCache | None = None) -> torch.Tensor:
+                cache: LayerKVCache | None = None, logits_tap=None) -> torch.Tensor:
+        """`logits_tap`: a callback given this layer's `attention_logits` over its keys (cached ones too), or None."""
         B, l, D = x.shape
         q, k, v = self.wqkv(x).view(B, l, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
+        if logits_tap is not None:
+            logits_tap(attention_logits(q, k))  # (B, heads, l, L_keys)
         out = attention(q.to(v.dtype), k.to(v.dtype), v, mask)
         return self.resid_dropout(self.wo(out.transpose(1, 2).reshape(B, l, D)))
 
@@ -160,8 +164,8 @@ class TransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
-                cache: LayerKVCache | None = None) -> torch.Tensor:
-        h = x + self.drop_path(self.attention(self.attention_norm(x), cos, sin, mask, cache))
+                cache: LayerKVCache | None = None, logits_tap=None) -> torch.Tensor:
+        h = x + self.drop_path(self.attention(self.attention_norm(x), cos, sin, mask, cache, logits_tap))
         return h + self.drop_path(self.feed_forward(self.ffn_norm(h)))
 
 
@@ -220,7 +224,7 @@ class GPT(nn.Module):
         return [LayerKVCache() for _ in self.layers]
 
     def trunk(self, x: torch.Tensor, start: int = 0, mask: torch.Tensor | None = None,
-              cache: list[LayerKVCache] | None = None) -> torch.Tensor:
+              cache: list[LayerKVCache] | None = None, recorder: TapRecorder = NO_TAPS) -> torch.Tensor:
         """Input embeddings x (B, l, D) at sequence positions start..start+l-1 (0 = class token) -> hidden states.
         With a cache, x attends to every cached position and to itself (a single new position needs no mask)."""
         end = start + x.shape[1]
@@ -229,19 +233,24 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
         h = self.tok_dropout(x)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, None if cache is None else cache[i])
+            h = layer(h, cos, sin, mask, None if cache is None else cache[i], recorder.logits_tap(i))
+            recorder.block_output(i, h)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h)).float()
 
     # ------------------------------------------------------------------ teacher-forced pass
-    def forward(self, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, tokens: torch.Tensor,
+                taps: Taps | None = None) -> torch.Tensor | tuple[torch.Tensor, Features]:
         """labels (B,), tokens (B, l) raster-order ids, l <= L -> logits (B, l, V); logits[:, i] predicts tokens[:, i]
-        from the class and tokens[:, :i] (the last token is only a target)."""
+        from the class and tokens[:, :i] (the last token is only a target). With `taps` (`effigen.nn.taps`), returns
+        (logits, features): the (B, l, D) output tokens of the requested layers (position 0 is the class token) and
+        their (B, heads, l, l) attention logits (causal mask not applied)."""
+        recorder = record_taps(taps, len(self.layers), "this GPT")
         B, l = tokens.shape
         if not 1 <= l <= self.num_tokens:
             raise ValueError(f"tokens must be (B, l) with 1 <= l <= {self.num_tokens} (a {self.config.grid_size}x"
                              f"{self.config.grid_size} grid), got {tuple(tokens.shape)}: is this the model's tokenizer?")
         x = torch.cat((self.class_tokens(labels), self.token_embeddings(tokens[:, :-1])), dim=1)
-        return self.logits(self.trunk(x, 0, self.causal_mask[:l, :l]))
+        return recorder.result(self.logits(self.trunk(x, 0, self.causal_mask[:l, :l], recorder=recorder)))

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import BlockMask
+from ..nn.taps import NO_TAPS, Features, TapRecorder, Taps, record_taps
 from .var import (AdaLNBeforeHead, AdaLNSelfAttn, ScalePyramidInputs, VAR_PRESETS, VARConfig, init_next_scale_weights,
                   scale_blocks)
 
@@ -137,29 +138,34 @@ class HMAR(ScalePyramidInputs, nn.Module):
         return self.word_embed(previous.float()) + own + self.word_embed_bias + self.level_position(si)
 
     def _branch(self, x: torch.Tensor, cond: torch.Tensor, blocks: nn.ModuleList, head_nm: nn.Module, head: nn.Module,
-                mask=None) -> torch.Tensor:
+                mask=None, recorder: TapRecorder = NO_TAPS) -> torch.Tensor:
         ada = self.shared_ada_lin(cond)
-        for block in (*self.base_blocks, *blocks):
-            x = block(x, ada, mask)
+        for i, block in enumerate((*self.base_blocks, *blocks)):
+            x = block(x, ada, mask, None, recorder.logits_tap(i))
+            recorder.block_output(i, x)
         return head(head_nm(x.float(), cond)).float()
 
-    def next_scale_logits(self, x: torch.Tensor, cond: torch.Tensor, mask=None) -> torch.Tensor:
+    def next_scale_logits(self, x: torch.Tensor, cond: torch.Tensor, mask=None,
+                          recorder: TapRecorder = NO_TAPS) -> torch.Tensor:
         """Trunk + ns blocks + ns head on tokens x (B, l, C) (one scale at sampling time: no mask needed)."""
-        return self._branch(x, cond, self.ns_blocks, self.ns_head_nm, self.ns_head, mask)
+        return self._branch(x, cond, self.ns_blocks, self.ns_head_nm, self.ns_head, mask, recorder)
 
-    def mask_logits(self, x: torch.Tensor, cond: torch.Tensor, mask=None) -> torch.Tensor:
+    def mask_logits(self, x: torch.Tensor, cond: torch.Tensor, mask=None, recorder: TapRecorder = NO_TAPS) -> torch.Tensor:
         """Trunk + mask blocks + mask head."""
-        return self._branch(x, cond, self.mask_blocks, self.mask_head_nm, self.mask_head, mask)
+        return self._branch(x, cond, self.mask_blocks, self.mask_head_nm, self.mask_head, mask, recorder)
 
     # ------------------------------------------------------------------ teacher-forced passes
     def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor, mask_input: torch.Tensor | None = None,
-                masked: torch.Tensor | None = None) -> torch.Tensor:
+                masked: torch.Tensor | None = None, taps: Taps | None = None) -> torch.Tensor | tuple[torch.Tensor, Features]:
         """Teacher-forced logits (B, L, V) of every scale at once, block-diagonal attention.
 
         Next-scale branch: labels (B,) (null class = num_classes), teacher_input (B, L - s_1^2, Cvae)
         (`quantize.teacher_forcing_input`). Mask branch, when `mask_input` (B, L - s_1^2, Cvae)
         (`quantize.current_scale_inputs`) and `masked` (B or 1, L) bool (True = replaced by mask_embed; never the
-        first scale) are given."""
+        first scale) are given. With `taps` (`effigen.nn.taps`), returns (logits, features) of the branch that runs:
+        block index i counts along its path, the trunk's `base_blocks` (0..depth - n_layers_train - 1) then the
+        branch's own blocks; tokens (B, L, D), attention logits (B, heads, L, L) (block-diagonal mask not applied)."""
+        recorder = record_taps(taps, self.config.depth, "this HMAR branch (trunk + branch blocks)")
         self.check_teacher_input("teacher input", teacher_input)
         cond = self.class_condition(labels)
         B = labels.shape[0]
@@ -179,5 +185,5 @@ class HMAR(ScalePyramidInputs, nn.Module):
             x = torch.cat((sos, previous + own + self.word_embed_bias), dim=1)
         x = x + self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC
         if mask_input is None:
-            return self.next_scale_logits(x, cond, self.attention_blocks)
-        return self.mask_logits(x, cond, self.attention_blocks)
+            return recorder.result(self.next_scale_logits(x, cond, self.attention_blocks, recorder))
+        return recorder.result(self.mask_logits(x, cond, self.attention_blocks, recorder))

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.attention import BlockMask, LayerKVCache, attention  # LayerKVCache re-exported (it lived here)
+from ..nn.attention import BlockMask, LayerKVCache, attention, attention_logits  # LayerKVCache re-exported
 from ..nn.layers import DropPath, Mlp
+from ..nn.taps import NO_TAPS, Features, TapRecorder, Taps, record_taps
 from ..tokenizers.msvq import VAR_SCALES
 
 
@@ -140,7 +141,9 @@ class VARAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerKVCache | None = None,
+                logits_tap=None) -> torch.Tensor:
+        """`logits_tap`: a callback given this layer's `attention_logits` over its keys (cached ones too), or None."""
         B, L, D = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
@@ -155,6 +158,8 @@ class VARAttention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)
         q, k, v = q.to(v.dtype), k.to(v.dtype), v
+        if logits_tap is not None:
+            logits_tap(attention_logits(q, k, scale))  # (B, heads, L, L_keys)
         out = attention(q, k, v, mask, scale=scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
 
@@ -173,14 +178,15 @@ class AdaLNSelfAttn(nn.Module):
         else:
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: LayerKVCache | None = None,
+                logits_tap=None) -> torch.Tensor:
         C = x.shape[-1]
         if self.shared_aln:
             ada = self.ada_gss + cond  # cond: (B, 1, 6, C) from the shared projection
         else:
             ada = self.ada_lin(cond).view(-1, 1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, mask, cache) * gamma1)
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, mask, cache, logits_tap) * gamma1)
         x = x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2) * gamma2)
         return x
 
@@ -284,23 +290,29 @@ class VAR(ScalePyramidInputs, nn.Module):
     def new_cache(self) -> list[LayerKVCache]:
         return [LayerKVCache() for _ in self.blocks]
 
-    def trunk(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: list[LayerKVCache] | None = None) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: list[LayerKVCache] | None = None,
+              recorder: TapRecorder = NO_TAPS) -> torch.Tensor:
         ada = self.shared_ada_lin(cond)
         for i, block in enumerate(self.blocks):
-            x = block(x, ada, mask, None if cache is None else cache[i])
+            x = block(x, ada, mask, None if cache is None else cache[i], recorder.logits_tap(i))
+            recorder.block_output(i, x)
         return x
 
     def logits(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.head(self.head_nm(h.float(), cond)).float()
 
     # ------------------------------------------------------------------ teacher-forced pass
-    def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor) -> torch.Tensor:
-        """labels (B,) (null class = num_classes), teacher_input (B, L - s_1^2, Cvae) -> logits (B, L, V)."""
+    def forward(self, labels: torch.Tensor, teacher_input: torch.Tensor,
+                taps: Taps | None = None) -> torch.Tensor | tuple[torch.Tensor, Features]:
+        """labels (B,) (null class = num_classes), teacher_input (B, L - s_1^2, Cvae) -> logits (B, L, V). With `taps`
+        (`effigen.nn.taps`), returns (logits, features): the (B, L, D) output tokens of the requested blocks (scales
+        concatenated coarse to fine) and their (B, heads, L, L) attention logits (block-causal mask not applied)."""
+        recorder = record_taps(taps, len(self.blocks), "this VAR")
         self.check_teacher_input("teacher input", teacher_input)
         cond = self.class_condition(labels)
         B = labels.shape[0]
         sos = cond.unsqueeze(1).expand(B, self.first_l, -1) + self.pos_start
         x = torch.cat((sos, self.word_embed(teacher_input.float())), dim=1)
         x = x + self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC
-        h = self.trunk(x, cond, self.attention_blocks)
-        return self.logits(h, cond)
+        h = self.trunk(x, cond, self.attention_blocks, recorder=recorder)
+        return recorder.result(self.logits(h, cond))

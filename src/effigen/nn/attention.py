@@ -141,6 +141,13 @@ def attention(
     return _dense_attention(q, k, v, mask, scale)
 
 
+def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Pre-softmax logits q k^T * scale (default 1/sqrt(head_dim)), (B, heads, L_q, L_k), in fp32 and with no mask:
+    what the softmax of `attention` sees before masking (a feature tap, `effigen.nn.taps`)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return (q.float() @ k.float().transpose(-2, -1)) * scale
+
+
 class LayerKVCache:
     """Keys and values of the tokens seen so far by one attention layer, (B, heads, L_seen, head_dim), grown
     along the sequence by `append` (the KV cache of the autoregressive samplers: VAR, raster AR)."""
@@ -172,12 +179,15 @@ class SelfAttention(nn.Module):
         self.k_norm = make_norm(norm, self.head_dim, affine=True) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope=None, logits_tap=None) -> torch.Tensor:
+        """`logits_tap`: a callback given this layer's `attention_logits` (a feature tap), or None."""
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, L, head_dim)
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
+        if logits_tap is not None:
+            logits_tap(attention_logits(q, k))  # (B, heads, L, L)
         out = attention(q, k, v, mask)  # (B, heads, L, head_dim)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
