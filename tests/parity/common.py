@@ -50,6 +50,11 @@ def manifest(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 
 
+def vectors_path(path: Path, spec: dict) -> Path:
+    """The folder's tensors file: the manifest's "vectors" entry, else the README's default name."""
+    return path / spec.get("vectors", "vectors.safetensors")
+
+
 def relative_error(a, b) -> float:
     a = np.asarray(a.detach().double().numpy() if hasattr(a, "detach") else a, dtype=np.float64)
     b = np.asarray(b.detach().double().numpy() if hasattr(b, "detach") else b, dtype=np.float64)

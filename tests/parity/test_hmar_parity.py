@@ -14,7 +14,7 @@ from effigen.convert.hmar_official import convert_hmar_official
 from effigen.pipeline import Pipeline
 from effigen.samplers.hmar import sample_hmar
 
-from .common import discover, folder, manifest
+from .common import discover, folder, manifest, vectors_path
 
 pytestmark = pytest.mark.parity
 
@@ -25,7 +25,7 @@ def case(request, tmp_path):
     spec = manifest(path)
     out = convert_hmar_official(path / spec["vae_pth"], path / spec["hmar_pth"], tmp_path / "converted",
                                 resolution=spec.get("image_resolution"))
-    return spec, load_file(str(path / spec.get("vectors", "vectors.safetensors"))), Pipeline.from_pretrained(out), path
+    return spec, load_file(str(vectors_path(path, spec))), Pipeline.from_pretrained(out), path
 
 
 def split_scales(pipeline, indices: torch.Tensor) -> list[torch.Tensor]:
@@ -102,7 +102,7 @@ def test_greedy_masked_schedule_sample(case):
     settings = pipeline.sampler_settings(cfg_scale=1 + generate["cfg"], top_k=1, top_p=0.0, guidance_schedule="linear",
                                          mask_schedule=generate["mask_schedule"], mask_guidance_ratio=1e-6)
     f_hat, indices = sample_hmar(pipeline.generator, pipeline.tokenizer, vectors["labels"], settings,
-                                 torch.Generator().manual_seed(0), return_indices=True)
+                                 torch.Generator().manual_seed(generate.get("g_seed", 0)), return_indices=True)
     assert torch.equal(torch.cat(indices, dim=1), vectors["generated_indices"])
     tolerance = spec["tolerance"]["images_max_abs"]
     with torch.no_grad():
@@ -117,7 +117,8 @@ def test_convert_command(case, tmp_path):
 
     spec, vectors, pipeline, path = case
     assert main(["convert", "hmar-official", "--vae", str(path / spec["vae_pth"]), "--hmar", str(path / spec["hmar_pth"]),
-                 "--out", str(tmp_path / "cli"), "--resolution", str(spec["image_resolution"])]) == 0
+                 "--out", str(tmp_path / "cli")]
+                + (["--resolution", str(spec["image_resolution"])] if "image_resolution" in spec else [])) == 0
     converted = Pipeline.from_pretrained(tmp_path / "cli")
     assert converted.method.name == "hmar" and converted.sampler_config.mask_schedule is None
     if pipeline.generator.config.depth not in (16, 20, 24, 30):  # the argument defaults of sampling_arg_util.py

@@ -3,7 +3,8 @@
 Reads every folder under ``$EFFIGEN_PARITY_DIR`` (default ``<repo>/../shared/parity``) whose
 ``manifest.json`` names ``"architecture": "inception-fid-torch-fidelity"`` and checks, against the
 manifest's tolerances: every feature tap of the probe images, FID / IS (mean, std) / KID (mean, std)
-between ``set_a`` and ``set_b``. A missing root folder or no supported folder is a failure.
+between the two image sets the manifest names (``set_a`` and ``set_b``). A missing root folder or no
+supported folder is a failure.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from .common import PARITY_ROOT, discover, folder, relative_error
+from .common import PARITY_ROOT, discover, folder, relative_error, vectors_path
 from effigen.eval import (
     compute_statistics,
     convert_inception_state_dict,
@@ -59,14 +60,19 @@ def _model(name: str):
     return load_inception(PARITY_ROOT / name / _manifest(name)["weights"])
 
 
+def _image_sets(name: str) -> tuple[str, str]:
+    """The two image folders the manifest names, in its order: FID/KID compare them, IS scores the first."""
+    sets = tuple(_manifest(name)["image_sets"])
+    assert len(sets) == 2, f"{name}: expected two image sets, the manifest names {sets}"
+    return sets
+
+
 @functools.lru_cache(maxsize=None)
-def _set_features(name: str) -> dict[str, dict[str, np.ndarray]]:
+def _set_features(name: str) -> list[dict[str, np.ndarray]]:
     model = _model(name)
     taps = ["2048", "logits_unbiased"]
-    return {
-        s: extract_features(model, load_images(PARITY_ROOT / name / s), batch_size=40, taps=taps, progress=False)
-        for s in ("set_a", "set_b")
-    }
+    return [extract_features(model, load_images(PARITY_ROOT / name / s), batch_size=40, taps=taps, progress=False)
+            for s in _image_sets(name)]
 
 
 @pytest.mark.parametrize("name", PARAMS)
@@ -74,7 +80,7 @@ def test_probe_features(name):
     folder = _folder(name)
     from safetensors.numpy import load_file
 
-    vectors = load_file(str(folder / "vectors.safetensors"))
+    vectors = load_file(str(vectors_path(folder, _manifest(name))))
     tol = _manifest(name)["tolerance"]["features_rel_l2"]
     taps = {k[len("probe_features_"):]: v for k, v in vectors.items() if k.startswith("probe_features_")}
     assert taps, f"{folder}: no probe_features_* tensors"
@@ -92,7 +98,7 @@ def test_fid(name):
     _folder(name)
     man = _manifest(name)
     f = _set_features(name)
-    fid = frechet_distance(*compute_statistics(f["set_a"]["2048"]), *compute_statistics(f["set_b"]["2048"]))
+    fid = frechet_distance(*compute_statistics(f[0]["2048"]), *compute_statistics(f[1]["2048"]))
     ref = man["metrics"]["frechet_inception_distance"]
     err = abs(fid - ref) / abs(ref)
     print(f"{name} FID {fid!r} vs {ref!r}: rel err {err:.3g} (tol {man['tolerance']['fid_rel']})")
@@ -107,7 +113,7 @@ def test_inception_score(name):
     # The manifest's prose says "no shuffling", but its numbers are torch-fidelity's default
     # (samples_shuffle=True, RandomState(2020).permutation); an explicit key would override that.
     shuffle = bool(man.get("metric_settings", {}).get("isc_shuffle", True))
-    mean, std = inception_score(_set_features(name)["set_a"]["logits_unbiased"], splits=splits, shuffle=shuffle)
+    mean, std = inception_score(_set_features(name)[0]["logits_unbiased"], splits=splits, shuffle=shuffle)
     tol = man["tolerance"]["isc_rel"]
     ref_mean, ref_std = man["metrics"]["inception_score_mean"], man["metrics"]["inception_score_std"]
     e_mean, e_std = abs(mean - ref_mean) / abs(ref_mean), abs(std - ref_std) / abs(ref_std)
@@ -125,7 +131,7 @@ def test_kid(name):
     degree = _int_setting(text, r"degree\s*(\d+)", 3)
     f = _set_features(name)
     mean, std = kernel_inception_distance(
-        f["set_a"]["2048"], f["set_b"]["2048"], subset_size=subset_size, subsets=subsets, degree=degree
+        f[0]["2048"], f[1]["2048"], subset_size=subset_size, subsets=subsets, degree=degree
     )
     tol = man["tolerance"].get("kid_rel", man["tolerance"]["fid_rel"])
     ref_mean = man["metrics"]["kernel_inception_distance_mean"]
@@ -148,7 +154,7 @@ def test_released_weight_layouts_load(name):
     assert layout == "flat"
     from safetensors.numpy import load_file
 
-    images = torch.from_numpy(load_file(str(folder / "vectors.safetensors"))["probe_images_uint8"][:1])
+    images = torch.from_numpy(load_file(str(vectors_path(folder, _manifest(name))))["probe_images_uint8"][:1])
     with torch.inference_mode():
         ref = _model(name)(images)
 

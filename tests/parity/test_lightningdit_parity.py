@@ -13,7 +13,7 @@ from effigen.convert.lightningdit_official import convert_lightningdit_official,
 from effigen.pipeline import Pipeline
 from effigen.samplers import guided_prediction, make_time_grid
 
-from .common import discover, folder, manifest, relative_error
+from .common import discover, folder, manifest, relative_error, vectors_path
 
 pytestmark = pytest.mark.parity
 
@@ -22,8 +22,11 @@ pytestmark = pytest.mark.parity
 def case(request, tmp_path):
     path = folder(request.param)
     spec = manifest(path)
-    out = convert_lightningdit_official(path / spec["checkpoint"], tmp_path / "converted")
-    return spec, load_file(str(path / "vectors.safetensors")), Pipeline.from_pretrained(out)
+    official = spec["lightningdit"]
+    # the weights give the head count through RoPE's table or qk-norm's width; without either, a user passes it
+    num_heads = None if official["use_rope"] or official["use_qknorm"] else official["num_heads"]
+    out = convert_lightningdit_official(path / spec["checkpoint"], tmp_path / "converted", num_heads)
+    return spec, load_file(str(vectors_path(path, spec))), Pipeline.from_pretrained(out)
 
 
 def official_velocity(network, x, t_official, y):
@@ -43,7 +46,13 @@ def test_config_is_read_off_the_checkpoint(case):
         official["hidden_size"], official["depth"], official["num_heads"], official["patch_size"], official["in_channels"])
     assert config.rope == official["use_rope"] and config.qk_norm == official["use_qknorm"]
     assert (config.norm == "rmsnorm") == official["use_rmsnorm"] and (config.mlp == "swiglu") == official["use_swiglu"]
-    assert config.num_classes == official["num_classes"]
+    assert config.num_classes == official["num_classes"] and config.adaln_shift == (not official["wo_shift"])
+    assert config.input_size == official["input_size"]
+    mlp, mlp_hidden = pipeline.generator.blocks[0].mlp, int(official["hidden_size"] * official["mlp_ratio"])
+    if official["use_swiglu"]:  # official: SwiGLUFFN(hidden_size, int(2 / 3 * mlp_hidden_dim))
+        assert mlp.w3.in_features == official.get("swiglu_hidden", int(2 / 3 * mlp_hidden))
+    else:
+        assert mlp.fc1.out_features == mlp_hidden
 
 
 def test_forward_velocity(case):

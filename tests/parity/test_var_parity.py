@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from effigen.convert.var_official import convert_var_official
 from effigen.pipeline import Pipeline
 
-from .common import discover, folder, manifest
+from .common import discover, folder, manifest, vectors_path
 
 pytestmark = pytest.mark.parity
 
@@ -22,7 +22,7 @@ def case(request, tmp_path):
     spec = manifest(path)
     out = convert_var_official(path / spec["vae_pth"], path / spec["var_pth"], tmp_path / "converted",
                                resolution=spec.get("image_resolution"))
-    return spec, load_file(str(path / spec.get("vectors", "vectors.safetensors"))), Pipeline.from_pretrained(out), path
+    return spec, load_file(str(vectors_path(path, spec))), Pipeline.from_pretrained(out), path
 
 
 def test_config_is_read_off_the_weights(case):
@@ -78,7 +78,8 @@ def test_convert_command(case, tmp_path):
 
     spec, vectors, pipeline, path = case
     assert main(["convert", "var-official", "--vae", str(path / spec["vae_pth"]), "--var", str(path / spec["var_pth"]),
-                 "--out", str(tmp_path / "cli"), "--resolution", str(spec["image_resolution"])]) == 0
+                 "--out", str(tmp_path / "cli")]
+                + (["--resolution", str(spec["image_resolution"])] if "image_resolution" in spec else [])) == 0
     converted = Pipeline.from_pretrained(tmp_path / "cli")
     assert converted.method.name == "var" and converted.sampler_config.top_k == 900
     assert converted.sampler_config.cfg_scale == 2.5  # VAR's README cfg=1.5
