@@ -492,7 +492,7 @@ def test_init_from_errors_name_the_fix(stages, tmp_path):
     base = build_experiment_dict("mnist-hmar-mask", overrides=_overrides(tmp_path, stages["tokenizer"]))
     with pytest.raises(ConfigError, match="no pipeline folder with a generator there.*run the previous stage first"):
         parse_experiment({**base, "init_from": str(tmp_path / "missing")})
-    with pytest.raises(ConfigError, match="holds a HMAR generator.*trains a VAR"):
+    with pytest.raises(ConfigError, match="holds a HMAR generator.*starts from a VAR"):
         var = build_experiment_dict("mnist-var", overrides=[f"--tokenizer={stages['tokenizer']}", "--data.resolution=8"])
         parse_experiment({**var, "init_from": str(stages["stage1"] / "final")})
     wider = {**base, "init_from": str(stages["stage1"] / "final"), "network": {"embed_dim": 48, "num_heads": 2}}
