@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -23,6 +25,18 @@ from safetensors.torch import load_file, save_file
 
 class CheckpointError(RuntimeError):
     """A checkpoint or pipeline folder is missing, corrupt, or does not match the model."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """Weights hold NaN or inf: refused when loading a file and before writing a checkpoint."""
+
+
+class OutputDirectoryError(CheckpointError):
+    """A run's output directory cannot be created or written, a write into it failed, or it is locked."""
+
+
+# The temporaries of `atomic_directory` / `atomic_write_text`: `.tmp-NAME-XXXXXXXX` and `.old-NAME-XXXXXXXX`.
+TEMPORARY_PATTERN = re.compile(r"^\.(tmp|old)-(.+)-[0-9a-f]{8}$")
 
 
 @contextmanager
@@ -107,8 +121,31 @@ def load_torch_file(path: str | Path) -> Any:
         raise CheckpointError(f"{path} could not be read safely (corrupt, truncated, or holds pickled code): {e}") from e
 
 
+def non_finite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an inf, in the dict's order."""
+    bad = []
+    for key, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex()):
+            if hasattr(value, "to_local"):  # a DTensor shard: this process's part
+                value = value.to_local()
+            if not bool(torch.isfinite(value).all()):
+                bad.append(key)
+    return bad
+
+
+def check_finite(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Raise NonFiniteWeightsError naming `source` and the first tensors that hold NaN or inf."""
+    bad = non_finite_keys(state_dict)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"{source} holds non-finite values (NaN or inf) in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}. The file is corrupt or was saved from a diverged run; "
+            "use an earlier checkpoint (or retrain) instead of this one"
+        )
+
+
 def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load every tensor or fail with a message listing what is missing, unexpected or mis-shaped."""
+    """Load every tensor or fail with a message listing what is missing, unexpected, mis-shaped or non-finite."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -129,4 +166,162 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: dict[str, torch.
             lines.append(f"  shape mismatches: {'; '.join(mismatched[:8])}")
         lines.append("Check that the config.json beside the weights is the one they were saved with.")
         raise CheckpointError("\n".join(lines))
+    check_finite(state_dict, source)
     module.load_state_dict(state_dict, strict=True)
+
+
+# ---------------------------------------------------------------------------- run folders
+
+def describe_os_error(error: OSError) -> str:
+    """A one-line cause, saying plainly when the disk is full or the folder is read-only / not ours."""
+    detail = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"the disk is full ({detail}); free some space"
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied ({detail})"
+    if error.errno == errno.EROFS:
+        return f"the file system is read-only ({detail})"
+    return f"{type(error).__name__}: {error}"
+
+
+def check_writable_dir(path: str | Path, what: str = "output directory") -> Path:
+    """Create `path` (with its parents) and write and delete a probe file in it, or raise OutputDirectoryError
+    naming the directory and the cause. Call it before any work whose results would be lost."""
+    path = Path(path)
+    probe = path / f".tmp-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"effigen write probe\n")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirectoryError(
+            f"cannot write into the {what} {path}: {describe_os_error(e)}; choose another --trainer.output_dir "
+            "or make that directory writable"
+        ) from None
+    return path
+
+
+def clean_stale_temporaries(folder: str | Path) -> list[str]:
+    """Remove the `.tmp-*` / `.old-*` leftovers of interrupted `atomic_directory` / `atomic_write_text` calls in
+    `folder` (only names of that exact pattern). An `.old-NAME-*` folder whose NAME is missing is the last complete
+    version of NAME (the process died between the two renames) and is renamed back instead. Call it only while no
+    other process writes into `folder`. Returns what was done, one line per entry."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    done = []
+    for entry in sorted(folder.iterdir()):
+        match = TEMPORARY_PATTERN.match(entry.name)
+        if match is None:
+            continue
+        kind, name = match.groups()
+        target = folder / name
+        if kind == "old" and entry.is_dir() and not target.exists():
+            os.replace(entry, target)
+            done.append(f"restored {target} from {entry.name}")
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            done.append(f"removed {entry}")
+        else:
+            entry.unlink(missing_ok=True)
+            done.append(f"removed {entry}")
+    return done
+
+
+class CheckpointWriteError(OutputDirectoryError):
+    """Writing a checkpoint failed (disk full, permissions, ...); the previous checkpoint is intact."""
+
+
+class RunLockedError(OutputDirectoryError):
+    """Another process holds the lock of a run's output directory."""
+
+
+LOCK_NAME = ".effigen-run.lock"
+_HELD_LOCKS: dict[str, list] = {}  # resolved lock path -> [open file, depth]: re-entrant within one process
+
+
+class DirectoryLock:
+    """An exclusive lock on `directory` for a run's lifetime: `directory/.effigen-run.lock`, held with `flock`
+    (POSIX; `msvcrt.locking` elsewhere) and recording the holder's pid. The operating system drops the lock when the
+    holder exits, so the file of a dead run never blocks a new one. Re-entrant within one process.
+
+        with DirectoryLock(output_dir):
+            ...  # a second run into output_dir raises RunLockedError naming this process
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self._key: str | None = None
+
+    def acquire(self) -> "DirectoryLock":
+        if self._key is not None:
+            return self
+        check_writable_dir(self.directory)
+        key = str(self.path.resolve())
+        if key in _HELD_LOCKS:
+            _HELD_LOCKS[key][1] += 1
+            self._key = key
+            return self
+        handle = open(self.path, "a+")
+        try:
+            _lock_file(handle)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunLockedError(
+                f"another effigen run (pid {holder}) is training into {self.directory}; wait for it to finish, stop it, "
+                "or choose another --trainer.output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD_LOCKS[key] = [handle, 1]
+        self._key = key
+        return self
+
+    def release(self) -> None:
+        if self._key is None:
+            return
+        held = _HELD_LOCKS[self._key]
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD_LOCKS[self._key]
+            _unlock_file(held[0])
+            held[0].close()
+        self._key = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _lock_file(handle) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _unlock_file(handle) -> None:
+    try:
+        import fcntl
+    except ImportError:
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
