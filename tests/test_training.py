@@ -110,8 +110,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr(t, "save_weights", crash)  # train_state/ write dies half-way through the folder
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(CheckpointError, match="simulated") as failure:  # named, with the cause and the good one
         build_and_train(smoke(tmp_path, "--trainer.max_steps=4"), quiet=True)
+    assert f"last good checkpoint is {good}" in str(failure.value)
     assert list_checkpoints(tmp_path) == [good]
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     after = load_weights(good / "generator" / "model.safetensors")

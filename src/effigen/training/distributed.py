@@ -63,6 +63,28 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_processes_ok(ok: bool, device: torch.device | str = "cpu") -> bool:
+    """True when `ok` holds on every process (a collective: every process must call it; `ok` itself alone).
+
+    Lets one process's failure (a write only the main process does, a non-finite shard) stop every process
+    together instead of leaving the others waiting in the next collective."""
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return ok
+
+
+def main_process_value(value: float, device: torch.device | str = "cpu") -> float:
+    """The main process's `value` on every process (a collective). Decisions made from each process's own clock
+    (a time budget, a time-based learning rate) must be the same everywhere, or the processes diverge or hang."""
+    if dist.is_available() and dist.is_initialized():
+        shared = torch.tensor([value], dtype=torch.float64, device=device)
+        dist.broadcast(shared, src=0)
+        return float(shared.item())
+    return value
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
