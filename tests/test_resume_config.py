@@ -158,3 +158,49 @@ def test_the_config_yaml_of_a_real_run(tmp_path):
     assert check_resume_compatible(stored, new("--trainer.max_steps=4")) == ["trainer.max_steps: 2 -> 4"]
     with pytest.raises(ResumeConfigError, match="objective.prediction: velocity -> data"):
         check_resume_compatible(stored, new("--objective.prediction=data"), where=tmp_path)
+
+
+def test_effigen_train_refuses_changed_settings_before_writing_anything(tmp_path, capsys):
+    """The run builder checks a resumed run's settings, and holds the run folder's lock, before it writes config.yaml."""
+    from effigen.cli.main import main
+    from effigen.io import DirectoryLock
+
+    common = ["--preset", "smoke", f"--trainer.output_dir={tmp_path}", "--trainer.checkpoint_every=2"]
+    assert main(["train", *common, "--trainer.max_steps=2"]) == 0
+    written = (tmp_path / "config.yaml").read_text()
+    for change, shown in (("--trainer.learning_rate=0.002", "trainer.learning_rate: 0.001 -> 0.002"),
+                          ("--objective.prediction=data", "objective.prediction: velocity -> data"),
+                          ("--trainer.seed=1", "trainer.seed: 0 -> 1"),
+                          ("--network.hidden_size=32", "network.hidden_size: 64 -> 32")):
+        capsys.readouterr()
+        assert main(["train", *common, "--trainer.max_steps=2", change]) == 2
+        assert shown in capsys.readouterr().err
+        assert (tmp_path / "config.yaml").read_text() == written  # nothing was overwritten
+    # more steps is a safe change: the run resumes and says what changed
+    assert main(["train", *common, "--trainer.max_steps=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {tmp_path} with trainer.max_steps: 2 -> 4" in out and "resumed from" in out
+    assert "max_steps: 4" in (tmp_path / "config.yaml").read_text()
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_before_it_writes(tmp_path, capsys):
+    import subprocess
+    import sys
+    import textwrap
+
+    from effigen.cli.main import main
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from effigen.io import DirectoryLock
+        with DirectoryLock({str(tmp_path)!r}):
+            print("locked", flush=True)
+            sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["train", "--preset", "smoke", f"--trainer.output_dir={tmp_path}"]) == 2
+        assert f"another effigen run (pid {holder.pid}) is training into {tmp_path}" in capsys.readouterr().err
+        assert not (tmp_path / "config.yaml").exists()
+    finally:
+        holder.communicate("")

@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
-from ..config import ConfigError, save_config_file
+from ..config import ConfigError
 from ..data import build_dataset, check_resolution
 from ..images import save_image_grid
+from ..io import DirectoryLock, atomic_write_text, check_finite
 from ..pipeline import Pipeline, load_network
 from ..registry import build_objective
 from .distributed import init_distributed
@@ -124,12 +126,47 @@ def reconstruction_grid_fn(dataset_test, output_dir: Path, device, count: int = 
     return sample_fn
 
 
+def check_resume(config: ExperimentConfig, context, quiet: bool = False) -> list[str]:
+    """Refuse to continue a run in `output_dir` whose training settings changed (resume.check_resume_compatible);
+    returns the safe changes (more steps, another budget, intervals, sampler settings). Every process checks, so
+    all of them fail together. A stored config.yaml of an older effigen is normalised through the parser first, so
+    settings added since then compare as their defaults."""
+    from .resume import check_resume_compatible, read_stored_config
+
+    stored = read_stored_config(config.trainer.output_dir) if config.trainer.resume else None
+    if stored is None:
+        return []
+    try:
+        stored = parse_experiment(stored, num_classes=getattr(config.network, "num_classes", None)).to_dict()
+    except ConfigError:
+        pass  # compared as written (e.g. its tokenizer folder moved): every difference is then listed
+    changes = check_resume_compatible(stored, config.to_dict(), where=config.trainer.output_dir)
+    if context.is_main and not quiet:
+        for change in changes:
+            print(f"resuming {config.trainer.output_dir} with {change}")
+    return changes
+
+
 def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
-    """Everything `effigen train` does, callable from Python. Returns the trainer's summary plus paths."""
+    """Everything `effigen train` does, callable from Python. Returns the trainer's summary plus paths.
+
+    Before anything is written into `trainer.output_dir`: the experiment is validated and resolved, a run being
+    resumed is checked for changed settings, and the main process locks the folder for the run's lifetime (a second
+    run into it is refused)."""
     config = parse_experiment(config_dict)  # fail on bad keys before any work
     context = init_distributed(config.trainer.device)
     dataset = build_dataset(config.data, "train")
     config = parse_experiment(config_dict, num_classes=dataset.num_classes)
+    check_resume(config, context, quiet)
+    lock = DirectoryLock(config.trainer.output_dir).acquire() if context.is_main else None
+    try:
+        return _build_and_train(config, context, dataset, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build_and_train(config: ExperimentConfig, context, dataset, quiet: bool) -> dict:
     method = config.method_spec
     tokenizer = load_tokenizer(config, context.device)
     patch = getattr(config.network, "patch_size", 1)
@@ -155,7 +192,7 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
     output_dir = Path(config.trainer.output_dir)
     if context.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_config_file(config, output_dir / "config.yaml")
+        atomic_write_text(output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     def save_folder(path: Path, ema_state: dict, extra) -> None:
         make_pipeline(config, network, info, tokenizer).save_pretrained(path, generator_state=ema_state, extra=extra)
@@ -195,6 +232,7 @@ def build_and_train(config_dict: dict, quiet: bool = False) -> dict:
         summary["latent_channel_std"] = [round(x, 4) for x in stats["channel_std"]]
     if context.is_main:
         final = output_dir / "final"
+        check_finite(ema_state, f"the final EMA weights (not written to {final})")
         make_pipeline(config, network, info, tokenizer).save_pretrained(final, generator_state=ema_state)
         started = time.perf_counter()
         grid = sample_fn(ema_network, trainer.step)
