@@ -21,6 +21,7 @@ from .models.dit import DIT_PRESETS, DiT
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
 from .models.var import VAR, VAR_PRESETS
+from .objectives.alignment import Projectors
 from .objectives.ddpm import GaussianDiffusion
 from .objectives.distilled import DistilledGenerator
 from .objectives.flow_matching import RectifiedFlow
@@ -83,7 +84,7 @@ METHODS: dict[str, Method] = {
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a
 # low-resolution stage, quantization parameters, ...), by the class name that model_index.json records. A component
 # class has `config_class` (a dataclass) and is built as `cls(config)`.
-COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ)}
+COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, Projectors)}
 COMPONENTS.update({m.network_class.__name__: m.network_class for m in METHODS.values()})
 TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE}  # the tokenizer classes, for cache-latents
 
