@@ -2,6 +2,8 @@
 
     effigen train --preset mnist-dit
     effigen train --preset mnist-dit --trainer.max_steps=200 --network.depth=4
+    effigen train --preset mnist-sit --align repa                 # + REPA to the built-in mnist-vit teacher
+    effigen train --preset mnist-sit --align haste --align.stop_step=600 --align.teacher=dinov2-vitb14=PATH
     torchrun --nproc_per_node=2 -m effigen train --preset mnist-dit --trainer.device=cpu
 
 Writes into trainer.output_dir: config.yaml, metrics.jsonl, samples/*.png, checkpoints/step_N/ (pipeline
@@ -25,12 +27,16 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--preset", help="experiment preset (see `effigen presets`)")
     parser.add_argument("--config", help="YAML or JSON experiment file (applied over the preset)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--align", choices=["none", "repa", "haste"],
+                        help="representation alignment to a frozen teacher (= --align.method=...; docs/alignment.md)")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--") or "=" not in o]
     if bad:
         parser.error(f"unrecognised arguments {bad}; config overrides look like --section.key=value")
     if args.preset is None and args.config is None:
         args.preset = "mnist-dit"
+    if args.align is not None:
+        overrides.append(f"--align.method={args.align}")
     config_dict = build_experiment_dict(args.preset, args.config, overrides)
     if args.print_config:
         import yaml

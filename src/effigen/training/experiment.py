@@ -22,6 +22,7 @@ from typing import Any
 from ..config import ConfigError, apply_overrides, config_from_dict, config_to_dict, load_config_file
 from ..data import DataConfig
 from ..registry import METHODS, Method, component_class, get_method
+from ..objectives.alignment import AlignConfig
 from ..tokenizers.base import TokenizerOutputSpec
 from .trainer import TrainerConfig
 
@@ -36,6 +37,7 @@ class ExperimentConfig:
     trainer: TrainerConfig
     tokenizer: str | None = None  # folder of a trained tokenizer (token/latent generators)
     init_from: str | None = None  # a pipeline folder whose generator weights start the run (e.g. HMAR's stage 2)
+    align: AlignConfig = field(default_factory=AlignConfig)  # REPA / HASTE alignment to a frozen teacher
     # resolved once by parse_experiment (not part of the saved config)
     method_spec: Method | None = field(default=None, init=False, repr=False, compare=False)
     tokenizer_output: TokenizerOutputSpec | None = field(default=None, init=False, repr=False, compare=False)
@@ -304,10 +306,32 @@ def _check_tokenizer(method: Method, tokenizer: str | None, data: DataConfig) ->
     return output
 
 
+# the built-in teacher of each built-in dataset (what `--align repa` uses unless align.teacher names one)
+BUILTIN_TEACHERS = {"mnist": "mnist-vit"}
+
+
+def _check_align(method: Method, data: DataConfig, align: AlignConfig) -> AlignConfig:
+    if not align.enabled:
+        return align
+    import inspect
+
+    if method.kind != "generator" or "taps" not in inspect.signature(method.network_class.forward).parameters:
+        raise ConfigError(f"align.method={align.method} aligns a transformer generator's hidden tokens; method "
+                          f"{method.name}'s {method.network_class.__name__} has no feature taps (nn/taps.py)")
+    if not align.teacher:
+        if data.name not in BUILTIN_TEACHERS:
+            raise ConfigError(f"align.method={align.method} needs a teacher: set --align.teacher to a built-in one "
+                              f"({', '.join(sorted(set(BUILTIN_TEACHERS.values())))}) or dinov2-vitb14-reg=PATH "
+                              "(a local DINOv2 checkpoint)")
+        align = dataclasses.replace(align, teacher=BUILTIN_TEACHERS[data.name])
+    return align
+
+
 def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> ExperimentConfig:
     """Validate a whole experiment dict and resolve it once: the method's registry entry and the tokenizer's declared
     output travel with the returned config. `num_classes` (from the dataset) fills network.num_classes."""
-    known = {"method", "data", "network_preset", "network", "objective", "sampler", "trainer", "tokenizer", "init_from"}
+    known = {"method", "data", "network_preset", "network", "objective", "sampler", "trainer", "tokenizer", "init_from",
+             "align"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid sections: {', '.join(sorted(known))}")
@@ -326,8 +350,9 @@ def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> Ex
     init_from = data.get("init_from")
     if init_from is not None:
         check_init_from(str(init_from), method)
+    align = _check_align(method, data_config, config_from_dict(AlignConfig, data.get("align", {}), "align"))
     config = ExperimentConfig(method_name, data_config, network, objective, sampler, trainer, tokenizer,
-                              None if init_from is None else str(init_from))
+                              None if init_from is None else str(init_from), align)
     config.tokenizer_output = output
     return config
 

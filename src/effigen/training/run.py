@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import ConfigError
+from ..config import ConfigError, config_to_dict
 from ..data import build_dataset, check_resolution
 from ..images import save_image_grid
 from ..io import DirectoryLock, atomic_write_text, check_finite
@@ -126,6 +126,17 @@ def reconstruction_grid_fn(dataset_test, output_dir: Path, device, count: int = 
     return sample_fn
 
 
+def aligned(objective, config: ExperimentConfig, network, tokenizer=None):
+    """`objective` wrapped with the experiment's REPA / HASTE alignment (objectives.alignment)."""
+    from ..objectives.alignment import AlignedObjective
+    from ..teachers import TeacherError, load_teacher
+
+    try:
+        return AlignedObjective(objective, config.align, load_teacher(config.align.teacher), network, tokenizer)
+    except (TeacherError, ValueError) as e:
+        raise ConfigError(f"align: {e}") from None
+
+
 def check_resume(config: ExperimentConfig, context, quiet: bool = False) -> list[str]:
     """Refuse to continue a run in `output_dir` whose training settings changed (resume.check_resume_compatible);
     returns the safe changes (more steps, another budget, intervals, sampler settings). Every process checks, so
@@ -187,8 +198,12 @@ def _build_and_train(config: ExperimentConfig, context, dataset, quiet: bool) ->
     init_note = initialize_from(config, network, objective, tokenizer) if config.init_from is not None else None
     if hasattr(objective, "prepare_network"):  # e.g. freeze what a training stage does not train
         objective.prepare_network(network)
+    if config.align.enabled:  # REPA / HASTE: the objective's loss plus alignment to a frozen teacher
+        objective = aligned(objective, config, network, tokenizer if is_latent_space(tokenizer) else None)
     # the image dataset (a latent cache records its source), which evaluation compares samples against
     info = {"dataset": getattr(dataset, "name", config.data.name), "resolution": config.data.resolution, "class_names": list(dataset.class_names)}
+    if config.align.enabled:
+        info["align"] = config_to_dict(config.align)  # how it was trained (the projector is not in the folder)
     output_dir = Path(config.trainer.output_dir)
     if context.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
