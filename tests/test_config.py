@@ -100,3 +100,73 @@ def test_presets_command_lists_presets(run_cli, capsys):
     assert code == 0 and "mnist-dit" in out and "DiT-XL/2" in out
     code, out, _ = run_cli(["presets", "smoke"], capsys)
     assert json.loads(out)["method"] == "dit-flow"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), ".nan", ".inf"])
+def test_non_finite_numbers_are_rejected_naming_the_key(value):
+    # NaN used to pass every float setting (a NaN guidance scale sampled black images with exit 0); infinity is
+    # refused too: no setting uses it as "no limit" (that is null where a setting allows it)
+    from effigen.config import parse_value
+    from effigen.objectives.flow_matching import FlowSamplerConfig
+
+    raw = parse_value(value) if isinstance(value, str) else value
+    with pytest.raises(ConfigError, match=r"sampler\.cfg_scale: .* is not a finite number"):
+        config_from_dict(FlowSamplerConfig, {"cfg_scale": raw}, "sampler")
+    with pytest.raises(ConfigError, match=r"trainer\.learning_rate: .* is not a finite number"):
+        config_from_dict(TrainerConfig, {"learning_rate": raw}, "trainer")
+    with pytest.raises(ConfigError, match=r"trainer\.max_minutes: .* is not a finite number"):  # float | None
+        config_from_dict(TrainerConfig, {"max_minutes": raw}, "trainer")
+    with pytest.raises(ConfigError, match="not a finite number"):
+        build_experiment_config(preset="smoke", overrides=[f"--objective.label_dropout={value}"])
+    assert config_from_dict(TrainerConfig, {"max_minutes": None, "learning_rate": 1e300}).learning_rate == 1e300
+
+
+def test_no_preset_or_default_uses_a_non_finite_number():
+    import math
+
+    def walk(value):
+        if isinstance(value, float):
+            assert math.isfinite(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for name in EXPERIMENT_PRESETS:
+        walk(EXPERIMENT_PRESETS[name])
+
+
+def test_sampler_configs_check_their_ranges():
+    from effigen.objectives.ddpm import DDPMSamplerConfig
+    from effigen.objectives.flow_matching import FlowSamplerConfig
+    from effigen.samplers.hmar import HMARSamplerConfig
+    from effigen.samplers.next_scale import NextScaleSamplerConfig
+    from effigen.samplers.next_token import NextTokenSamplerConfig
+
+    token_samplers = (NextScaleSamplerConfig, HMARSamplerConfig, NextTokenSamplerConfig)
+    bad = [(cls, key, value, valid) for cls in token_samplers for key, value, valid in (
+        ("top_k", -1, ">= 0"), ("top_p", 1.5, "<= 1"), ("top_p", -0.1, ">= 0"), ("temperature", -1.0, ">= 0"),
+        ("cfg_scale", -0.5, ">= 0"))]
+    bad += [(HMARSamplerConfig, "mask_guidance_ratio", -1.0, ">= 0")]
+    bad += [(cls, key, value, valid) for cls in (FlowSamplerConfig, DDPMSamplerConfig) for key, value, valid in (
+        ("num_steps", 0, ">= 1"), ("num_steps", -3, ">= 1"), ("cfg_scale", -1.0, ">= 0"),
+        ("cfg_interval", (0.6, 0.2), "low <= high"), ("cfg_interval", (-0.1, 0.5), "0 <= low"),
+        ("cfg_channels", 0, ">= 1"))]
+    from effigen.objectives.distilled import DistilledSamplerConfig
+
+    bad += [(DistilledSamplerConfig, "num_steps", 0, ">= 1")]
+    bad += [(FlowSamplerConfig, "time_shift", 0.0, "> 0"), (FlowSamplerConfig, "sample_eps", 1.0, "< 1"),
+            (FlowSamplerConfig, "last_step", -0.1, ">= 0"), (DDPMSamplerConfig, "eta", 1.5, "<= 1")]
+    for cls, key, value, valid in bad:
+        with pytest.raises(ValueError, match=f"{key} = .* is out of range: it must be .*{valid}"):
+            cls(**{key: value})
+        with pytest.raises(ConfigError, match=f"sampler: {key} = "):  # a folder's or an override's value
+            config_from_dict(cls, {key: list(value) if isinstance(value, tuple) else value}, "sampler")
+    # the edges of the ranges are valid settings
+    for cls in token_samplers:
+        cls(top_k=0, top_p=0.0, cfg_scale=0.0, temperature=0.0)
+        cls(top_k=1, top_p=1.0)
+    FlowSamplerConfig(num_steps=1, cfg_scale=0.0, cfg_interval=(0.0, 1.0), cfg_channels=3, sample_eps=0.0, last_step=0.0)
+    DDPMSamplerConfig(num_steps=1, eta=1.0, cfg_interval=(0.3, 0.3))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,8 +20,34 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user gave (a flag, a setting, a file, a folder) cannot be used. The message names the input and
+    how to fix it; `effigen` prints it on one line and exits with status 2 (no traceback: a traceback is for bugs)."""
+
+
+class ConfigError(UserError, ValueError):
     """A config key, value or file is invalid. The message says which and how to fix it."""
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False, meaning: str = "") -> None:
+    """Raise ValueError naming `name`, its value and the valid range when `value` (a number, or None, which passes)
+    is not finite or lies outside [low, high] (`low_open` / `high_open` exclude the bound). For the `__post_init__`
+    of config dataclasses: `config_from_dict` turns the ValueError into a ConfigError prefixed with the section."""
+    if value is None:
+        return
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if low_open else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"{'<' if high_open else '<='} {high:g}")
+    valid = " and ".join(parts) or "finite"
+    number = float(value)
+    bad = (not math.isfinite(number)
+           or (low is not None and (number <= low if low_open else number < low))
+           or (high is not None and (number >= high if high_open else number > high)))
+    if bad:
+        raise ValueError(f"{name} = {value!r} is out of range: it must be {valid}{f' ({meaning})' if meaning else ''}")
 
 
 def _type_name(tp: Any) -> str:
@@ -43,7 +70,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _coerce(value, arg, where)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(errors) == 1:  # `X | None`: X's own message says what is wrong (None is always allowed)
+            none_hint = " (or null)" if type(None) in args and "null" not in str(errors[0]) else ""
+            raise ConfigError(f"{errors[0]}{none_hint}") from None
         raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)
@@ -85,7 +115,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            # NaN and +-inf are never valid settings: NaN poisons every computation it touches (a NaN guidance
+            # scale samples black images), and no setting uses infinity as "no limit" (that is null, where allowed).
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: {value!r} is not a finite number; give a finite value")
+            return number
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

@@ -69,6 +69,14 @@ class DDPMSamplerConfig:
     cfg_channels: int | None = None  # 3 reproduces DiT's published numbers
     clip_denoised: bool = False
 
+    def __post_init__(self):  # a ValueError naming the setting and its valid range (config_from_dict: a ConfigError)
+        from ..config import check_range
+        from ..samplers.guidance import check_guidance, check_num_steps
+
+        check_num_steps(self.num_steps)
+        check_range("eta", self.eta, 0, 1, meaning="DDIM noise: 0 = deterministic, 1 = DDPM's ancestral variance")
+        check_guidance(self.cfg_scale, self.cfg_interval, self.cfg_channels)
+
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""

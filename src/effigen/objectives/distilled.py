@@ -176,6 +176,13 @@ class DistilledSamplerConfig:
     guidance_w: float = 1.0  # the paper's w; the teacher's effigen cfg_scale = 1 + guidance_w
     stochastic: bool = False  # the paper's stochastic sampler (double step, then re-noise one step back)
 
+    def __post_init__(self):  # a ValueError naming the setting and its valid range (config_from_dict: a ConfigError)
+        from ..config import check_range
+        from ..samplers.guidance import check_num_steps
+
+        check_num_steps(self.num_steps)
+        check_range("guidance_w", self.guidance_w, meaning="the guidance strength w; the teacher's cfg_scale = 1 + w")
+
     # what `Pipeline(..., cfg_scale=...)` / `effigen sample --cfg-scale` get told on a student folder
     setting_hints = {
         "cfg_scale": "a distilled student has no cfg_scale: its guidance is the w input it was trained with "

@@ -61,6 +61,17 @@ class FlowSamplerConfig:
     last_step: float = 0.04  # SDE only: final noiseless step to t = 0
     sample_eps: float = 1e-3  # start at 1 - sample_eps for noise/score predictions
 
+    def __post_init__(self):  # a ValueError naming the setting and its valid range (config_from_dict: a ConfigError)
+        from ..config import check_range
+        from ..samplers.guidance import check_guidance, check_num_steps
+
+        check_num_steps(self.num_steps)
+        check_guidance(self.cfg_scale, self.cfg_interval, self.cfg_channels)
+        check_range("time_shift", self.time_shift, 0, low_open=True, meaning="1 = uniform steps, > 1 more steps near noise")
+        check_range("diffusion_norm", self.diffusion_norm, 0, meaning="SDE noise scale")
+        check_range("last_step", self.last_step, 0, 1, high_open=True, meaning="SDE: final noiseless step to t = 0")
+        check_range("sample_eps", self.sample_eps, 0, 1, high_open=True, meaning="start at t = 1 - sample_eps")
+
 
 class Path:
     """alpha_t, sigma_t and their time derivatives, broadcast to x's shape."""

@@ -18,6 +18,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..config import ConfigError
+
 
 def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
     """`linear`: DDPM's betas from 1e-4 to 0.02 scaled by 1000 / T; `cosine`: iDDPM eq. 17 (max beta 0.999)."""
@@ -37,7 +39,8 @@ def space_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
     """The `num_steps` original timesteps kept by respacing, evenly strided with rounding (ADM's
     `space_timesteps` with one section)."""
     if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"cannot respace {num_timesteps} diffusion steps into {num_steps}")
+        raise ConfigError(f"cannot respace {num_timesteps} diffusion steps into {num_steps}: num_steps = {num_steps} is "
+                          f"out of range for this model; it must be 1..{num_timesteps}")
     stride = (num_timesteps - 1) / (num_steps - 1) if num_steps > 1 else 1
     return sorted({round(i * stride) for i in range(num_steps)})
 

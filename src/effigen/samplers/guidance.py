@@ -15,6 +15,26 @@ from typing import Callable
 
 import torch
 
+from ..config import check_range
+
+CFG_SCALE_MEANING = "uncond + s (cond - uncond): 1 = no guidance, 0 = unconditional, > 1 guides toward the class"
+
+
+def check_guidance(cfg_scale: float, interval: tuple[float, float] | None = None, channels: int | None = None) -> None:
+    """Validate guidance settings (for a sampler config's `__post_init__`); a ValueError names the setting and its
+    valid range. A negative scale would push samples away from their class, which no method here means."""
+    check_range("cfg_scale", cfg_scale, 0, meaning=CFG_SCALE_MEANING)
+    if interval is not None:
+        low, high = interval
+        if not (0 <= low <= high <= 1):
+            raise ValueError(f"cfg_interval = {tuple(interval)} is out of range: it must be (low, high) with "
+                             "0 <= low <= high <= 1 (guidance applies while t is in [low, high]; null guides every step)")
+    check_range("cfg_channels", channels, 1, meaning="guide the first N output channels; null guides all")
+
+
+def check_num_steps(num_steps: int) -> None:
+    check_range("num_steps", num_steps, 1, meaning="the number of sampling steps")
+
 
 def guided_prediction(
     model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],

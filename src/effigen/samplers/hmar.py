@@ -39,9 +39,9 @@ from typing import Literal
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, check_range
 from .next_scale import EditSpec
-from .tokens import SampleNoise, draw_tokens, filter_logits, guidance_weight, guided_logits
+from .tokens import SampleNoise, check_token_sampling, draw_tokens, filter_logits, guidance_weight, guided_logits
 
 
 @dataclass
@@ -58,6 +58,11 @@ class HMARSamplerConfig:
     # guidance on the mask steps: w = (cfg_scale - 1) x this (official: 1e-6); 0 = unguided (half the work);
     # None = the scale's own ramped weight
     mask_guidance_ratio: float | None = 1e-6
+
+    def __post_init__(self):
+        check_token_sampling(self.cfg_scale, self.top_k, self.top_p, self.temperature)
+        check_range("mask_guidance_ratio", self.mask_guidance_ratio, 0,
+                    meaning="mask-step guidance w = (cfg_scale - 1) x this; 0 = unguided, null = the scale's own")
 
 
 def default_mask_schedule(scales: tuple[int, ...]) -> list[list[int]]:

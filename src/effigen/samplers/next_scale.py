@@ -24,7 +24,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .tokens import SampleNoise, filter_logits, gumbel_soft_codes, guidance_weight, guided_logits, sample_tokens
+from .tokens import (SampleNoise, check_token_sampling, filter_logits, gumbel_soft_codes, guidance_weight, guided_logits,
+                     sample_tokens)
 
 
 @dataclass
@@ -37,6 +38,9 @@ class NextScaleSamplerConfig:
     top_p: float = 0.96  # 0 disables
     temperature: float = 1.0
     more_smooth: bool = False  # Gumbel-softmax code mixture (visualisation only, not for FID)
+
+    def __post_init__(self):
+        check_token_sampling(self.cfg_scale, self.top_k, self.top_p, self.temperature)
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from .tokens import SampleNoise, guidance_weight, guided_logits, sample_tokens
+from .tokens import SampleNoise, check_token_sampling, guidance_weight, guided_logits, sample_tokens
 
 
 @dataclass
@@ -34,6 +34,9 @@ class NextTokenSamplerConfig:
     top_k: int = 0  # 0 disables; >= vocabulary size disables
     top_p: float = 0.0  # 0 disables (LlamaGen's top_p = 1.0)
     temperature: float = 1.0
+
+    def __post_init__(self):
+        check_token_sampling(self.cfg_scale, self.top_k, self.top_p, self.temperature)
 
     @property
     def guided(self) -> bool:

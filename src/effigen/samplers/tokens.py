@@ -16,6 +16,18 @@ from __future__ import annotations
 
 import torch
 
+from ..config import check_range
+from .guidance import check_guidance
+
+
+def check_token_sampling(cfg_scale: float, top_k: int, top_p: float, temperature: float) -> None:
+    """Validate the settings every token sampler shares (for a sampler config's `__post_init__`): out-of-range
+    top_k / top_p used to mean "no filter" silently; now a ValueError names the setting and its valid range."""
+    check_guidance(cfg_scale)
+    check_range("top_k", top_k, 0, meaning="0 keeps every token, 1 is greedy, k keeps the k most likely")
+    check_range("top_p", top_p, 0, 1, meaning="the nucleus probability mass; 0 or 1 keeps every token")
+    check_range("temperature", temperature, 0, meaning="1 samples the model's distribution, towards 0 greedy")
+
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
     """(..., V) logits with the filtered entries set to -inf (a new tensor)."""
