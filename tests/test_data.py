@@ -300,3 +300,23 @@ def test_check_resolution_message() -> None:
         check_resolution(33, 16, "a VAE with downsampling 16")
     with pytest.raises(DataError, match="--data.resolution=16$"):
         check_resolution(4, 16, "a VAE with downsampling 16")
+
+
+def test_folder_dataset_scales_16_bit_grayscale_pngs_instead_of_clipping_them(tmp_path: Path) -> None:
+    # A real 16-bit PNG written by PIL (mode I;16): values 0..65535. PIL's convert("RGB") clipped every value above
+    # 255 to white; the dataset must scale it to 8 bits (v / 257), so mid grey stays mid grey.
+    ramp = np.linspace(0, 65535, 16 * 16).round().astype(np.uint16).reshape(16, 16)
+    (tmp_path / "tree" / "a").mkdir(parents=True)
+    Image.fromarray(ramp).save(tmp_path / "tree" / "a" / "ramp16.png")
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(tmp_path / "tree" / "a" / "grey16.png")
+    with Image.open(tmp_path / "tree" / "a" / "grey16.png") as opened:
+        assert opened.mode == "I;16"  # the file really is 16-bit
+    dataset = build_dataset(DataConfig(name="folder", root=str(tmp_path / "tree"), resolution=16, holdout_fraction=0.0))
+    images = {path.name: dataset[i][0] for i, path in enumerate(dataset.paths)}
+    grey = images["grey16.png"]
+    assert grey.shape == (3, 16, 16)
+    assert torch.allclose(grey, torch.full_like(grey, 128 / 127.5 - 1), atol=1e-6)  # 32768 / 257 -> 128, not white
+    ramp_image = images["ramp16.png"][0]
+    expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.float32)) / 127.5 - 1
+    assert (ramp_image - expected).abs().max() < 0.05  # bicubic resize to the same size: nearly exact
+    assert ramp_image.min() < -0.95 and (ramp_image < 0).float().mean() > 0.4  # dark half stays dark

@@ -457,3 +457,26 @@ def test_taps_shapes_spatial_order_and_early_exit(random_state_dict, tiny_images
         model(tiny_images, taps=["pool3"])
     with pytest.raises(ValueError):
         model(tiny_images[:, :1])
+
+
+def test_load_images_scales_16_bit_grayscale_pngs(tmp_path):
+    # PIL opens 16-bit grayscale PNGs as mode I;16 (0..65535); convert("RGB") alone clips them to white
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(values).save(tmp_path / "a16.png")
+    Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(tmp_path / "b8.png")
+    x = load_images(tmp_path)
+    assert x.shape == (2, 3, 4, 4)
+    assert x[0, :, 0].tolist() == [[0, 1, 128, 255]] * 3 and int(x[1].max()) == 7
+
+
+def test_image_set_errors_are_user_errors(tmp_path):
+    from effigen.config import UserError
+    from effigen.eval.metrics import EvaluationError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvaluationError, match="no images"):
+        load_images(tmp_path / "empty")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(EvaluationError, match="junk.npz"):
+        load_images(tmp_path / "junk.npz")
+    assert issubclass(EvaluationError, UserError) and issubclass(EvaluationError, ValueError)

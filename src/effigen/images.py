@@ -1,4 +1,8 @@
-"""Conversions between effigen's image tensors (float32 (B, 3, H, W) in [-1, 1]) and files."""
+"""Conversions between effigen's image tensors (float32 (B, 3, H, W) in [-1, 1]) and files.
+
+Every image file is read through `convert_image`, which scales 16-bit grayscale PNGs (PIL modes I;16 and I) to 8 bits;
+PIL's own `convert("RGB")` clips their 0..65535 values at 255, so anything above 1/257 of full scale turned white.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+def convert_image(image: Image.Image, mode: str = "RGB") -> Image.Image:
+    """A PIL image in `mode` ("RGB" or "L") with 8-bit channels. 16-bit grayscale (I;16, I;16B, ..., and I, the mode
+    older Pillows give 16-bit PNGs) is scaled 0..65535 -> 0..255 first, rounding like a 257 divisor (65535 -> 255);
+    PIL's `convert` would clip it. 16-bit RGB(A) PNGs already open as 8-bit RGB(A) in PIL, scaled correctly."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        pixels = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8))  # mode L
+    return image.convert(mode)  # a decoded copy even in the same mode, so the file can be closed
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -62,7 +76,8 @@ def load_image(path: str | Path, resolution: int, channels: int = 3) -> torch.Te
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
     try:
-        image = Image.open(path).convert("RGB" if channels == 3 else "L")
+        with Image.open(path) as opened:
+            image = convert_image(opened, "RGB" if channels == 3 else "L")
     except OSError as e:
         raise ValueError(f"{path} is not a readable image: {e}") from e
     if image.size != (resolution, resolution):
@@ -76,7 +91,11 @@ def load_mask(path: str | Path, resolution: int) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"mask file {path} does not exist")
-    image = Image.open(path).convert("L")
+    try:
+        with Image.open(path) as opened:
+            image = convert_image(opened, "L")
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable image: {e}") from e
     mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
     if tuple(mask.shape[-2:]) != (resolution, resolution):
         mask = torch.nn.functional.interpolate(mask, size=(resolution, resolution), mode="area")

@@ -4,7 +4,8 @@ Classes are the subfolders of ``root`` sorted by name (hidden folders skipped); 
 are found recursively (png, jpg, jpeg, webp, bmp, any letter case) and sorted by path. Images are
 decoded lazily in ``__getitem__`` and preprocessed like ADM (guided-diffusion's ``center_crop_arr``):
 halve with a BOX filter while the short side is >= 2x the target, BICUBIC-resize the short side to
-the target, then crop the centre square.
+the target, then crop the centre square. 16-bit grayscale PNGs are scaled to 8 bits (`effigen.images.convert_image`),
+not clipped at 255 as PIL's `convert("RGB")` does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from effigen.data.datasets import DataConfig, DataError, ImageDataset, stratified_split
+from effigen.images import convert_image
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
@@ -100,7 +102,7 @@ class FolderDataset(ImageDataset):
         try:
             with Image.open(path) as opened:
                 # convert() forces the full decode inside the try, so truncated files are caught here.
-                image = opened.convert("RGB")
+                image = convert_image(opened, "RGB")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             raise DataError(
                 f"cannot read image {str(path)!r} ({type(error).__name__}: {error}); "

@@ -36,8 +36,11 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from ..config import UserError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "EvaluationError",
     "compute_statistics",
     "extract_features",
     "frechet_distance",
@@ -51,6 +54,11 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class EvaluationError(UserError, ValueError):
+    """An evaluation input cannot be used (an image set that is empty, unreadable or too small, a bad reference);
+    the message names it and the fix. `effigen eval` prints it on one line and exits 2."""
 
 
 def _to_numpy_2d(x, name: str, dtype=np.float64) -> np.ndarray:
@@ -70,7 +78,7 @@ def compute_statistics(features) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance (``np.cov``, unbiased, float64) of ``(N, D)`` features, as in TTUR / ADM."""
     f = _to_numpy_2d(features, "features")
     if f.shape[0] < 2:
-        raise ValueError(f"need at least 2 feature vectors for a covariance, got {f.shape[0]}")
+        raise EvaluationError(f"need at least 2 feature vectors for a covariance, got {f.shape[0]}")
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
@@ -322,18 +330,21 @@ def load_images(path: str | os.PathLike) -> torch.Tensor:
     if p.is_dir():
         from PIL import Image
 
+        from ..images import convert_image
+
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise ValueError(f"{p}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+            raise EvaluationError(f"{p}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder; give a folder that "
+                                  "holds the image files directly (not in subfolders), an .npz or an .npy")
         arrays = []
         for f in files:
             try:
-                with Image.open(f) as im:
-                    a = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                with Image.open(f) as im:  # 16-bit grayscale is scaled to 8 bits, not clipped
+                    a = np.asarray(convert_image(im, "RGB"), dtype=np.uint8)
             except Exception as e:  # noqa: BLE001 - re-raised with the file name
-                raise ValueError(f"{f}: cannot read image: {e}") from e
+                raise EvaluationError(f"{f}: cannot read image: {e}; delete or replace the file") from e
             if arrays and a.shape != arrays[0].shape:
-                raise ValueError(
+                raise EvaluationError(
                     f"{f}: image size {a.shape[1]}x{a.shape[0]} differs from {files[0].name}'s "
                     f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; all images of a set must share one size"
                 )
@@ -341,24 +352,30 @@ def load_images(path: str | os.PathLike) -> torch.Tensor:
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such image folder or .npz/.npy file")
-    if p.suffix.lower() == ".npz":
-        with np.load(p) as z:
-            if "arr_0" not in z.files:
-                raise ValueError(f"{p}: expected an ADM-style .npz with 'arr_0' (N, H, W, 3) uint8; keys: {z.files}")
-            arr = z["arr_0"]
-    elif p.suffix.lower() == ".npy":
-        arr = np.load(p)
-    else:
-        raise ValueError(f"{p}: unsupported image set; give a folder of images, an .npz with 'arr_0', or an .npy")
+    if p.suffix.lower() not in (".npz", ".npy"):
+        raise EvaluationError(f"{p}: unsupported image set; give a folder of images, an .npz with 'arr_0', or an .npy")
+    try:
+        if p.suffix.lower() == ".npz":
+            with np.load(p) as z:
+                if "arr_0" not in z.files:
+                    raise EvaluationError(f"{p}: expected an ADM-style .npz with 'arr_0' (N, H, W, 3) uint8; "
+                                          f"keys: {z.files}")
+                arr = z["arr_0"]
+        else:
+            arr = np.load(p)
+    except EvaluationError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged or non-numpy file, re-raised with its name
+        raise EvaluationError(f"{p}: cannot read as {p.suffix.lower()} ({type(e).__name__}: {e}); replace the file") from e
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        raise ValueError(f"{p}: expected uint8 images of shape (N, H, W, 3), got {arr.dtype} {arr.shape}")
+        raise EvaluationError(f"{p}: expected uint8 images of shape (N, H, W, 3), got {arr.dtype} {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
 
 
 def _check_stats(path, out: dict, mu_key: str, sigma_key: str) -> None:
     mu, sigma = out[mu_key], out[sigma_key]
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: '{mu_key}' {mu.shape} and '{sigma_key}' {sigma.shape} are not (D,) and (D, D)")
+        raise EvaluationError(f"{path}: '{mu_key}' {mu.shape} and '{sigma_key}' {sigma.shape} are not (D,) and (D, D)")
 
 
 def load_reference_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -372,18 +389,18 @@ def load_reference_statistics(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         z = np.load(p)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise ValueError(f"{p}: cannot read as .npz: {e}") from e
+        raise EvaluationError(f"{p}: cannot read as .npz: {e}") from e
     if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"{p}: expected an .npz archive with 'mu' and 'sigma'")
+        raise EvaluationError(f"{p}: expected an .npz archive with 'mu' and 'sigma'")
     with z:
         keys = set(z.files)
         if not {"mu", "sigma"} <= keys:
             hint = " (it holds only images: compute features with extract_features first)" if "arr_0" in keys else ""
-            raise ValueError(f"{p}: missing 'mu'/'sigma' statistics; keys: {sorted(keys)}{hint}")
+            raise EvaluationError(f"{p}: missing 'mu'/'sigma' statistics; keys: {sorted(keys)}{hint}")
         out = {k: np.asarray(z[k], dtype=np.float64) for k in ("mu", "sigma", "mu_s", "sigma_s") if k in keys}
     _check_stats(p, out, "mu", "sigma")
     if ("mu_s" in out) != ("sigma_s" in out):
-        raise ValueError(f"{p}: has only one of 'mu_s' / 'sigma_s'")
+        raise EvaluationError(f"{p}: has only one of 'mu_s' / 'sigma_s'")
     if "mu_s" in out:
         _check_stats(p, out, "mu_s", "sigma_s")
     return out
