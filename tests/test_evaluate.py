@@ -107,3 +107,85 @@ def test_eval_under_torchrun_equals_one_process(pipeline, tmp_path):
     one, two = (np.load(tmp_path / f"images{n}.npz")["arr_0"] for n in (1, 2))
     assert one.shape == (30, 8, 8, 3) and np.abs(one.astype(int) - two.astype(int)).max() <= 1
     assert metric(records[0], "fid") == pytest.approx(metric(records[1], "fid"), rel=1e-2, abs=1e-3)
+
+
+def _write_pngs(folder, images):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+
+
+def test_reference_cache_misses_when_images_are_rewritten_in_place(tmp_path):
+    # The cache used to key on the folder's mtime, which rewriting a file in place does not change (and which can be
+    # restored): the stale features gave FID 1.05 where the new images give 156. It now keys on every file.
+    import os
+
+    extractor = load_extractor("digits-net")
+    digits = to_uint8(build_dataset(DataConfig(name="digits", resolution=16), "train").images())
+    generated, reference_images = digits[:200], digits[200:400]
+    folder = tmp_path / "ref"
+    _write_pngs(folder, reference_images)
+    reference = Reference(images=str(folder), resolution=16)
+    first = metric(evaluate_images(generated, reference, extractor, ("fid",), progress=False), "fid")
+    assert metric(evaluate_images(generated, reference, extractor, ("fid",), progress=False), "fid") == first  # hit
+    folder_times = os.stat(folder)
+    _write_pngs(folder, 255 - reference_images)  # same names, new content: negatives of the digits
+    os.utime(folder, ns=(folder_times.st_atime_ns, folder_times.st_mtime_ns))  # the folder looks untouched
+    assert os.stat(folder).st_mtime_ns == folder_times.st_mtime_ns
+    cached = metric(evaluate_images(generated, reference, extractor, ("fid",), progress=False), "fid")
+    fresh = metric(evaluate_images(generated, reference, extractor, ("fid",), progress=False, use_cache=False), "fid")
+    assert fresh > 10 * first  # the rewritten reference really is far
+    assert cached == pytest.approx(fresh)  # a miss: recomputed, not the stale 'first'
+
+
+def test_files_fingerprint_sees_every_file_change(tmp_path):
+    import os
+    import time
+
+    from effigen.eval.evaluate import files_fingerprint
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.png").write_bytes(b"1234")
+    base = files_fingerprint(tmp_path / "a")
+    assert files_fingerprint(tmp_path / "a") == base
+    stat = os.stat(tmp_path / "a" / "x.png")
+    (tmp_path / "a" / "x.png").write_bytes(b"12345")  # another size
+    assert files_fingerprint(tmp_path / "a") != base
+    time.sleep(0.05)  # past the file system's timestamp granularity (a jiffy)
+    (tmp_path / "a" / "x.png").write_bytes(b"1234")
+    os.utime(tmp_path / "a" / "x.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: ctime differs
+    changed = files_fingerprint(tmp_path / "a")
+    assert changed != base
+    (tmp_path / "a" / "sub").mkdir()
+    (tmp_path / "a" / "sub" / "y.png").write_bytes(b"")  # a file added in a subfolder (folder datasets)
+    assert files_fingerprint(tmp_path / "a") != changed
+    assert files_fingerprint(tmp_path / "a" / "x.png") != files_fingerprint(tmp_path / "a")  # a single file works too
+
+
+def test_too_few_images_are_refused_and_small_sets_warn(tmp_path):
+    from effigen.eval.evaluate import SmallSampleWarning
+    from effigen.eval.metrics import EvaluationError
+
+    extractor = load_extractor("digits-net")
+    digits = to_uint8(build_dataset(DataConfig(name="digits", resolution=16), "train").images())
+    reference = Reference(dataset="digits", resolution=16)
+    with pytest.raises(EvaluationError, match="1 generated image: .* at least 2"):
+        evaluate_images(digits[:1], reference, extractor, ("fid",), progress=False)
+    with pytest.warns(SmallSampleWarning) as caught:
+        record = evaluate_images(digits[:20], reference, extractor, ("fid", "kid", "precision_recall"), progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("FID on 20 generated images with 128-dimensional features" in m and "rank" in m for m in messages)
+    assert any(m.startswith("KID from subsets of 20") for m in messages)
+    assert any(m.startswith("precision/recall on 20 images") for m in messages)
+    assert record["warnings"] == messages and metric(record, "fid") > 0
+    with pytest.warns(SmallSampleWarning, match="precision/recall skipped"):  # 3 <= k images: skipped, not a crash
+        record = evaluate_images(digits[:3], reference, extractor, ("fid", "precision_recall"), progress=False)
+    assert {m["metric"] for m in record["metrics"]} == {"fid"}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallSampleWarning)  # enough images: no warning
+        evaluate_images(digits[:300], Reference(dataset="digits", resolution=16, num=300), extractor, ("fid",),
+                        progress=False)
