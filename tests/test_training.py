@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from effigen.training.run import build_and_train
-from effigen.experiment import build_experiment_dict
+from effigen.config import ConfigError
+from effigen.training.experiment import build_experiment_dict
 from effigen.io import CheckpointError, load_weights
 from effigen.training import trainer as trainer_module
 from effigen.training.trainer import TrainerConfig, learning_rate_factor, list_checkpoints
@@ -129,13 +130,17 @@ def test_corrupt_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt"):
         build_and_train(smoke(tmp_path, "--trainer.max_steps=4"), quiet=True)
-    # a checkpoint of a different network shape
+    # another network shape or global batch: the run builder refuses it from config.yaml before loading anything ...
     other = tmp_path / "other"
     build_and_train(smoke(other, "--trainer.max_steps=2"), quiet=True)
+    with pytest.raises(ConfigError, match="network.hidden_size: 64 -> 32"):
+        build_and_train(smoke(other, "--trainer.max_steps=4", "--network.hidden_size=32"), quiet=True)
+    with pytest.raises(ConfigError, match="trainer.batch_size: 8 -> 4"):
+        build_and_train(smoke(other, "--trainer.max_steps=4", "--trainer.batch_size=4"), quiet=True)
+    # ... and the Trainer itself names the mismatch when its checkpoint does not fit (a run without a config.yaml)
+    (other / "config.yaml").unlink()
     with pytest.raises(CheckpointError, match="shape mismatches|does not match"):
         build_and_train(smoke(other, "--trainer.max_steps=4", "--network.hidden_size=32"), quiet=True)
-    with pytest.raises(CheckpointError, match="batch_size"):
-        build_and_train(smoke(other, "--trainer.max_steps=4", "--trainer.batch_size=4"), quiet=True)
 
 
 def _torchrun(args, nproc):
