@@ -21,7 +21,8 @@ import torch
 from ..bench.throughput import RATIO_KEYS, benchmark_runs, compare, environment, measure_matmul_peak
 from ..io import CheckpointError
 from ..pipeline import MODEL_INDEX, Pipeline
-from ..training.distributed import select_device
+from .main import check_output_file, finite_float, positive_int, select_device_flag, write_output
+from .sample import checked_sampler_settings, given_as
 
 
 def _si(value: float, unit: str) -> str:
@@ -87,43 +88,43 @@ def run(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", required=True, help="pipeline folder (model_index.json inside)")
     parser.add_argument("--vs", help="a second pipeline folder, benchmarked interleaved with the first")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per sampling call (default 16)")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per sampling call (default 16)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "both"], default="fp32",
                         help="autocast precision; `both` runs fp32 and bf16 and prints bf16 / fp32")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per pipeline and precision")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per pipeline and precision")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
-    parser.add_argument("--steps", type=int, help="override the saved number of sampling steps")
-    parser.add_argument("--cfg-scale", type=float, help="override the saved guidance scale (1 = no guidance)")
+    parser.add_argument("--steps", type=positive_int, help="override the saved number of sampling steps")
+    parser.add_argument("--cfg-scale", type=finite_float, help="override the saved guidance scale (1 = no guidance)")
     parser.add_argument("--solver", help="override the saved solver (e.g. euler, heun)")
-    parser.add_argument("--time-shift", type=float, help="override the saved time shift")
+    parser.add_argument("--time-shift", type=finite_float, help="override the saved time shift")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a busy machine "
                         "fewer threads than cores can be much faster")
-    parser.add_argument("--peak-size", type=int, default=2048, help="matrix size of the matmul peak measurement")
-    parser.add_argument("--peak-seconds", type=float, default=1.0, help="duration of each matmul peak measurement")
+    parser.add_argument("--peak-size", type=positive_int, default=2048, help="matrix size of the matmul peak measurement")
+    parser.add_argument("--peak-seconds", type=finite_float, default=1.0,
+                        help="duration of each matmul peak measurement")
     parser.add_argument("--json", help="write every figure, the settings and the environment to this file")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
-        parser.error("--batch-size and --repeats must be >= 1 and --warmup >= 0")
-    if args.peak_size < 1 or args.peak_seconds <= 0:
-        parser.error("--peak-size must be >= 1 and --peak-seconds > 0")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.peak_seconds <= 0:
+        parser.error(f"--peak-seconds must be > 0, got {args.peak_seconds:g}")
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
 
-    try:
-        device = select_device(args.device)
-    except RuntimeError as e:
-        parser.error(str(e).replace("--trainer.device=cpu", "--device cpu"))
+    device = select_device_flag(args.device)
+    if args.json:
+        check_output_file(args.json, "--json")  # before the timing, not after it
     folders = {"A": args.source} if args.vs is None else {"A": args.source, "B": args.vs}
     pipelines = {name: load(path, device, "--from" if name == "A" else "--vs") for name, path in folders.items()}
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     overrides = {"num_steps": args.steps, "cfg_scale": args.cfg_scale, "solver": args.solver,
                  "time_shift": args.time_shift}
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    for pipeline in pipelines.values():
-        pipeline.sampler_settings(**overrides)  # a bad override fails here, before any timing
+    for pipeline in pipelines.values():  # a bad override fails here, naming its flag, before any timing
+        checked_sampler_settings(pipeline, overrides, given_as(overrides, {}))
 
     env = environment(device)
     threads = f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
@@ -174,7 +175,6 @@ def run(argv: list[str]) -> int:
             "comparisons": comparisons,
         }
         out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")
+        write_output("--json", out, lambda: out.write_text(json.dumps(record, indent=2) + "\n"))
         print(f"wrote {out}")
     return 0

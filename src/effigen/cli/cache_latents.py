@@ -22,7 +22,7 @@ from ..data.latents import cache_latents
 from ..experiment import tokenizer_folder
 from ..pipeline import load_network
 from ..registry import TOKENIZERS
-from ..training.distributed import select_device
+from .main import check_output_folder, positive_int, select_device_flag
 
 
 def run(argv: list[str]) -> int:
@@ -33,9 +33,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="cache folder to write")
     parser.add_argument("--split", default="train", choices=("train", "test"))
     parser.add_argument("--flip", action="store_true", help="also store the latents of mirrored images")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--shard-size", type=int, default=16384, help="latents per safetensors shard")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--shard-size", type=positive_int, default=16384, help="latents per safetensors shard")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: a GPU when there is one)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--data.") or "=" not in o]
@@ -45,13 +45,14 @@ def run(argv: list[str]) -> int:
     data_config = config_from_dict(DataConfig, data, "data")
     if data_config.name == "latents":
         raise ConfigError("--data.name=latents is already a latent cache; name the image dataset to encode")
+    device = select_device_flag(args.device)
+    check_output_folder(args.out)
     folder = tokenizer_folder(args.tokenizer)
     from ..io import read_json
 
     kind = read_json(folder / "config.json").get("_class_name")
     if kind != "KLVAE":
         raise ConfigError(f"{folder} holds a {kind}; latent caches are made with a KL autoencoder (KLVAE)")
-    device = select_device(args.device)
     tokenizer = load_network(folder, TOKENIZERS["KLVAE"]).to(device).eval()
     if tokenizer.config.resolution != data_config.resolution:
         raise ConfigError(f"the tokenizer works at {tokenizer.config.resolution} px; use --data.resolution="
