@@ -62,6 +62,8 @@ RECIPES: list[Recipe] = [
     Recipe("dit-flow", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003"),
     Recipe("dit-ddpm", "dit-ddpm.sh", "DiT 2212.09748 (DDPM, learned variance)"),
     Recipe("sit", "sit.sh", "SiT 2401.08740"),
+    Recipe("sit-repa", "sit-repa.sh", "SiT 2401.08740 + REPA 2410.06940"),
+    Recipe("sit-haste", "sit-haste.sh", "SiT 2401.08740 + HASTE 2505.16792"),
     Recipe("lightningdit", "lightningdit.sh", "LightningDiT 2501.01423 (pixels)"),
     Recipe("lightningdit-latent", "lightningdit-latent.sh", "LightningDiT 2501.01423 + KL-VAE", tokenizer="tokenizer-klvae"),
     Recipe("dit-ddpm-latent", "dit-ddpm-latent.sh", "DiT 2212.09748 (DDPM) + KL-VAE", tokenizer="tokenizer-klvae"),
