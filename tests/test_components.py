@@ -133,3 +133,13 @@ def test_init_from_accepts_a_post_training_wrapper_of_its_base_methods():
     plain = Method("plain-test", QuantizedDiT, object, {}, "a test")
     with pytest.raises(ConfigError, match="starts from a QuantizedDiT$"):
         check_init_from(str(LEGACY / "dit-flow"), plain)
+
+
+def test_pipeline_calls_check_their_sizes():
+    pipeline = Pipeline.from_pretrained(LEGACY / "dit-flow")
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            pipeline([1], batch_size=bad)
+    var = Pipeline.from_pretrained(LEGACY / "var")
+    with pytest.raises(ValueError, match="at least one image"):
+        var.edit(torch.zeros(0, 3, 8, 8), torch.zeros(1, 1, 8, 8))

@@ -255,6 +255,8 @@ class Pipeline:
         if self.generator is None:
             raise ValueError(f"this folder holds a {type(self.tokenizer).__name__} tokenizer, not a generator: train a "
                              "generator on it (set `tokenizer` in the experiment) or use pipeline.tokenizer to reconstruct")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"class labels must be in [0, {self.num_classes - 1}], got {labels.tolist()}")
@@ -312,6 +314,8 @@ class Pipeline:
         if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.sample_shape):
             raise ValueError(f"images must be (B, {', '.join(map(str, self.sample_shape))}) in [-1, 1], got {tuple(images.shape)}")
         B = images.shape[0]
+        if B == 0:
+            raise ValueError("edit needs at least one image")
         if labels is None:
             labels = torch.full((B,), self.num_classes, dtype=torch.long)
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from effigen.config import UserError
+
 DATASETS: tuple[str, ...] = ("mnist", "digits", "shapes", "folder", "latents")
 SPLITS: tuple[str, ...] = ("train", "test")
 MINIMUM_RESOLUTION = 8
@@ -43,7 +45,7 @@ MINIMUM_RESOLUTION = 8
 Indices = Sequence[int] | torch.Tensor | np.ndarray | None
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset cannot be built or read. The message names the problem and how to fix it."""
 
 

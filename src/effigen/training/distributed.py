@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from ..config import ConfigError
+
 
 @dataclass
 class DistributedContext:
@@ -38,7 +40,8 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available; use --trainer.device=cpu")
+        raise ConfigError(f"device {name!r} was requested but CUDA is not available on this machine; use the CPU "
+                          "(--device cpu, or --trainer.device=cpu for effigen train)")
     return device
 
 
