@@ -4,7 +4,7 @@ import pytest
 
 from effigen.config import ConfigError, apply_overrides, config_from_dict, load_config_file, save_config_file
 from effigen.data import DataConfig
-from effigen.experiment import EXPERIMENT_PRESETS, build_experiment_config, build_experiment_dict, parse_experiment
+from effigen.training.experiment import EXPERIMENT_PRESETS, build_experiment_config, build_experiment_dict, parse_experiment
 from effigen.models.dit import DiTConfig
 from effigen.training.trainer import TrainerConfig
 

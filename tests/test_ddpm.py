@@ -120,7 +120,7 @@ def test_learned_sigma_needs_doubled_channels():
 
 def test_dit_ddpm_trains_from_the_cli_config(tmp_path):
     from effigen.training.run import build_and_train
-    from effigen.experiment import build_experiment_dict
+    from effigen.training.experiment import build_experiment_dict
     from effigen.pipeline import Pipeline
 
     config = build_experiment_dict("smoke", overrides=[f"--trainer.output_dir={tmp_path}", "--method=dit-ddpm",

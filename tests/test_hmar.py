@@ -15,7 +15,7 @@ import torch
 from effigen.training.run import build_and_train
 from effigen.config import ConfigError
 from effigen.convert.hmar_official import convert_hmar_official
-from effigen.experiment import build_experiment_dict, parse_experiment
+from effigen.training.experiment import build_experiment_dict, parse_experiment
 from effigen.io import CheckpointError, load_weights
 from effigen.models.hmar import HMAR, HMAR_PRESETS, HMARConfig, is_mask_branch
 from effigen.models.var import VAR, VAR_PRESETS, VARConfig

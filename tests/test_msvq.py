@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from effigen.training.run import build_and_train
-from effigen.experiment import build_experiment_dict
+from effigen.training.experiment import build_experiment_dict
 from effigen.io import load_weights
 from effigen.objectives.vq_tokenizer import (MSVQ_PRESETS, PatchDiscriminator, PerceptualDistance, VQTokenizerLoss,
                                              VQTokenizerLossConfig)

@@ -15,7 +15,7 @@ from effigen.cli.sample import run as sample_cli
 from effigen.training.run import build_and_train
 from effigen.config import ConfigError
 from effigen.data import DataConfig, build_dataset
-from effigen.experiment import build_experiment_dict
+from effigen.training.experiment import build_experiment_dict
 from effigen.io import load_weights, read_json
 from effigen.models.gpt import GPT, GPT_PRESETS, GPTConfig
 from effigen.models.hmar import HMAR, HMAR_PRESETS, HMARConfig

@@ -8,7 +8,7 @@ import torch
 
 from effigen.training.run import build_and_train
 from effigen.config import ConfigError
-from effigen.experiment import build_experiment_config, build_experiment_dict
+from effigen.training.experiment import build_experiment_config, build_experiment_dict
 from effigen.models.gpt import GPT, GPT_PRESETS, GPTConfig
 from effigen.models.var import VAR, VAR_PRESETS, VARConfig
 from effigen.objectives.next_token import NextTokenConfig, NextTokenPrediction

@@ -13,7 +13,7 @@ import torch
 from effigen.training.run import build_and_train
 from effigen.config import ConfigError
 from effigen.convert.var_official import convert_var_official
-from effigen.experiment import build_experiment_dict, parse_experiment
+from effigen.training.experiment import build_experiment_dict, parse_experiment
 from effigen.io import CheckpointError, load_weights
 from effigen.models.var import VAR, VAR_PRESETS, VARConfig, block_causal_mask
 from effigen.objectives.next_scale import NextScaleConfig, NextScalePrediction

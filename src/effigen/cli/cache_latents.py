@@ -19,7 +19,7 @@ import time
 from ..config import ConfigError, apply_overrides, config_from_dict
 from ..data import DataConfig, build_dataset
 from ..data.latents import cache_latents
-from ..experiment import tokenizer_folder
+from ..training.experiment import tokenizer_folder
 from ..pipeline import load_network
 from ..registry import TOKENIZERS
 from .main import check_output_folder, positive_int, select_device_flag
