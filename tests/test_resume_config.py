@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from effigen.config import ConfigError
-from effigen.experiment import build_experiment_dict, parse_experiment
+from effigen.training.experiment import build_experiment_dict, parse_experiment
 from effigen.training.resume import (
     SAFE_KEYS, ResumeConfigError, check_resume_compatible, read_stored_config,
 )

@@ -222,7 +222,7 @@ def test_resume_refuses_nan_ema_weights(tmp_path):
 
 
 def test_pipeline_refuses_nan_weights(tmp_path):
-    from effigen.experiment import build_experiment_dict
+    from effigen.training.experiment import build_experiment_dict
     from effigen.pipeline import Pipeline
     from effigen.training.run import build_and_train
 
