@@ -97,30 +97,6 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "sampler": {"solver": "euler_maruyama", "num_steps": 50, "cfg_scale": 2.0},
         "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-sit"},
     },
-    # SiT + representation alignment to the built-in mnist-vit teacher (docs/alignment.md): REPA on block 2 of 4
-    # (REPA's encoder_depth at a third of the depth), and HASTE (REPA + attention alignment of blocks 0-1 to the
-    # teacher's last two, both stopped at step 400 of 1,200: HASTE's early termination).
-    "mnist-sit-repa": {
-        "method": "dit-flow",
-        "data": {"name": "mnist", "resolution": 32},
-        "network_preset": "DiT-Ti/4",
-        "network": {"hidden_size": 192, "depth": 4, "num_heads": 3, "patch_size": 4},
-        "objective": {"path": "linear", "prediction": "velocity", "time_sampling": "uniform"},
-        "sampler": {"solver": "euler_maruyama", "num_steps": 50, "cfg_scale": 2.0},
-        "align": {"method": "repa", "teacher": "mnist-vit", "block": 2, "projector_dim": 512, "proj_coeff": 0.5},
-        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-sit-repa"},
-    },
-    "mnist-sit-haste": {
-        "method": "dit-flow",
-        "data": {"name": "mnist", "resolution": 32},
-        "network_preset": "DiT-Ti/4",
-        "network": {"hidden_size": 192, "depth": 4, "num_heads": 3, "patch_size": 4},
-        "objective": {"path": "linear", "prediction": "velocity", "time_sampling": "uniform"},
-        "sampler": {"solver": "euler_maruyama", "num_steps": 50, "cfg_scale": 2.0},
-        "align": {"method": "haste", "teacher": "mnist-vit", "block": 2, "projector_dim": 512, "proj_coeff": 0.5,
-                  "attn_coeff": 0.5, "stop_step": 400},
-        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-sit-haste"},
-    },
     "mnist-lightningdit": {  # LightningDiT blocks, logit-normal t, velocity-direction loss, shifted Euler grid
         "method": "dit-flow",
         "data": {"name": "mnist", "resolution": 32},
@@ -238,6 +214,17 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
                     "precision": "fp32", "checkpoint_every": 2, "log_every": 1, "progress": False},
     },
 }
+
+
+# SiT + representation alignment to the built-in mnist-vit teacher (docs/alignment.md): mnist-sit's network, objective,
+# sampler and budget, plus REPA on block 2 of 4 (REPA's encoder_depth at a third of the depth), or HASTE (REPA +
+# attention alignment of blocks 0-1 to the teacher's last two, both stopped at step 400 of 1,200: its early termination).
+_REPA = {"method": "repa", "teacher": "mnist-vit", "block": 2, "projector_dim": 512, "proj_coeff": 0.5}
+EXPERIMENT_PRESETS["mnist-sit-repa"] = {**EXPERIMENT_PRESETS["mnist-sit"], "align": _REPA,
+                                        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-sit-repa"}}
+EXPERIMENT_PRESETS["mnist-sit-haste"] = {**EXPERIMENT_PRESETS["mnist-sit"],
+                                         "align": {**_REPA, "method": "haste", "attn_coeff": 0.5, "stop_step": 400},
+                                         "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-sit-haste"}}
 
 
 def preset_names() -> list[str]:
