@@ -2,6 +2,9 @@
 
     effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --out dit-xl-2-256 [--num-heads 16]
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt --out lightningdit-xl-1
+    effigen convert sit-official --ckpt SiT-XL-2-256x256.pt --out sit-xl-2-256
+    effigen convert repa-official --ckpt last.pt --out repa-sit-xl-2 [--keep-projectors] [--encoder-depth 8]
+    effigen convert repa-official --ckpt exps/run/checkpoints/0400000.pt --out repa-400k --mode ode --steps 50
     effigen convert var-official --vae vae_ch160v4096z32.pth --var var_d16.pth --out var-d16
     effigen convert hmar-official --vae vae_ch160v4096z32.pth --hmar hmar-d16.pth --out hmar-d16
     effigen convert sd-vae --vae sd-vae-ft-mse/ --out sd-vae          # diffusers folder or a single weights file
@@ -11,7 +14,11 @@
 
 Converters: dit-official (facebookresearch/DiT: released weights or training checkpoints, EMA weights);
 lightningdit-official (hustvl/LightningDiT training checkpoints, EMA weights; time and velocity
-conventions translated, official sampler settings recorded); var-official and hmar-official (VAR's VQVAE + the
+conventions translated, official sampler settings recorded); sit-official (willisma/SiT released weights or
+`train.py` checkpoints: LightningDiT's time and velocity translations, SiT's SDE recipe: 250 steps, cfg 1.5 on the first
+3 channels); repa-official (sihyun-yu/REPA `train.py` checkpoints or the released last.pt: EMA weights, the paper's SDE
+recipe: 250 steps, cfg 1.8, guidance while t <= 0.7; the projectors are dropped unless --keep-projectors, which saves
+them as the folder's `projector` component); var-official and hmar-official (VAR's VQVAE + the
 VAR or HMAR transformer; every hyperparameter read off the weights; HMAR's weights are non-commercial, NSCLv1).
 sd-vae: a KL autoencoder (SD-VAE in diffusers or LDM layout, LightningDiT's VA-VAE) -> a tokenizer folder.
 With `--vae`, the DiT-family converters put the autoencoder into the folder so that it decodes to images;
@@ -22,16 +29,17 @@ from __future__ import annotations
 
 import argparse
 
-CONVERTERS = ("dit-official", "lightningdit-official", "var-official", "hmar-official", "sd-vae")
+CONVERTERS = ("dit-official", "lightningdit-official", "sit-official", "repa-official", "var-official", "hmar-official",
+              "sd-vae")
 
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="effigen convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", choices=CONVERTERS, help="which official format")
-    parser.add_argument("--ckpt", help="the official checkpoint file (DiT, LightningDiT)")
+    parser.add_argument("--ckpt", help="the official checkpoint file (DiT, LightningDiT, SiT, REPA)")
     parser.add_argument("--vae", help="var/hmar-official: the VQVAE state dict (vae_ch160v4096z32.pth); sd-vae, "
-                                      "dit-official, lightningdit-official: a KL autoencoder (diffusers folder or file)")
+                                      "dit-, lightningdit-, sit-, repa-official: a KL autoencoder (diffusers folder or file)")
     parser.add_argument("--latent-stats", help="KL autoencoder: per-channel latent mean/std file (LightningDiT's "
                                                "latents_stats.pt)")
     parser.add_argument("--scaling-factor", type=float, help="KL autoencoder: latent scaling (default: the diffusers "
@@ -44,10 +52,32 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
     parser.add_argument("--steps", type=int, default=250,
-                        help="default sampling steps saved with the folder (LightningDiT: its num_sampling_steps)")
+                        help="default sampling steps saved with the folder (LightningDiT: its num_sampling_steps; "
+                             "SiT, REPA: their num_steps)")
     parser.add_argument("--cfg-scale", type=float, default=None,
-                        help="default guidance scale saved with the folder (DiT: 1.5, LightningDiT: 6.7)")
+                        help="default guidance scale saved with the folder (DiT: 1.5, LightningDiT: 6.7, SiT: 1.5, "
+                             "REPA: 1.8)")
+    parser.add_argument("--keep-projectors", action="store_true",
+                        help="repa-official: save the projectors as the folder's `projector` component")
+    parser.add_argument("--encoder-depth", type=int,
+                        help="repa-official: the 1-indexed block the projectors read (default: the checkpoint's args, "
+                             "else REPA's generate.py default 8)")
+    parser.add_argument("--mode", choices=("sde", "ode"),
+                        help="repa-official: the sampler saved with the folder (generate.py --mode; default sde)")
+    parser.add_argument("--heun", action="store_true", help="repa-official --mode ode: Heun instead of Euler")
+    parser.add_argument("--guidance-low", type=float,
+                        help="repa-official: guidance interval low end (t, 1 = noise; default 0)")
+    parser.add_argument("--guidance-high", type=float,
+                        help="repa-official: guidance interval high end (default 0.7, the paper's)")
     args = parser.parse_args(argv)
+    repa_only = [flag for flag, value in (("--keep-projectors", args.keep_projectors or None), ("--heun", args.heun or None),
+                                          ("--encoder-depth", args.encoder_depth), ("--mode", args.mode),
+                                          ("--guidance-low", args.guidance_low), ("--guidance-high", args.guidance_high))
+                 if value is not None]
+    if repa_only and args.source != "repa-official":
+        parser.error(f"only repa-official takes {', '.join(repa_only)}")
+    if args.heun and args.mode != "ode":
+        parser.error("--heun is the ODE's corrector: give --mode ode with it")
     if args.source in ("var-official", "hmar-official"):  # VAR's VQVAE + a next-scale transformer
         kind = args.source.split("-")[0]
         weights = getattr(args, kind)
@@ -85,6 +115,25 @@ def run(argv: list[str]) -> int:
 
         path = convert_dit_official(args.ckpt, args.out, args.num_heads, args.steps,
                                     1.5 if args.cfg_scale is None else args.cfg_scale, vae=vae)
+    elif args.source == "sit-official":
+        from ..convert.sit_official import convert_sit_official, official_sampler
+
+        try:
+            sampler = official_sampler(args.steps, 1.5 if args.cfg_scale is None else args.cfg_scale)
+        except ValueError as e:  # a setting out of range: exit 2 naming it
+            parser.error(str(e))
+        path = convert_sit_official(args.ckpt, args.out, args.num_heads, sampler, vae=vae)
+    elif args.source == "repa-official":
+        from ..convert.repa_official import convert_repa_official, official_sampler
+
+        try:
+            sampler = official_sampler(args.mode or "sde", args.steps, 1.8 if args.cfg_scale is None else args.cfg_scale,
+                                       0.0 if args.guidance_low is None else args.guidance_low,
+                                       0.7 if args.guidance_high is None else args.guidance_high, args.heun)
+        except ValueError as e:
+            parser.error(str(e))
+        path = convert_repa_official(args.ckpt, args.out, args.num_heads, sampler, args.keep_projectors,
+                                     args.encoder_depth, vae=vae)
     else:
         from ..convert.lightningdit_official import convert_lightningdit_official, official_sampler
 
