@@ -17,6 +17,11 @@ optional PatchGAN term with VQGAN's adaptive weight:
   ||grad_last L_rec|| / ||grad_last L_gan|| at the decoder's last layer, clamped to [0, 1e4]. The
   discriminator is an auxiliary trainable module of the objective (`trainable_modules`): the trainer optimises
   and checkpoints it with the autoencoder, and the two losses reach only their own parameters.
+- Further auxiliary modules of a subclass (VA-VAE's `linear_proj`, `objectives.kl_vae`) join the discriminator in
+  one `AuxiliaryModules` container (`add_auxiliary`), the one module the trainer optimises, wraps in DDP and
+  checkpoints (keys `discriminator.*`, `linear_proj.*`); without them the discriminator alone is that module, with
+  its own key names, as before. `adaptive_weight` serves any term balanced against the reconstruction at some
+  layer (VA-VAE's VF loss at the encoder's last layer, clamped to [0, 1e8] as its code does).
 """
 
 from __future__ import annotations
@@ -100,6 +105,14 @@ class PerceptualDistance(nn.Module):
         return total
 
 
+class AuxiliaryModules(nn.ModuleDict):
+    """Several auxiliary trainable modules as the one module the trainer optimises, wraps in DDP and checkpoints.
+    Calls go through `forward(name, *args)` (so through the DDP wrapper): `aux("discriminator", images)`."""
+
+    def forward(self, name: str, *args, **kwargs):
+        return self[name](*args, **kwargs)
+
+
 class AutoencoderLoss:
     """Base of the autoencoder losses: reconstruction + perceptual + GAN terms (see the module docstring).
     Subclasses add their own terms (VQ loss, KL) in `loss`; their config carries the fields read here."""
@@ -112,13 +125,32 @@ class AutoencoderLoss:
         self.discriminator = (PatchDiscriminator(3, config.discriminator_channels, config.discriminator_layers)
                               if config.gan_weight > 0 else None)
         self.discriminator_model: nn.Module | None = self.discriminator  # the trainer may wrap it (DDP)
+        # the discriminator and a subclass's own trainable modules together (None: the discriminator alone)
+        self.auxiliary: AuxiliaryModules | None = None
+        self.auxiliary_model: nn.Module | None = None  # the trainer may wrap it (DDP)
 
     # ---------------------------------------------------------------- trainer hooks
     def trainable_modules(self) -> nn.Module | None:
-        return self.discriminator
+        return self.discriminator if self.auxiliary is None else self.auxiliary
 
     def bind_trainable(self, wrapped: nn.Module) -> None:
-        self.discriminator_model = wrapped
+        if self.auxiliary is None:
+            self.discriminator_model = wrapped
+        else:
+            self.auxiliary_model = wrapped
+
+    def add_auxiliary(self, name: str, module: nn.Module) -> None:
+        """Train `module` with the autoencoder, next to the discriminator (before the trainer is built)."""
+        parts = dict(self.auxiliary.items()) if self.auxiliary is not None else (
+            {"discriminator": self.discriminator} if self.discriminator is not None else {})
+        parts[name] = module
+        self.auxiliary = self.auxiliary_model = AuxiliaryModules(parts)
+
+    def auxiliary_call(self, name: str, *args) -> torch.Tensor:
+        """Run an auxiliary module through the trainer's wrapper (DDP synchronises its gradients)."""
+        if self.auxiliary is None:
+            return self.discriminator_model(*args)
+        return self.auxiliary_model(name, *args)
 
     # ---------------------------------------------------------------- terms
     def reconstruction_terms(self, images: torch.Tensor, reconstruction: torch.Tensor,
@@ -140,20 +172,27 @@ class AutoencoderLoss:
         """The generator's adaptively weighted GAN term + the discriminator's hinge loss (0 before gan_start_step)."""
         config = self.config
         if self.discriminator is None or step < config.gan_start_step:
+            if self.discriminator is not None and self.auxiliary is not None:
+                # the discriminator shares its DDP wrapper with modules used at this step, and DDP wants a gradient
+                # for every parameter: zeros (on one process too, so that a run does not depend on the process count)
+                return sum(p.sum() for p in self.discriminator.parameters()) * 0.0
             return rec_loss.new_zeros(())
-        disc = unwrap(self.discriminator_model)
+        disc = self.discriminator
         frozen = {k: v.detach() for k, v in disc.named_parameters()}
         fake_logits = torch.func.functional_call(disc, frozen, (reconstruction,))
         gan_g = -fake_logits.float().mean()
         weight = self.adaptive_weight(rec_loss, gan_g, unwrap(model).decoder.last_layer)
-        real_d = self.discriminator_model(images.detach())
-        fake_d = self.discriminator_model(reconstruction.detach())
+        real_d = self.auxiliary_call("discriminator", images.detach())
+        fake_d = self.auxiliary_call("discriminator", reconstruction.detach())
         gan_d = 0.5 * (F.relu(1 - real_d.float()).mean() + F.relu(1 + fake_d.float()).mean())
         logs.update(gan_g=gan_g.detach(), gan_d=gan_d.detach(), gan_weight=weight.detach())
         return weight * config.gan_weight * gan_g + gan_d
 
     @staticmethod
-    def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    def adaptive_weight(rec_loss: torch.Tensor, gan_loss: torch.Tensor, last_layer: torch.Tensor,
+                        max_weight: float = 1e4) -> torch.Tensor:
+        """||grad_last rec_loss|| / (||grad_last gan_loss|| + 1e-4), clamped to [0, max_weight], no gradient
+        (VQGAN's d_weight; VA-VAE's vf_weight with `max_weight` 1e8 and another loss in place of the GAN's)."""
         rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
         gan_grad = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)[0]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -162,4 +201,4 @@ class AutoencoderLoss:
             grads = torch.stack((rec_grad, gan_grad))
             torch.distributed.all_reduce(grads, op=torch.distributed.ReduceOp.AVG)
             rec_grad, gan_grad = grads[0], grads[1]
-        return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()
