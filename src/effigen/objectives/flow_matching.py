@@ -16,8 +16,11 @@ null class with probability `label_dropout` so one network learns both fields fo
 Sampling converts any prediction to (velocity, noise) and integrates from t = 1 to t = 0: the probability-flow
 ODE with Euler or Heun, or SiT's reverse SDE with Euler-Maruyama,
     dx = [v - (g_t^2 / 2) score] dt + g_t dW   (dt < 0),
-which has the same marginals as the ODE for any g; with SiT's "sigma" diffusion g_t^2 = diffusion_norm * sigma_t, so the drift is v + (diffusion_norm / 2) eps
-(no singularity at t = 0), and a last noiseless "Mean" step of size `last_step` (SiT's default 0.04).
+which has the same marginals as the ODE for any g; here g_t^2 = diffusion_norm * sigma_t, so the drift is
+v + (diffusion_norm / 2) eps (no singularity at t = 0), and a last noiseless "Mean" step of size `last_step` (SiT's
+default 0.04). SiT's "sigma" diffusion is g_t^2 = 2 * norm * sigma_t with its own `diffusion_norm` (default 1), and
+REPA's is 2t: both are effigen's diffusion_norm = 2 (the converters set it); effigen's default 1 is half their noise
+(checked against SiT's integrator in tests/parity/test_sit_parity.py).
 Noise and score predictions are singular where alpha_t = 0 (t = 1), so their grid starts at 1 - `sample_eps`.
 """
 
@@ -57,7 +60,7 @@ class FlowSamplerConfig:
     cfg_interval: tuple[float, float] | None = None  # guide only while t in [low, high]
     cfg_channels: int | None = None  # 3 reproduces DiT/SiT/LightningDiT's first-3-channels quirk
     time_shift: float = 1.0
-    diffusion_norm: float = 1.0  # SDE only: g_t^2 = diffusion_norm * sigma_t
+    diffusion_norm: float = 1.0  # SDE only: g_t^2 = diffusion_norm * sigma_t (SiT's and REPA's SDE: 2)
     last_step: float = 0.04  # SDE only: final noiseless step to t = 0
     sample_eps: float = 1e-3  # start at 1 - sample_eps for noise/score predictions
 

@@ -88,7 +88,8 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "sampler": {"solver": "ddim", "num_steps": 50, "cfg_scale": 2.0},
         "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-dit-ddpm"},
     },
-    "mnist-sit": {  # SiT's defaults: linear path, velocity prediction, uniform t; SDE sampling
+    "mnist-sit": {  # SiT's defaults: linear path, velocity prediction, uniform t; SDE sampling (at half SiT's noise,
+        # diffusion_norm 1; SiT's own SDE is --sampler.diffusion_norm=2)
         "method": "dit-flow",
         "data": {"name": "mnist", "resolution": 32},
         "network_preset": "DiT-Ti/4",
