@@ -156,7 +156,8 @@ def official_sampler(mode: str = "sde", num_steps: int = 250, cfg_scale: float =
         return FlowSamplerConfig(solver="euler_maruyama", num_steps=num_steps - 1, diffusion_norm=2.0, last_step=0.04,
                                  **common)
     if mode == "ode":
-        return FlowSamplerConfig(solver="heun" if heun else "euler", num_steps=num_steps, **common)
+        return FlowSamplerConfig(solver="heun" if heun else "euler", num_steps=num_steps,
+                                 cfg_interval_at="step_start", **common)  # REPA decides guidance once per step
     raise ValueError(f"REPA sampling mode must be 'sde' or 'ode', got {mode!r}")
 
 

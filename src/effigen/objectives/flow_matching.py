@@ -36,6 +36,7 @@ from torch import nn
 
 from ..rng import BatchRandom
 from ..samplers import SOLVERS, guided_prediction, make_time_grid, number_of_evaluations
+from ..samplers.ode import heun_sample
 from ..samplers.sde import euler_maruyama_sample
 
 
@@ -58,6 +59,9 @@ class FlowSamplerConfig:
     num_steps: int = 25
     cfg_scale: float = 1.0  # constant guidance: uncond + s * (cond - uncond)
     cfg_interval: tuple[float, float] | None = None  # guide only while t in [low, high]
+    # which time decides the interval for Heun's corrector: its own ("evaluation") or its step's start ("step_start",
+    # REPA's euler_sampler with heun)
+    cfg_interval_at: Literal["evaluation", "step_start"] = "evaluation"
     cfg_channels: int | None = None  # 3 reproduces DiT/SiT/LightningDiT's first-3-channels quirk
     time_shift: float = 1.0
     diffusion_norm: float = 1.0  # SDE only: g_t^2 = diffusion_norm * sigma_t (SiT's and REPA's SDE: 2)
@@ -172,13 +176,14 @@ class RectifiedFlow:
             noise = torch.stack([torch.randn(shape, generator=generator) for _ in range(labels.shape[0])])
         x = noise.to(device)
 
-        def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def predict(x_t: torch.Tensor, t: torch.Tensor, interval_time: torch.Tensor | None = None) -> torch.Tensor:
             return guided_prediction(
-                model, x_t, t, labels, self.num_classes, sampler.cfg_scale, sampler.cfg_interval, sampler.cfg_channels
+                model, x_t, t, labels, self.num_classes, sampler.cfg_scale, sampler.cfg_interval, sampler.cfg_channels,
+                interval_time,
             ).float()
 
-        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            out = predict(x_t, t)
+        def velocity(x_t: torch.Tensor, t: torch.Tensor, interval_time: torch.Tensor | None = None) -> torch.Tensor:
+            out = predict(x_t, t, interval_time)
             return out if self.config.prediction == "velocity" else self.velocity_and_noise(out, x_t, t)[0]
 
         t_start = 1.0 if self.config.prediction == "velocity" else 1.0 - sampler.sample_eps
@@ -195,6 +200,8 @@ class RectifiedFlow:
 
             return euler_maruyama_sample(drift, diffusion, x, grid, generator, progress)
         grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start)
+        if sampler.solver == "heun" and sampler.cfg_interval_at == "step_start":
+            return heun_sample(velocity, x, grid, progress=progress, pass_step_start=True)
         return SOLVERS[sampler.solver](velocity, x, grid, progress=progress)
 
     def evaluations_per_sample(self, sampler: FlowSamplerConfig) -> int:

@@ -45,10 +45,12 @@ def guided_prediction(
     cfg_scale: float,
     interval: tuple[float, float] | None = None,
     channels: int | None = None,
+    interval_time: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Evaluate `model_fn(x, t, labels)` with classifier-free guidance in one doubled batch.
 
-    x: (B, C, H, W); t: (B,); labels: (B,). Returns the guided output (B, C_out, H, W).
+    x: (B, C, H, W); t: (B,); labels: (B,). Returns the guided output (B, C_out, H, W). `interval_time` (B,): the
+    time whose position decides the interval (default `t`; REPA's Heun decides at the start of the step).
     """
     if cfg_scale == 1.0:
         return model_fn(x, t, labels)
@@ -58,7 +60,8 @@ def guided_prediction(
     scale = torch.full((x.shape[0],), float(cfg_scale), device=x.device, dtype=out.dtype)
     if interval is not None:
         low, high = interval
-        inside = (t >= low) & (t <= high)
+        at = t if interval_time is None else interval_time
+        inside = (at >= low) & (at <= high)
         scale = torch.where(inside, scale, torch.ones_like(scale))
     scale = scale.view(-1, *([1] * (out.dim() - 1)))
     guided = uncond + scale * (cond - uncond)

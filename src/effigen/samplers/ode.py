@@ -44,9 +44,12 @@ def euler_sample(velocity_fn: VelocityFn, x: torch.Tensor, time_grid: torch.Tens
 
 
 @torch.no_grad()
-def heun_sample(velocity_fn: VelocityFn, x: torch.Tensor, time_grid: torch.Tensor, progress=None) -> torch.Tensor:
+def heun_sample(velocity_fn: VelocityFn, x: torch.Tensor, time_grid: torch.Tensor, progress=None,
+                pass_step_start: bool = False) -> torch.Tensor:
     """Second-order Heun (trapezoidal predictor-corrector, EDM Alg. 1 without churn). The last step
-    to t = 0 is plain Euler, as in EDM, so a grid of N steps costs 2N - 1 evaluations."""
+    to t = 0 is plain Euler, as in EDM, so a grid of N steps costs 2N - 1 evaluations. `pass_step_start`: the
+    corrector is called as `velocity_fn(x, t_next, t_start)` (for settings decided once per step, e.g. REPA's
+    guidance interval)."""
     for i in range(len(time_grid) - 1):
         t, t_next = time_grid[i], time_grid[i + 1]
         dt = (t_next - t).item()
@@ -55,7 +58,8 @@ def heun_sample(velocity_fn: VelocityFn, x: torch.Tensor, time_grid: torch.Tenso
         if t_next.item() == 0.0:
             x = x_euler
         else:
-            v_next = velocity_fn(x_euler, _batch_time(t_next, x))
+            start = (_batch_time(t, x),) if pass_step_start else ()
+            v_next = velocity_fn(x_euler, _batch_time(t_next, x), *start)
             x = x + dt * 0.5 * (v + v_next)
         if progress is not None:
             progress.update(1)
