@@ -122,20 +122,13 @@ class KLVAELoss(AutoencoderLoss):
     config_class = KLVAELossConfig
 
     def __init__(self, config: KLVAELossConfig, num_classes: int = 0, teacher=None):
-        """`teacher`: a `teachers.Teacher` to align to (default: `load_teacher(config.vf_teacher)` when
-        vf_weight > 0). The VF projection is built by `prepare_network(network)`, which knows the latent width."""
+        """`teacher`: a `teachers.Teacher` to align to; without one, `prepare_network` loads
+        `load_teacher(config.vf_teacher)` when vf_weight > 0 (not here: a Pipeline builds this objective to load a
+        trained tokenizer, which must not need the teacher's weights). `prepare_network(network)` also builds the VF
+        projection, which needs the latent width."""
         super().__init__(config, num_classes)
-        self.teacher = None
+        self.teacher = teacher.frozen() if teacher is not None and config.vf_weight > 0 else None
         self.linear_proj: nn.Conv2d | None = None
-        if config.vf_weight > 0:
-            if teacher is None:
-                from ..teachers import TeacherError, load_teacher  # imported here: only VA-VAE needs a teacher
-
-                try:
-                    teacher = load_teacher(config.vf_teacher)
-                except TeacherError as e:
-                    raise ConfigError(f"objective.vf_teacher={config.vf_teacher!r}: {e}") from None
-            self.teacher = teacher.frozen()
 
     @property
     def vf_enabled(self) -> bool:
@@ -146,8 +139,15 @@ class KLVAELoss(AutoencoderLoss):
         latent grid; called before the trainer collects the trainable modules. Nothing to do without VF."""
         if not self.vf_enabled or self.linear_proj is not None:
             return
-        from ..teachers import TeacherError
+        from ..teachers import TeacherError  # imported here: only VA-VAE needs a teacher
 
+        if self.teacher is None:
+            from ..teachers import load_teacher
+
+            try:
+                self.teacher = load_teacher(self.config.vf_teacher).frozen()
+            except TeacherError as e:
+                raise ConfigError(f"objective.vf_teacher={self.config.vf_teacher!r}: {e}") from None
         config = network.config
         side = config.resolution // config.downsample_factor
         try:
