@@ -51,6 +51,9 @@ class Teacher(nn.Module):
     # -------------------------------------------------------------- public interface
     def grid_for(self, grid: int | None) -> int:
         """The grid the teacher itself runs at to serve `grid` (its tokens are then resampled if they differ)."""
+        if grid is not None and (isinstance(grid, bool) or int(grid) != grid or grid < 1):
+            raise TeacherError(f"a token grid side is a positive int, got {grid!r}")
+        grid = None if grid is None else int(grid)
         if grid is None or self.interpolates:
             return grid or self.native_grid
         check_grid_mapping(self.native_grid, grid, self.name)
@@ -70,6 +73,9 @@ class Teacher(nn.Module):
                                "attention alignment needs a ViT teacher, e.g. the built-in mnist-vit or dinov2-*")
         _check_images(images, self.name)
         layers = [int(i) for i in ([layers] if isinstance(layers, int) else layers)]
+        if not layers:
+            raise TeacherError(f"attention_logits needs at least one layer of the {self.name} teacher "
+                               f"(0..{self.depth - 1})")
         bad = [i for i in layers if not 0 <= i < self.depth]
         if bad:
             raise TeacherError(f"teacher layers {bad} do not exist: the {self.name} teacher has blocks 0..{self.depth - 1}")
@@ -89,8 +95,18 @@ class Teacher(nn.Module):
 
 
 def _check_images(images: torch.Tensor, name: str) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise TeacherError(f"the {name} teacher takes images (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+    """Float (B, 3, H, W) in [-1, 1]. Values a little outside (a sampler's overshoot) pass; beyond 2 they are surely
+    0..255 pixels, and integer images are refused rather than guessed at."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise TeacherError(f"the {name} teacher takes images (B, 3, H, W) in [-1, 1], got {shape}")
+    if not images.is_floating_point():
+        raise TeacherError(f"the {name} teacher takes float images in [-1, 1], got {images.dtype}; convert 0..255 "
+                           "pixels with images.float() / 127.5 - 1")
+    peak = float(images.detach().abs().max()) if images.numel() else 0.0
+    if not peak <= 2.0:  # also catches NaN
+        raise TeacherError(f"the {name} teacher takes images in [-1, 1] but got values up to {peak:.4g}; convert 0..255 "
+                           "pixels with images / 127.5 - 1 (and 0..1 pixels with 2 * images - 1)")
 
 
 def check_grid_mapping(teacher_grid: int, student_grid: int, name: str = "teacher") -> None:
