@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from effigen.nn.taps import Taps
 from effigen.teachers import TeacherError, ViTTeacher, load_teacher
-from effigen.teachers.dinov2 import DINOV2_PRESETS, hf_to_official, load_dinov2, official_to_hf
+from effigen.teachers.dinov2 import DINOV2_PRESETS, load_dinov2, official_state_dict, official_to_hf, read_dinov2
 
 from .common import discover, folder, manifest, vectors_path
 
@@ -148,7 +148,10 @@ def test_official_weights_through_the_transformers_layout(official, tmp_path):
     """The official state dict renamed to hub names in a save_pretrained-style folder loads to the same numbers."""
     path, spec, vectors, model = official
     d = spec["dinov2"]
-    state = torch.load(path / spec["checkpoint"], map_location="cpu", weights_only=True)
+    state = official_state_dict(torch.load(path / spec["checkpoint"], map_location="cpu", weights_only=True))
+    if not d["init_values"]:  # transformers' DINOv2 always has layer scale: identity gammas stand in
+        for i in range(d["depth"]):
+            state[f"blocks.{i}.ls1.gamma"] = state[f"blocks.{i}.ls2.gamma"] = torch.ones(d["embed_dim"])
     registers = d["num_register_tokens"]
     config = {"model_type": "dinov2_with_registers" if registers else "dinov2", "hidden_size": d["embed_dim"],
               "num_hidden_layers": d["depth"], "num_attention_heads": d["num_heads"], "mlp_ratio": d["mlp_ratio"],
@@ -218,7 +221,7 @@ def test_hf_weights_through_the_official_layout(hf, tmp_path):
     """The folder's weights renamed to official names in a .pth give the same numbers (the manifest's
     cross-check against the official model)."""
     _, spec, vectors, model_folder, model = hf
-    state = hf_to_official(load_file(str(model_folder / "model.safetensors")))
+    _, state = read_dinov2(model_folder)  # the weights in official names (model.safetensors, shards or .bin)
     torch.save(state, tmp_path / "official.pth")
     interpolation = {"interpolate_antialias": model.config.interpolate_antialias,
                      "interpolate_offset": model.config.interpolate_offset}
