@@ -1,7 +1,7 @@
 """Train the built-in ViT teachers (`effigen.teachers.builtin.VIT_TEACHERS`: mnist-vit) and write them to
 src/effigen/assets/ (teacher-<name>.safetensors) plus a record of each in teachers.json.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/build_teachers.py --threads 1     # mnist-vit, ~7 minutes on one core
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/build_teachers.py --threads 1     # mnist-vit: 30 epochs, ~11 minutes on one core
     .venv/bin/python scripts/build_teachers.py --epochs 5 --out-dir /tmp/teachers  # a quick trial elsewhere
 
 Training is deterministic from --seed on a given machine and thread count. (`mnist-net` needs no build: it adapts
