@@ -2,10 +2,10 @@
 # sit-haste: SiT + HASTE (2505.16792), preset mnist-sit-haste: REPA as sit-repa.sh plus attention alignment of student
 # blocks 0-1 to the teacher's last two blocks (cross-entropy of the attention distributions, weight 0.5), both terms
 # stopped after the first third of the steps (HASTE's termination, at 250K steps of its SiT-XL/2 run).
-#   BUDGET_MINUTES, OUT, SEED as sit.sh; STEPS_PER_MINUTE as sit-repa.sh
+#   BUDGET_MINUTES, OUT, SEED, STEPS_PER_MINUTE as sit.sh (further arguments go to `effigen train`)
 set -euo pipefail
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
-STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-33}
+STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-40}
 OUT=${OUT:-runs/results/sit-haste}
 SEED=${SEED:-0}
 EFFIGEN=${EFFIGEN:-effigen}
@@ -17,4 +17,4 @@ $EFFIGEN train --preset mnist-sit-haste \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
   --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false \
-  --align.stop_step="$(( MAX_STEPS / 3 ))"
+  --align.stop_step="$(( MAX_STEPS / 3 ))" "$@"

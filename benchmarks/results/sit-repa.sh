@@ -3,11 +3,12 @@
 # tokens of block 2 of 4 (1-indexed, REPA's encoder_depth at a third of the depth, as its B/2 ablation's 4 of 12) through
 # a 3-layer projector, negative-cosine aligned (weight 0.5) to the built-in mnist-vit teacher's patch tokens on the same
 # 8x8 grid.
-#   BUDGET_MINUTES, OUT, SEED as sit.sh; STEPS_PER_MINUTE lower than sit.sh's: the teacher forward and the projector
-#   add to each step on one core (docs/alignment.md)
+#   BUDGET_MINUTES, OUT, SEED, STEPS_PER_MINUTE as sit.sh: the teacher forward and the projector add little to a step
+#   on one core (docs/alignment.md), and the 10-minute wall budget stops a slower run early (further arguments go to
+#   `effigen train`)
 set -euo pipefail
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
-STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-33}
+STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-40}
 OUT=${OUT:-runs/results/sit-repa}
 SEED=${SEED:-0}
 EFFIGEN=${EFFIGEN:-effigen}
@@ -18,4 +19,4 @@ $EFFIGEN train --preset mnist-sit-repa \
   --network.hidden_size=256 --network.depth=4 --network.num_heads=4 --network.patch_size=4 \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
   --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
-  --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false
+  --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"

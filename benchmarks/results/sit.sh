@@ -5,6 +5,7 @@
 #                   so that the cosine schedule ends near the budget)
 #   STEPS_PER_MINUTE  this network's training steps per minute on one core of the reference machine (batch 128)
 #   OUT, SEED       the run folder (pipeline in $OUT/final) and the training seed
+# Further arguments go to `effigen train` (e.g. --trainer.keep_checkpoints=100 to keep every checkpoint for a curve).
 set -euo pipefail
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
 STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-40}
@@ -18,4 +19,4 @@ $EFFIGEN train --preset mnist-sit \
   --network.hidden_size=256 --network.depth=4 --network.num_heads=4 --network.patch_size=4 \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
   --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
-  --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false
+  --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"
