@@ -194,3 +194,19 @@ def test_haste_trains_from_the_experiment_and_resumes_exactly_across_the_switch(
 
     records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["proj_loss"] != 0 for r in records] == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("preset", ["mnist-sit-repa", "mnist-sit-haste"])
+def test_the_aligned_presets_train_with_the_built_in_teacher(tmp_path, preset):
+    from effigen.training.experiment import build_experiment_dict
+    from effigen.training.run import build_and_train
+
+    overrides = [f"--trainer.output_dir={tmp_path}", "--trainer.max_steps=2", "--trainer.batch_size=8",
+                 "--trainer.checkpoint_every=0", "--trainer.sample_every=0", "--trainer.progress=false",
+                 "--network.hidden_size=32", "--network.num_heads=4", "--align.projector_dim=16",
+                 "--sampler.num_steps=2", "--trainer.precision=fp32"]
+    summary = build_and_train(build_experiment_dict(preset, overrides=overrides), quiet=True)
+    records = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 2 and '"proj_loss"' in records[-1]
+    if preset.endswith("haste"):
+        assert '"attn_loss"' in records[-1]
