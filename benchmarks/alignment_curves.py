@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--solver")
     parser.add_argument("--steps", type=int)
+    parser.add_argument("--at", help="evaluate only these steps, e.g. 100,200,300,401 (default: every checkpoint)")
+    parser.add_argument("--cache", help="folder of per-(run, step) results: reused when present, so several processes "
+                                        "can evaluate different runs and a last call tabulates them all")
     parser.add_argument("--json")
     parser.add_argument("--plot")
     args = parser.parse_args()
@@ -57,24 +60,33 @@ def main() -> None:
             parser.error(f"--runs {item!r}: expected LABEL=RUN[,RUN...]")
         groups[label] = [Path(p) for p in paths.split(",")]
     overrides = {k: v for k, v in (("solver", args.solver), ("num_steps", args.steps)) if v is not None}
-    extractor = reference = None
+    first = checkpoints(next(iter(groups.values()))[0])[0][1]
+    info = json.loads((first / "model_index.json").read_text())["info"]
+    extractor = load_extractor(default_extractor_for(info["dataset"]))
+    reference = Reference(dataset=info["dataset"], split="train", resolution=info["resolution"])
     results: dict[str, dict] = {}
     for label, runs in groups.items():
         per_run = []
         for run in runs:
             curve = []
+            wanted = {int(x) for x in args.at.split(",")} if args.at else None
             for step, folder in checkpoints(run):
+                if wanted is not None and step not in wanted:
+                    continue
+                cached = Path(args.cache) / f"{run.resolve().as_posix().replace('/', '_')}-{step}.json" if args.cache else None
+                if cached is not None and cached.is_file():
+                    curve.append(json.loads(cached.read_text()))
+                    continue
                 pipeline = Pipeline.from_pretrained(folder)
-                if extractor is None:
-                    extractor = load_extractor(default_extractor_for(pipeline.info["dataset"]))
-                    reference = Reference(dataset=pipeline.info["dataset"], split="train",
-                                          resolution=pipeline.sample_shape[-1])
                 started = time.perf_counter()
                 images = generate_for_evaluation(pipeline, args.num_images, seed=args.seed, precision=args.precision,
                                                  progress=False, **overrides)
                 record = evaluate_images(images, reference, extractor, ("fid",), progress=False)
                 fid = record["metrics"][0]["value"]
                 curve.append({"step": step, "fid": fid})
+                if cached is not None:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    cached.write_text(json.dumps(curve[-1]))
                 print(f"{label:<10} {run.name:<22} step {step:>6}  FID {fid:8.3f}  ({time.perf_counter() - started:.0f}s)",
                       flush=True)
             per_run.append({"run": str(run), "images_per_second": training_speed(run), "curve": curve})
