@@ -103,7 +103,8 @@ def main() -> None:
     print(f"\nbaseline {baseline_label}: final FID {target:.3f} at step {final_step} "
           f"(spread over its runs {baseline['mean'][-1]['min']:.3f}..{baseline['mean'][-1]['max']:.3f})")
     print(f"{'label':<10}{'runs':>5}{'final FID':>11}{'reaches baseline at':>21}{'steps ratio':>13}{'images/s':>10}"
-          f"{'speed vs baseline':>19}")
+          f"{'speed vs baseline':>19}   (images/s as the runs logged them: compare speeds only from runs that ran alone, "
+          "or with benchmarks/alignment_speed.py)")
     for label, result in results.items():
         reach = next((p["step"] for p in result["mean"] if p["fid"] <= target), None)
         ratio = f"{final_step / reach:.2f}x" if reach else "-"
@@ -132,7 +133,9 @@ def main() -> None:
                                 color=line.get_color(), alpha=0.2)
         ax.set_xlabel("training steps")
         ax.set_ylabel(f"FID ({extractor.name}, {args.num_images} samples)")
-        ax.set_yscale("log")
+        values = [p["fid"] for r in results.values() for p in r["mean"]]
+        if max(values) / max(min(values), 1e-9) > 10:  # a log axis only where the values span more than a decade
+            ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
