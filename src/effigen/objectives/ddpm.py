@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..rng import BatchRandom
-from ..samplers import guided_prediction
+from ..samplers import guided_evaluations, guided_prediction
 from ..samplers.diffusion import (
     DiffusionSchedule,
     ddim_sample,
@@ -193,4 +193,9 @@ class GaussianDiffusion:
         return ddpm_sample(predict, x, schedule, sampler.clip_denoised, generator, progress)
 
     def evaluations_per_sample(self, sampler: DDPMSamplerConfig) -> int:
-        return sampler.num_steps * (1 if sampler.cfg_scale == 1.0 else 2)
+        """Network evaluations per image, counting two (conditional + unconditional) only where guidance applies."""
+        if sampler.cfg_interval is None or sampler.cfg_scale == 1.0:
+            return sampler.num_steps * (1 if sampler.cfg_scale == 1.0 else 2)
+        schedule = DiffusionSchedule.create(self.config.beta_schedule, self.config.num_timesteps, sampler.num_steps)
+        times = schedule.network_time(torch.arange(sampler.num_steps)).tolist()
+        return guided_evaluations(times, sampler.cfg_scale, sampler.cfg_interval)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..rng import BatchRandom
-from ..samplers import SOLVERS, guided_prediction, make_time_grid, number_of_evaluations
+from ..samplers import SOLVERS, guided_evaluations, guided_prediction, make_time_grid
 from ..samplers.ode import heun_sample
 from ..samplers.sde import euler_maruyama_sample
 
@@ -205,6 +205,16 @@ class RectifiedFlow:
         return SOLVERS[sampler.solver](velocity, x, grid, progress=progress)
 
     def evaluations_per_sample(self, sampler: FlowSamplerConfig) -> int:
-        steps = sampler.num_steps + (1 if sampler.solver == "euler_maruyama" and sampler.last_step > 0 else 0)
-        solver = "euler" if sampler.solver == "euler_maruyama" else sampler.solver
-        return number_of_evaluations(solver, steps) * (1 if sampler.cfg_scale == 1.0 else 2)
+        """Network evaluations per image, counting two (conditional + unconditional) only where guidance applies."""
+        t_start = 1.0 if self.config.prediction == "velocity" else 1.0 - sampler.sample_eps
+        if sampler.solver == "euler_maruyama":
+            grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start, t_end=sampler.last_step)
+            grid = torch.cat([grid, grid.new_zeros(1)]) if sampler.last_step > 0 else grid
+        else:
+            grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start)
+        times = grid.tolist()
+        decisions = times[:-1]  # the predictor / Euler evaluation of each step
+        if sampler.solver == "heun":  # the corrector, except on the last step to t = 0
+            step_start = sampler.cfg_interval_at == "step_start"
+            decisions += [times[i] if step_start else times[i + 1] for i in range(len(times) - 1) if times[i + 1] != 0.0]
+        return guided_evaluations(decisions, sampler.cfg_scale, sampler.cfg_interval)

@@ -54,6 +54,10 @@ def guided_prediction(
     """
     if cfg_scale == 1.0:
         return model_fn(x, t, labels)
+    if interval is not None:
+        at = t if interval_time is None else interval_time
+        if not bool(((at >= interval[0]) & (at <= interval[1])).any()):
+            return model_fn(x, t, labels)  # outside the interval the output is the conditional one: one pass, not two
     null = torch.full_like(labels, null_label)
     out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C_out, H, W)
     cond, uncond = out.chunk(2)
@@ -68,3 +72,14 @@ def guided_prediction(
     if channels is not None:
         guided = torch.cat([guided[:, :channels], cond[:, channels:]], dim=1)
     return guided
+
+
+def guided_evaluations(decision_times, cfg_scale: float, interval: tuple[float, float] | None = None) -> int:
+    """Network evaluations per sample for evaluations whose guidance is decided at `decision_times`: two inside the
+    guidance interval (conditional and unconditional), one outside it or without guidance."""
+    if cfg_scale == 1.0:
+        return len(decision_times)
+    if interval is None:
+        return 2 * len(decision_times)
+    low, high = interval
+    return sum(2 if low <= float(t) <= high else 1 for t in decision_times)
