@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .models.dit import DIT_PRESETS, DiT
+from .models.dico import DICO_PRESETS, DiCo
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
 from .models.var import VAR, VAR_PRESETS
@@ -65,6 +66,10 @@ METHODS: dict[str, Method] = {
                        accepts=("continuous",), tokenizer_required=False),
     "dit-ddpm": Method("dit-ddpm", DiT, GaussianDiffusion, DIT_PRESETS, "DiT (2212.09748) + DDPM with learned variance",
                        accepts=("continuous",), tokenizer_required=False),
+    "dico-ddpm": Method("dico-ddpm", DiCo, GaussianDiffusion, DICO_PRESETS,
+                        "DiCo (2505.11196) + DDPM with learned variance", accepts=("continuous",), tokenizer_required=False),
+    "dico-flow": Method("dico-flow", DiCo, RectifiedFlow, DICO_PRESETS, "DiCo (2505.11196) + rectified flow (2209.03003)",
+                        accepts=("continuous",), tokenizer_required=False),
     # a guided-distillation student of a dit-flow / dit-ddpm teacher (pixels or KL-VAE latents), made by `effigen distill`
     "dit-distilled": Method("dit-distilled", DiT, DistilledGenerator, DIT_PRESETS,
                             "guided distillation (2210.03142) of a dit-flow / dit-ddpm teacher",
