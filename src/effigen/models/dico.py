@@ -64,10 +64,10 @@ class DiCoConfig:
 DICO_PRESETS: dict[str, dict] = {
     "DiCo-S": dict(hidden_size=128, depth=[5, 4, 4, 4, 4], mlp_ratio=2),
     "DiCo-B": dict(hidden_size=256, depth=[5, 4, 4, 4, 4], mlp_ratio=2),
-    "DiCo-L": dict(hidden_size=320, depth=[10, 10, 10, 10, 10], mlp_ratio=2),
-    "DiCo-XL": dict(hidden_size=416, depth=[10, 10, 10, 10, 10], mlp_ratio=2),
-    "DiCo-H": dict(hidden_size=512, depth=[14, 14, 14, 14, 14], mlp_ratio=2),
-    "DiCo-Ti": dict(hidden_size=48, depth=[2, 2, 2, 2, 2], mlp_ratio=2),
+    "DiCo-L": dict(hidden_size=352, depth=[9, 8, 9, 8, 9], mlp_ratio=2),
+    "DiCo-XL": dict(hidden_size=416, depth=[9, 9, 10, 9, 9], mlp_ratio=2),
+    "DiCo-H": dict(hidden_size=416, depth=[14, 12, 10, 12, 14], mlp_ratio=4),
+    "DiCo-Ti": dict(hidden_size=64, depth=[2, 2, 2, 2, 2], mlp_ratio=2),  # small size for CPU work (not official)
     "DiCo-Test": dict(hidden_size=16, depth=[1, 1, 1, 1, 1], mlp_ratio=2),
 }
 
