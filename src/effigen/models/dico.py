@@ -51,7 +51,9 @@ class DiCoConfig:
         if len(self.depth) != 5:
             raise ValueError(f"DiCo depth lists 5 block counts (enc1, enc2, latent, dec2, dec1), got {self.depth}")
         if self.input_size % 4:
-            raise ValueError(f"DiCo downsamples twice by 2: input_size {self.input_size} must be a multiple of 4")
+            allowed = ", ".join(str(4 * k) for k in range(max(1, self.input_size // 4 - 1), self.input_size // 4 + 3))
+            raise ValueError(f"DiCo's U-Net downsamples twice by 2, so input_size must be a multiple of 4; "
+                             f"got {self.input_size} (nearby allowed sizes: {allowed})")
         if self.hidden_size % 2:
             raise ValueError(f"hidden_size {self.hidden_size} must be even (downsampling halves it before unshuffle)")
 
@@ -195,8 +197,10 @@ class DiCo(nn.Module):
         expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"DiCo expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        n_blocks = sum(self.config.depth)
-        recorder = record_taps(taps, n_blocks, "this DiCo")
+        if taps is not None and getattr(taps, "attention", ()):
+            raise ValueError("DiCo has no self-attention, so it has no attention logits to tap: request only "
+                             "Taps(blocks=...) (block outputs)")
+        recorder = record_taps(taps, sum(self.config.depth), "this DiCo")
         ts = self.config.time_scale * t
         y = self.y_embedder
         c1 = self.t_embedder_1(ts) + y.embedding_table_0(labels)
