@@ -65,6 +65,7 @@ RECIPES: list[Recipe] = [
     Recipe("sit-repa", "sit-repa.sh", "SiT 2401.08740 + REPA 2410.06940"),
     Recipe("sit-haste", "sit-haste.sh", "SiT 2401.08740 + HASTE 2505.16792"),
     Recipe("lightningdit", "lightningdit.sh", "LightningDiT 2501.01423 (pixels)"),
+    Recipe("dico", "dico.sh", "DiCo 2505.11196 (DDPM, learned variance)"),
     Recipe("lightningdit-latent", "lightningdit-latent.sh", "LightningDiT 2501.01423 + KL-VAE", tokenizer="tokenizer-klvae"),
     Recipe("dit-ddpm-latent", "dit-ddpm-latent.sh", "DiT 2212.09748 (DDPM) + KL-VAE", tokenizer="tokenizer-klvae"),
     Recipe("sit-latent", "sit-latent.sh", "SiT 2401.08740 + KL-VAE", tokenizer="tokenizer-klvae"),
