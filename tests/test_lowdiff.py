@@ -106,6 +106,7 @@ def test_sampler_spends_each_stage_budget_at_its_resolution(mode):
     assert [c["stage"] for c in rec.calls] == [0, 0, 0, 1, 1, 2]
     assert [c["x"].shape[-1] for c in rec.calls] == [4, 4, 4, 8, 8, 16]
     assert objective.evaluations_per_stage(net, sampler) == [3, 2, 1]
+    assert objective.evaluations_per_sample(sampler, net) == 6
     if mode == "concat":
         assert rec.calls[3]["cond"].shape == (2, 1, 8, 8)
         assert float(rec.calls[3]["aug_level"][0]) == pytest.approx(0.2)

@@ -88,6 +88,7 @@ class LowDiffCascade:
 
     config_class = LowDiffObjectiveConfig
     sampler_config_class = LowDiffSamplerConfig
+    evaluations_need_model = True  # the stages (resolutions, mode) are the network's config
 
     def __init__(self, config: LowDiffObjectiveConfig, num_classes: int):
         if config.prediction != "velocity":
@@ -200,3 +201,8 @@ class LowDiffCascade:
                                       if sampler.solver == "heun" else [])
             out.append(guided_evaluations(decisions, sampler.cfg_scale, sampler.cfg_interval))
         return out
+
+    def evaluations_per_sample(self, sampler: LowDiffSamplerConfig, model: nn.Module) -> int:
+        """Network evaluations per image over all stages (a low-resolution evaluation costs less: see
+        evaluations_per_stage and benchmarks/lowdiff_pareto.py for FLOPs)."""
+        return sum(self.evaluations_per_stage(model, sampler))
