@@ -156,3 +156,15 @@ def test_any_resolution_dit_matches_the_fixed_grid_at_its_size_and_runs_elsewher
         DiTConfig(any_resolution=True)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         net(torch.randn(1, 1, 7, 7), t[:1], y[:1])
+
+
+def test_latent_grid_cascade():
+    """KL-VAE latents (4 channels, 8x8 cells) as the experiment builds them: resolutions count latent cells."""
+    torch.manual_seed(0)
+    net = LowDiffNet(LowDiffConfig(input_size=8, in_channels=4, num_classes=3, resolutions=(2, 4, 8),
+                                   backbone_config={**TINY, "patch_size": 1}))
+    objective = LowDiffCascade(LowDiffObjectiveConfig(), num_classes=3)
+    out = objective.loss(net, {"images": torch.randn(2, 4, 8, 8), "labels": torch.tensor([0, 1])}, BatchRandom.local(0, 2))
+    assert set(out) >= {"mse_2px", "mse_4px", "mse_8px"} and torch.isfinite(out["loss"])
+    sample = objective.sample(net, torch.tensor([2]), (4, 8, 8), LowDiffSamplerConfig(solver="euler", stage_steps=(2, 1, 1)))
+    assert sample.shape == (1, 4, 8, 8)
