@@ -8,6 +8,9 @@ Each row samples --num-images class-balanced images with one sampler setting (th
 with --solver), timing the generation (images/s; rows alternate between the two pipelines so machine-load changes hit
 both) and counting the FLOPs of generating one image (torch's FlopCounterMode through effigen.bench.count_flops,
 guidance's doubled batch included). LowDiff rows set `stage_steps` (low to high resolution); SiT rows set num_steps.
+`--step-time` instead measures the training step cost of both presets (mnist-lowdiff, mnist-sit at the same DiT
+width/depth/heads/patch) in this one process, interleaved: loss + backward + AdamW on a batch of MNIST-shaped data,
+median over rounds; the ratio sets the step counts for equal step-time training.
 The gain at equal FID: for each LowDiff point inside SiT's FID range, SiT's FLOPs and images/s at that FID
 (interpolated linearly in log FID along SiT's curve), then LowDiff's images/s divided by SiT's.
 """
@@ -75,10 +78,48 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
+def step_time(batch: int = 64, rounds: int = 5, steps: int = 4) -> None:
+    import statistics
+
+    import torch
+
+    from effigen.models.dit import DiT, DiTConfig
+    from effigen.models.lowdiff import LOWDIFF_PRESETS, LowDiffConfig, LowDiffNet
+    from effigen.objectives.flow_matching import RectifiedFlow, RectifiedFlowConfig
+    from effigen.objectives.lowdiff import LowDiffCascade, LowDiffObjectiveConfig
+    from effigen.rng import BatchRandom
+    from effigen.training.experiment import EXPERIMENT_PRESETS
+
+    torch.manual_seed(0)
+    sit_preset, ld_preset = EXPERIMENT_PRESETS["mnist-sit"], EXPERIMENT_PRESETS["mnist-lowdiff"]
+    sit = DiT(DiTConfig(input_size=32, in_channels=3, num_classes=10, **sit_preset["network"]))
+    ld = LowDiffNet(LowDiffConfig(input_size=32, in_channels=3, num_classes=10,
+                                  **LOWDIFF_PRESETS[ld_preset["network_preset"]], **ld_preset["network"]))
+    runs = {"sit": (sit, RectifiedFlow(RectifiedFlowConfig(**sit_preset["objective"]), 10)),
+            "lowdiff": (ld, LowDiffCascade(LowDiffObjectiveConfig(**ld_preset["objective"]), 10))}
+    data = {"images": torch.rand(batch, 3, 32, 32) * 2 - 1, "labels": torch.randint(10, (batch,))}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, (model, objective) in runs.items():
+            start = time.perf_counter()
+            for i in range(steps):
+                loss = objective.loss(model, data, BatchRandom.local(r * steps + i, batch))["loss"]
+                optimizers[name].zero_grad()
+                loss.backward()
+                optimizers[name].step()
+            if r:
+                times[name].append((time.perf_counter() - start) / steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k, v in med.items():
+        print(f"{k:<8} {v * 1000:8.1f} ms/step (batch {batch})")
+    print(f"lowdiff / sit step time: {med['lowdiff'] / med['sit']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lowdiff", required=True)
-    parser.add_argument("--sit", required=True)
+    parser.add_argument("--lowdiff")
+    parser.add_argument("--sit")
     parser.add_argument("--budgets", default="4,2,1;8,4,2;16,8,4", help="LowDiff stage_steps, ';' between settings")
     parser.add_argument("--sit-steps", default="2,4,8,16")
     parser.add_argument("--solver", default="euler")
@@ -87,7 +128,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument("--step-time", action="store_true", help="measure the training step costs and exit")
+    if "--step-time" in __import__("sys").argv:
+        step_time()
+        return
     args = parser.parse_args()
+    if not (args.lowdiff and args.sit):
+        parser.error("--lowdiff and --sit (pipeline folders) are required unless --step-time")
     lowdiff, sit = Pipeline.from_pretrained(args.lowdiff), Pipeline.from_pretrained(args.sit)
     dataset = sit.info["dataset"]
     extractor = load_extractor(default_extractor_for(dataset))
