@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from ..rng import BatchRandom
 from ..samplers import SOLVERS, guided_evaluations, guided_prediction, make_time_grid
 from .flow_matching import FlowSamplerConfig, RectifiedFlow, RectifiedFlowConfig
@@ -70,7 +71,7 @@ class LowDiffSamplerConfig(FlowSamplerConfig):
         if self.stage_steps is None:
             return (self.num_steps,) * num_stages
         if len(self.stage_steps) != num_stages:
-            raise ValueError(f"stage_steps has {len(self.stage_steps)} entries but the cascade has {num_stages} stages; "
+            raise ConfigError(f"sampler.stage_steps has {len(self.stage_steps)} entries but the cascade has {num_stages} stages; "
                              "give one step budget per resolution, low to high")
         return self.stage_steps
 
@@ -176,7 +177,7 @@ class LowDiffCascade:
                                      progress, noise=noise)
                 continue
             if sampler.solver not in SOLVERS:
-                raise ValueError(f"mode 'init' integrates from t* = {start} with an ODE solver: use solver 'euler' or "
+                raise ConfigError(f"mode 'init' integrates from t* = {start} with an ODE solver: use solver 'euler' or "
                                  f"'heun', not {sampler.solver!r}")
             alpha, sigma, _, _ = self.flow.path.coefficients(torch.full((len(labels),), start), 4)
             x_start = alpha.to(device) * upsample(x, r) + sigma.to(device) * noise
