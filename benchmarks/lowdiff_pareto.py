@@ -1,6 +1,7 @@
 """LowDiff cascade against single-resolution SiT: FID (built-in feature net) against total sampling FLOPs, in one process.
 
-    python benchmarks/lowdiff_pareto.py --lowdiff runs/mnist-lowdiff/final --sit runs/mnist-sit/final \
+    python benchmarks/lowdiff_pareto.py --lowdiff runs/mnist-lowdiff/final --lowdiff runs/lowdiff-concat/final \
+        --sit runs/mnist-sit/final \
         --budgets "4,2,1;8,4,2;16,8,4" --sit-steps 2,4,8,16 --num-images 300 \
         --json docs/images/lowdiff/pareto.json --plot docs/images/lowdiff/pareto.png
 
@@ -62,12 +63,13 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, marker in (("sit", "o"), ("lowdiff", "s")):
+    labels = sorted({r["method"] for r in rows}, key=lambda m: (m != "sit", m))
+    for label, marker in zip(labels, "osD^v"):
         pts = sorted((r for r in rows if r["method"] == label), key=lambda r: r["gflops_per_image"])
         ax.plot([r["gflops_per_image"] for r in pts], [r["fid"] for r in pts], marker=marker,
-                label="SiT (32 px only)" if label == "sit" else "LowDiff cascade 8-16-32")
+                label="SiT (32 px only)" if label == "sit" else f"LowDiff 8-16-32, {label[8:]}")
         for r in pts:
-            text = "/".join(map(str, r["stage_steps"])) if label == "lowdiff" else str(r["num_steps"])
+            text = "/".join(map(str, r["stage_steps"])) if label != "sit" else str(r["num_steps"])
             ax.annotate(text, (r["gflops_per_image"], r["fid"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.set_xscale("log")
     ax.set_xlabel("sampling GFLOPs per image")
@@ -118,7 +120,7 @@ def step_time(batch: int = 64, rounds: int = 5, steps: int = 4) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lowdiff")
+    parser.add_argument("--lowdiff", action="append", help="a LowDiff pipeline folder (repeatable: e.g. both modes)")
     parser.add_argument("--sit")
     parser.add_argument("--budgets", default="4,2,1;8,4,2;16,8,4", help="LowDiff stage_steps, ';' between settings")
     parser.add_argument("--sit-steps", default="2,4,8,16")
@@ -135,7 +137,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.lowdiff and args.sit):
         parser.error("--lowdiff and --sit (pipeline folders) are required unless --step-time")
-    lowdiff, sit = Pipeline.from_pretrained(args.lowdiff), Pipeline.from_pretrained(args.sit)
+    cascades = [Pipeline.from_pretrained(folder) for folder in args.lowdiff]
+    sit = Pipeline.from_pretrained(args.sit)
     dataset = sit.info["dataset"]
     extractor = load_extractor(default_extractor_for(dataset))
     reference = Reference(dataset=dataset, split="train", resolution=sit.sample_shape[-1])
@@ -146,18 +149,19 @@ def main() -> None:
     for i in range(max(len(budgets), len(sit_steps))):  # alternate the two pipelines
         if i < len(sit_steps):
             rows.append(measure(sit, reference, extractor, args, "sit", {"num_steps": sit_steps[i]}))
-        if i < len(budgets):
-            rows.append(measure(lowdiff, reference, extractor, args, "lowdiff", {"stage_steps": budgets[i]}))
+        for lowdiff in cascades if i < len(budgets) else ():
+            label = f"lowdiff-{lowdiff.generator.config.mode}"
+            rows.append(measure(lowdiff, reference, extractor, args, label, {"stage_steps": budgets[i]}))
     sit_rows = [r for r in rows if r["method"] == "sit"]
     for r in rows:
-        if r["method"] != "lowdiff":
+        if r["method"] == "sit":
             continue
         flops, speed = at_equal_fid(r["fid"], sit_rows, "gflops_per_image"), at_equal_fid(r["fid"], sit_rows, "images_per_s")
         r["sit_gflops_at_equal_fid"], r["sit_images_per_s_at_equal_fid"] = flops, speed
         r["throughput_gain_at_equal_fid"] = None if speed is None else r["images_per_s"] / speed
         gain = "outside SiT's FID range" if speed is None else (
             f"{r['images_per_s'] / speed:.2f}x images/s, {flops / r['gflops_per_image']:.2f}x fewer FLOPs")
-        print(f"lowdiff {r['stage_steps']}: FID {r['fid']:.2f}, vs SiT at equal FID: {gain}")
+        print(f"{r['method']} {r['stage_steps']}: FID {r['fid']:.2f}, vs SiT at equal FID: {gain}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"lowdiff": args.lowdiff, "sit": args.sit, "solver": args.solver, "num_images": args.num_images,
