@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# lowdiff: LowDiff (2509.15342), one network over an 8 -> 16 -> 32 px flow-matching cascade (mode init: stages > 0
-# start at t* = 0.6 from the noised upsample), SiT's settings otherwise. Preset `mnist-lowdiff` with sit.sh's backbone: DiT blocks of
-# width 256 x depth 4 x 4 heads, patch 4 (4, 16, 64 tokens), 2-D RoPE positions only; Euler, sampler steps [16, 8, 4].
+# lowdiff: LowDiff (2509.15342), one network over an 8 -> 16 -> 32 px flow-matching cascade (mode concat: the noise-
+# augmented upsample concatenated to the input), SiT's settings otherwise. Preset `mnist-lowdiff` with sit.sh's backbone: DiT blocks of
+# width 256 x depth 4 x 4 heads, patch 4 (4, 16, 64 tokens), 2-D RoPE positions only; Euler, sampler steps [8, 4, 2].
 #   BUDGET_MINUTES  training wall time (the trainer stops at max_minutes; max_steps = BUDGET_MINUTES x STEPS_PER_MINUTE)
 #   STEPS_PER_MINUTE  this network's training steps per minute on one core (batch 128); every step trains all three
 #                   stages, about 1.3x the tokens of sit.sh's step
