@@ -68,8 +68,12 @@ def test_odd_sizes_are_a_clear_error():
     with pytest.raises(ValueError, match=r"multiple of 4; got 30 \(nearby allowed sizes: .*28, 32"):
         DiCoConfig(input_size=30)
     model = DiCo(tiny())
-    with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"expects inputs of shape \(B, 3, H, W\) with H and W multiples of 4"):
         model(torch.randn(1, 3, 10, 10), torch.rand(1), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.randn(1, 1, 8, 8), torch.rand(1), torch.tensor([0]))
+    # fully convolutional: other multiples of 4 run (LowDiff's cascade feeds one DiCo 8, 16 and 32 px)
+    assert model(torch.randn(2, 3, 16, 12), torch.rand(2), torch.tensor([0, 1])).shape == (2, 3, 16, 12)
     with pytest.raises(ValueError, match="5 block counts"):
         DiCoConfig(depth=[1, 1, 1])
 

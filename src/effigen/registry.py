@@ -21,12 +21,14 @@ from .models.dit import DIT_PRESETS, DiT
 from .models.dico import DICO_PRESETS, DiCo
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
+from .models.lowdiff import LOWDIFF_PRESETS, LowDiffNet
 from .models.var import VAR, VAR_PRESETS
 from .objectives.alignment import Projectors
 from .objectives.ddpm import GaussianDiffusion
 from .objectives.distilled import DistilledGenerator
 from .objectives.flow_matching import RectifiedFlow
 from .objectives.hmar import HMARObjective
+from .objectives.lowdiff import LowDiffCascade
 from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
@@ -84,6 +86,9 @@ METHODS: dict[str, Method] = {
                         accepts=("grid",)),
     "hmar": Method("hmar", HMAR, HMARObjective, HMAR_PRESETS, "HMAR Markovian next-scale + masked refinement (2506.04421)",
                    accepts=("multiscale",)),
+    "lowdiff": Method("lowdiff", LowDiffNet, LowDiffCascade, LOWDIFF_PRESETS,
+                      "LowDiff one-network low-to-high resolution cascade (2509.15342), flow matching",
+                      accepts=("continuous",), tokenizer_required=False),
 }
 
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a

@@ -71,6 +71,7 @@ RECIPES: list[Recipe] = [
     Recipe("sit-latent", "sit-latent.sh", "SiT 2401.08740 + KL-VAE", tokenizer="tokenizer-klvae"),
     Recipe("var", "var.sh", "VAR 2404.02905", tokenizer="tokenizer-msvq"),
     Recipe("raster-ar", "raster-ar.sh", "LlamaGen 2406.06525 (raster AR)", tokenizer="tokenizer-vq"),
+    Recipe("lowdiff", "lowdiff.sh", "LowDiff 2509.15342 (8->16->32 px cascade, one network)"),
     Recipe("hmar", "hmar.sh", "HMAR 2506.04421 (stage 1 + mask fine-tune)", tokenizer="tokenizer-msvq"),
     Recipe("dit-flow-seed1", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003", seed=1, replicate_of="dit-flow"),
 ]

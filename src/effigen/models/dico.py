@@ -194,9 +194,11 @@ class DiCo(nn.Module):
         forward order, see `blocks()`); DiCo has no attention logits to record."""
         if guidance is not None:
             raise ValueError("DiCo has no guidance embedding: pass guidance=None (use classifier-free guidance)")
-        expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
-        if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DiCo expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        # Fully convolutional: any height and width the two downsamplings divide (LowDiff's cascade uses several).
+        if x.ndim != 4 or x.shape[1] != self.config.in_channels or x.shape[2] % 4 or x.shape[3] % 4:
+            n = self.config.input_size
+            raise ValueError(f"DiCo expects inputs of shape (B, {self.config.in_channels}, H, W) with H and W multiples "
+                             f"of 4 (the U-Net downsamples twice by 2; configured for {n}x{n}), got {tuple(x.shape)}")
         if taps is not None and getattr(taps, "attention", ()):
             raise ValueError("DiCo has no self-attention, so it has no attention logits to tap: request only "
                              "Taps(blocks=...) (block outputs)")
