@@ -137,14 +137,31 @@ def test_fra_stage_trains_only_the_frn_on_the_frozen_trunk():
 
 # ---------------------------------------------------------------------------------------------- stage 1 loss
 def test_batch_split_is_contiguous_and_balanced_and_times_stay_in_their_segment():
-    assert segment_split(7, 3).tolist() == [0, 0, 0, 1, 1, 2, 2]
+    assert segment_split(7, 3).bincount().tolist() == [3, 2, 2]  # the official counts
     assert segment_split(2, 3).tolist() == [0, 1]
     objective = BlockwiseFlowMatching(BFMObjectiveConfig(proj_loss_weight=0.0), num_classes=4)
-    x0 = torch.zeros(9, 3, 8, 8)
-    random = BatchRandom(0, 0, 0, global_size=9, offset=3, local_size=3)  # rank 1 of 3: the middle segment
+    x0 = torch.zeros(3, 3, 8, 8)
+    random = BatchRandom(0, 0, 0, global_size=9, offset=3, local_size=3)  # rank 1 of 3 holds every segment
     segment, t, t_start, t_end, _, _ = objective._draw(x0, random, 3)
-    assert segment.tolist() == [1, 1, 1]
-    assert ((t <= t_start) & (t >= t_end)).all() and torch.allclose(t_start, torch.full((3,), 2 / 3))
+    assert segment.tolist() == [0, 1, 2]
+    assert ((t <= t_start) & (t >= t_end)).all() and torch.allclose(t_start, segment_edges(3)[:3])
+    with pytest.raises(ConfigError, match="per-process batch of at least 3"):
+        objective._draw(x0[:2], BatchRandom(0, 0, 0, global_size=4, offset=2, local_size=2), 3)
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """DDP: the interleaved segment split gives every process every segment, and the result equals one process."""
+    from test_training import _final_state, _torchrun
+
+    settings = ["--preset", "mnist-bfm", "--network_preset=BFM-Test", "--trainer.max_steps=2", "--trainer.batch_size=8",
+                "--trainer.checkpoint_every=0", "--trainer.sample_every=0", "--trainer.device=cpu",
+                "--trainer.precision=fp32", "--trainer.progress=false"]
+    _torchrun([*settings, f"--trainer.output_dir={tmp_path / 'single'}"], 1)
+    _torchrun([*settings, f"--trainer.output_dir={tmp_path / 'multi'}"], 2)
+    single, multi = _final_state(tmp_path / "single"), _final_state(tmp_path / "multi")
+    for a, b in zip(single[:2], multi[:2]):
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=key)
 
 
 def test_teacher_free_mode_trains_without_projector_or_teacher():
@@ -162,6 +179,9 @@ def test_teacher_free_mode_trains_without_projector_or_teacher():
         optimizer.step()
         losses.append(out["loss"].item())
     assert "proj_loss" not in out and objective._teacher is None
+    with_projector = BFM(tiny())
+    objective.prepare_network(with_projector)  # teacher-free: a projector, if built, is frozen (no DDP unused params)
+    assert not any(p.requires_grad for p in with_projector.linear_projection.parameters())
     assert {"mse_segment0", "mse_segment1", "mse_segment2"} <= set(out)
     assert losses[-1] < losses[0]
 

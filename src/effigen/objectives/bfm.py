@@ -4,9 +4,9 @@
 Convention (DESIGN.md and the official code alike): t = 1 noise, t = 0 data, x_t = (1 - t) x_0 + t eps, the network
 predicts the velocity v = eps - x_0. The K segments are [edge_{k+1}, edge_k] with edges = linspace(1, 0, K + 1).
 
-Stage 1, `stage: velocity` (preset `mnist-bfm`). The global batch is split into K contiguous, as-equal-as-possible
-parts (the first B mod K segments take one more sample), part k draws t ~ U(edge_{k+1}, edge_k) and runs segment
-k's velocity blocks:
+Stage 1, `stage: velocity` (preset `mnist-bfm`). The global batch is split over the K segments as equally as possible
+(the first B mod K segments take one more sample, the official counts), the samples of segment k draw
+t ~ U(edge_{k+1}, edge_k) and run segment k's velocity blocks:
     L = mean ||v_theta(x_t, t, y; k) - (eps - x_0)||^2 + proj_loss_weight * L_proj,
     L_proj = -mean_{b, n} cos(h_phi(f(x_t, t, y))_{b, n}, y*_{b, n})       (REPA's loss on the SemFeat trunk f)
 with y* the frozen teacher's patch tokens of the clean image at the student's token grid (teachers/). The official
@@ -18,6 +18,11 @@ blocks. With the same (x_0, eps) and the sample's segment [t_e, t_s]:
     L = mean || f(x_{t_s}, t_s, y) + coeff * FRN(x_t, t, y) - f(x_t, t, y) ||^2,   coeff = (t_s - t) / (t_s - t_e)
 (official `compute_loss_ft`; its proj_loss is identically 0, so `train_frn.py`'s proj_loss_weight 0.5 multiplies
 nothing and no alignment term is used here either).
+
+Deviation: the official split is contiguous (samples 0..B/K - 1 in segment 0, ...); here sample i of the global batch
+is in segment i mod K. The counts per segment are the same, and every process of a DDP run (local batch >= K) then
+holds every segment, so every velocity stack takes part in every step (DDP requires it; a contiguous split would
+leave whole segments out of a process). In teacher-free mode the projector, if the network has one, is frozen.
 
 Sampling (`BFMSamplerConfig`): `num_steps` in total, the same number per segment (a budget that the segment count does
 not divide is an error naming the nearest valid ones: samplers/blockwise.py). Euler (official `sample_ode`) or
@@ -92,11 +97,10 @@ class BFMSamplerConfig:
 
 
 def segment_split(global_size: int, segments: int) -> torch.Tensor:
-    """The segment of each sample of a global batch: K contiguous parts, the first (B mod K) one sample larger
-    (the official split); (B,) long."""
-    base, extra = divmod(global_size, segments)
-    sizes = [base + 1 if k < extra else base for k in range(segments)]
-    return torch.repeat_interleave(torch.arange(segments), torch.tensor(sizes))
+    """The segment of each sample of a global batch, (B,) long: sample i in segment i mod K (the first B mod K
+    segments one sample larger, as the official contiguous split; interleaved so that any K consecutive samples,
+    e.g. one process's share, cover every segment)."""
+    return torch.arange(global_size) % segments
 
 
 def fra_coefficient(t: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor) -> torch.Tensor:
@@ -121,13 +125,19 @@ class BlockwiseFlowMatching:
         self._checked = False
 
     # ------------------------------------------------------------------ set-up hooks (effigen.training.run)
+    def _trains(self, name: str) -> bool:
+        if self.config.stage == "fra":
+            return name.startswith("frn_blocks.")
+        teacher_free = self.config.proj_loss_weight == 0
+        return not name.startswith("frn_blocks.") and not (teacher_free and name.startswith("linear_projection."))
+
     def prepare_network(self, network: nn.Module) -> None:
-        """Stage 1 trains everything but the FRN; stage 2 only the FRN."""
+        """Stage 1 trains everything but the FRN (and the projector when teacher-free); stage 2 only the FRN."""
         network = unwrap(network)
         if self.config.stage == "fra" and not len(network.frn_blocks):
             raise ConfigError("stage fra trains the FRN blocks, and this network has none: set network.frn_depth >= 1")
         for name, param in network.named_parameters():
-            param.requires_grad_(name.startswith("frn_blocks.") == (self.config.stage == "fra"))
+            param.requires_grad_(self._trains(name))
 
     def init_from_state(self, network: nn.Module, state: dict[str, torch.Tensor], source: dict[str, Any],
                         where: str) -> str:
@@ -147,8 +157,7 @@ class BlockwiseFlowMatching:
     def _check_frozen(self, network: nn.Module) -> None:
         if self._checked:
             return
-        fra = self.config.stage == "fra"
-        wrong = [n for n, p in unwrap(network).named_parameters() if p.requires_grad != (n.startswith("frn_blocks.") == fra)]
+        wrong = [n for n, p in unwrap(network).named_parameters() if p.requires_grad != self._trains(n)]
         if wrong:
             raise RuntimeError(f"BFM stage {self.config.stage!r} trains the wrong parameters (e.g. {wrong[0]}): call "
                                "objective.prepare_network(network) before building the Trainer (effigen train does)")
@@ -167,6 +176,10 @@ class BlockwiseFlowMatching:
     # ------------------------------------------------------------------ losses
     def _draw(self, x0: torch.Tensor, random: BatchRandom, segments: int):
         """Segments, times, noise, the segment-start times and edges, and dropped labels for one batch."""
+        if random.local_size < segments < random.global_size:
+            raise ConfigError(f"each process holds {random.local_size} samples, fewer than the model's {segments} "
+                              "segments, so some velocity blocks would get no gradient on it: use a per-process batch "
+                              f"of at least {segments}")
         segment = segment_split(random.global_size, segments)[random.offset: random.offset + random.local_size]
         segment = segment.to(x0.device)
         edges = segment_edges(segments).to(x0.device)
