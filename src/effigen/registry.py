@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from .models.dit import DIT_PRESETS, DiT
+from .models.bfm import BFM, BFM_PRESETS
 from .models.dico import DICO_PRESETS, DiCo
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
@@ -29,6 +30,7 @@ from .objectives.distilled import DistilledGenerator
 from .objectives.flow_matching import RectifiedFlow
 from .objectives.hmar import HMARObjective
 from .objectives.lowdiff import LowDiffCascade
+from .objectives.bfm import BlockwiseFlowMatching
 from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
@@ -89,6 +91,10 @@ METHODS: dict[str, Method] = {
     "lowdiff": Method("lowdiff", LowDiffNet, LowDiffCascade, LOWDIFF_PRESETS,
                       "LowDiff one-network low-to-high resolution cascade (2509.15342), flow matching",
                       accepts=("continuous",), tokenizer_required=False),
+    # stage 1 (objective.stage velocity) and the FRA fine-tune (objective.stage fra, init_from the stage-1 folder)
+    "bfm": Method("bfm", BFM, BlockwiseFlowMatching, BFM_PRESETS,
+                  "BFM blockwise flow matching (2510.21167): per-segment velocity blocks, SemFeat trunk, FRA stage",
+                  accepts=("continuous",), tokenizer_required=False),
 }
 
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a
