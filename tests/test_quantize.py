@@ -81,11 +81,15 @@ def make_layer(w_bits=4, a_bits=8, steps=3, conv=False):
     return float_layer, layer, context
 
 
-@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (8, 8), (4, 4), (2, 8)])
-def test_integer_kernel_equals_the_simulated_product(w_bits, a_bits):
+@pytest.mark.parametrize("same_t", [True, False])
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 8), (8, 8), (4, 4), (2, 8), (8, 6)])
+def test_integer_kernel_equals_the_simulated_product(w_bits, a_bits, same_t):
     _, layer, context = make_layer(w_bits, a_bits)
-    x = torch.randn(3, 5, 24)
-    context.set(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 2]), torch.tensor([0.0, 0.5, 1.0]))
+    x = torch.randn(3, 5, 24) * 2
+    if same_t:  # one step size for the call: the fused quantize kernel
+        context.set(torch.tensor([1, 1, 1]), torch.tensor([2, 2, 2]), torch.tensor([0.25, 0.25, 0.25]))
+    else:  # samples at different t: per-row step sizes
+        context.set(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 2]), torch.tensor([0.0, 0.5, 1.0]))
     layer.eval()
     with torch.no_grad():
         integer = layer(x)  # inference: the int8 GEMM path

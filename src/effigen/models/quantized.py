@@ -16,6 +16,7 @@ under guidance batching or another step count). For a t between grid points (ano
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -89,6 +90,17 @@ class QuantizedNetwork(nn.Module):
     def base_network_class(self) -> type:
         """The class this network stands in for (what a method's `network_class` is compared with)."""
         return type(self.network)
+
+    def logical_parameter_count(self) -> int:
+        """Parameters of the network it quantizes: each packed weight counted as its number of weights (not bytes),
+        plus biases and the float parameters kept (norms, embedding tables); step-size tables are not counted."""
+        total = 0
+        for module in self.network.modules():
+            if isinstance(module, QuantLayer):
+                total += math.prod(module.spec.weight_shape) + (module.spec.out_features if module.bias is not None else 0)
+            else:
+                total += sum(p.numel() for p in module.parameters(recurse=False))
+        return total
 
     def quant_layers(self) -> dict[str, QuantLayer]:
         return {name: m for name, m in self.network.named_modules() if isinstance(m, QuantLayer)}

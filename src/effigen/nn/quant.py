@@ -145,6 +145,14 @@ class TimestepContext:
         return a + (b - a) * f
 
 
+def _to_float_in_place(acc: torch.Tensor) -> torch.Tensor:
+    """int32 -> float32 in the same memory (both 4 bytes; each element is read before it is overwritten): a fresh
+    output buffer costs page faults that are as slow as the conversion itself on CPU."""
+    out = acc.view(torch.float32)
+    out.copy_(acc)
+    return out
+
+
 def int_kernel_available(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda") and hasattr(torch, "_int_mm")
 
@@ -308,35 +316,58 @@ class QuantLayer(nn.Module):
             y = F.linear(xq, w, self.bias)
         return y.to(dtype)
 
-    def _int_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _int_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(w_i8^T (K, N), d (N,) or None, colsum(w_i8) (N,)) with (codes - zw) = w_i8 + d. Below 8 bits the centred
+        codes fit int8 themselves (|codes - zw| <= 2^b - 1 <= 127), so d = 0 and the row-sum correction vanishes."""
         if self._int_cache is None or self._int_cache[0].device != self.w_packed.device:
             codes = self.weight_codes()  # (N, K) in [0, 2^b - 1]
-            w_i8 = (codes - 128).to(torch.int8)
-            d = (128 - self.w_zp.round()).to(torch.int32)  # (N,): (codes - zw) = w_i8 + d
-            colsum = w_i8.to(torch.int32).sum(dim=1)  # (N,)
+            zw = self.w_zp.round().to(torch.int32)
+            if self.w_bits < 8:
+                w_i8, d = (codes - zw[:, None]).to(torch.int8), None
+            else:
+                w_i8, d = (codes - 128).to(torch.int8), 128 - zw
+            colsum = w_i8.sum(dim=1, dtype=torch.int32)
             self._int_cache = (w_i8.t().contiguous(), d, colsum)
         return self._int_cache
 
     def _int_linear(self, x: torch.Tensor, delta: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-        """The integer product (module docstring). x: (..., K) float; delta, zp broadcast per leading row."""
+        """The integer product (module docstring). x: (..., K) float; delta, zp: one value or one per leading row.
+        Activation codes are shifted by s = 128 at 8 bits (into int8), unshifted below."""
         w_t, d, colsum = self._int_weights()
-        K = x.shape[-1]
+        K, N = x.shape[-1], self.spec.out_features
         lead = x.shape[:-1]
-        zx = zp.round()
-        codes = torch.clamp(torch.round(x / delta) + zx, 0, 2 ** self.a_bits - 1)  # (..., K)
-        rows_delta = delta.expand(*lead, 1).reshape(-1, 1) if x.ndim > 1 else delta.reshape(1, 1)
-        rows_zx = zx.expand(*lead, 1).reshape(-1, 1) if x.ndim > 1 else zx.reshape(1, 1)
-        x_i8 = (codes.reshape(-1, K) - 128).to(torch.int8)  # (M, K)
-        M = x_i8.shape[0]
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
         if M == 0:
-            return x.new_zeros(*lead, self.spec.out_features)
-        c = (128 - rows_zx).to(torch.int32)  # (M, 1): (codes - zx) = x_i8 + c
-        rowsum = x_i8.to(torch.int32).sum(dim=1, keepdim=True)  # (M, 1)
-        acc = (torch._int_mm(x_i8, w_t) + d.view(1, -1) * rowsum + c * colsum.view(1, -1) + K * c * d.view(1, -1)).float()
-        y = acc * rows_delta * self.w_delta.view(1, -1)
+            return x.new_zeros(*lead, N)
+        shift = 128 if self.a_bits == 8 else 0
+        hi = 2 ** self.a_bits - 1 - shift
+        zx = zp.round()
+        if delta.numel() == 1 or bool((delta == delta.reshape(-1)[0]).all() and (zx == zx.reshape(-1)[0]).all()):
+            # one step size for the whole call (every sample at the same t): scalar operands, in-place passes
+            dx, z = float(delta.reshape(-1)[0]), int(zx.reshape(-1)[0])
+            x_i8 = torch.div(x2, dx).round_().add_(z - shift).clamp_(-shift, hi).to(torch.int8)
+            c = shift - z
+            acc = torch._int_mm(x_i8, w_t)  # (M, N) int32; every step below is in place (no new M x N buffer)
+            acc.add_(c * colsum if d is None else c * colsum + K * c * d)
+            if d is not None:
+                acc.addr_(x_i8.sum(dim=1, dtype=torch.int32), d)
+            y = _to_float_in_place(acc).mul_(self.w_delta * dx)
+            if self.bias is not None:
+                y.add_(self.bias)
+            return y.view(*lead, N)
+        # per-sample step sizes (samples at different t)
+        rows_delta = delta.expand(*lead, 1).reshape(-1, 1)
+        rows_zx = zx.expand(*lead, 1).reshape(-1, 1)
+        x_i8 = torch.clamp(torch.round(x2 / rows_delta) + rows_zx - shift, -shift, hi).to(torch.int8)
+        c = (shift - rows_zx).to(torch.int32)  # (M, 1): (codes - zx) = x_i8 + c
+        acc = torch._int_mm(x_i8, w_t) + c * colsum.view(1, -1)
+        if d is not None:
+            acc = acc + x_i8.sum(dim=1, keepdim=True, dtype=torch.int32) * d.view(1, -1) + K * c * d.view(1, -1)
+        y = acc.float() * rows_delta * self.w_delta.view(1, -1)
         if self.bias is not None:
             y = y + self.bias
-        return y.view(*lead, self.spec.out_features)
+        return y.view(*lead, N)
 
     def extra_repr(self) -> str:
         kind = "conv" + "x".join(map(str, self.spec.kernel_size)) if self.spec.kernel_size else "linear"
