@@ -23,6 +23,7 @@ from .models.dico import DICO_PRESETS, DiCo
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
 from .models.lowdiff import LOWDIFF_PRESETS, LowDiffNet
+from .models.quantized import QuantizedNetwork
 from .models.var import VAR, VAR_PRESETS
 from .objectives.alignment import Projectors
 from .objectives.ddpm import GaussianDiffusion
@@ -100,9 +101,15 @@ METHODS: dict[str, Method] = {
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a
 # low-resolution stage, quantization parameters, ...), by the class name that model_index.json records. A component
 # class has `config_class` (a dataclass) and is built as `cls(config)`.
-COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, Projectors)}
+COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, Projectors, QuantizedNetwork)}
 COMPONENTS.update({m.network_class.__name__: m.network_class for m in METHODS.values()})
 TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE}  # the tokenizer classes, for cache-latents
+
+
+def generates_as(module: nn.Module) -> type:
+    """The network class a component stands in for: its own class, or for a wrapper (a QuantizedNetwork) the class
+    it wraps. A method's generator must generate as the method's `network_class`."""
+    return getattr(module, "base_network_class", type(module))
 
 
 def register_component(cls: type) -> type:
@@ -129,6 +136,9 @@ def component_class(name: str) -> type:
     if name not in COMPONENTS:
         raise KeyError(f"unknown component class {name!r}; known: {', '.join(sorted(COMPONENTS))}")
     return COMPONENTS[name]
+
+
+QuantizedNetwork.resolve_class = component_class  # a quantized folder names its base network class
 
 
 def build_objective(method: Method, config: Any, num_classes: int, tokenizer=None, components: dict | None = None):
