@@ -203,10 +203,15 @@ class Pipeline:
                 network_class = component_class(class_name)
             except (KeyError, ValueError) as e:
                 raise CheckpointError(f"{path / MODEL_INDEX}: component {name!r}: {e.args[0]}") from None
+            wrong = (f"{path / MODEL_INDEX}: method {method.name} generates with a {method.network_class.__name__}, "
+                     "the folder's generator is a {}")
+            # a wrapper (a QuantizedNetwork) names the class it stands in for only in its config: checked once loaded
+            is_wrapper = isinstance(getattr(network_class, "base_network_class", None), property)
+            if name == "generator" and network_class is not method.network_class and not is_wrapper:
+                raise CheckpointError(wrong.format(class_name))
             components[name] = load_network(path / name, network_class).eval()
             if name == "generator" and generates_as(components[name]) is not method.network_class:
-                raise CheckpointError(f"{path / MODEL_INDEX}: method {method.name} generates with a "
-                                      f"{method.network_class.__name__}, the folder's generator is a {class_name}")
+                raise CheckpointError(wrong.format(f"{class_name} of a {generates_as(components[name]).__name__}"))
         if method.kind == "generator" and "generator" not in components:
             raise CheckpointError(f"{path / MODEL_INDEX} lists no generator for method {method.name}")
         try:

@@ -62,6 +62,15 @@ def init_distributed(device_name: str = "auto") -> DistributedContext:
     return DistributedContext(rank, world_size, local_rank, device)
 
 
+def finish_together(context: DistributedContext | None = None) -> None:
+    """Every process waits here for the others, then the process group is torn down. A run's last step is the main
+    process's alone (the final folder, the sample grid): a process that leaves before it and tears its side of the
+    group down while the other still holds it can abort in gloo ("terminate called without an active exception")."""
+    if (context is None or context.enabled) and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -26,7 +26,7 @@ from ..images import save_image_grid
 from ..io import DirectoryLock, atomic_write_text, check_finite
 from ..pipeline import Pipeline, load_network
 from ..registry import build_objective
-from .distributed import init_distributed
+from .distributed import finish_together, init_distributed
 from .experiment import ExperimentConfig, check_init_from, parse_experiment, tokenizer_folder
 from .trainer import Trainer
 
@@ -257,6 +257,7 @@ def _build_and_train(config: ExperimentConfig, context, dataset, quiet: bool) ->
         if method.kind == "tokenizer" and hasattr(ema_network, "quantize"):
             summary["codebook_usage_per_scale"] = [round(u, 1) for u in ema_network.quantize.usage()]
         write_summary(output_dir / "summary.json", summary)
+    finish_together(context)
     return summary
 
 
