@@ -29,6 +29,7 @@ COMMANDS = {
     "distill": ("effigen.cli.distill", "guided distillation into a few-step, one-evaluation student (2210.03142)"),
     "neon": ("effigen.cli.neon", "Neon: self-training + negative extrapolation of a trained generator (2510.03597)"),
     "report": ("effigen.cli.report", "train, evaluate and benchmark every generator under one budget (docs/results.md)"),
+    "serve": ("effigen.cli.serve", "the web page (Gradio): generate, edit and compare with pipeline folders"),
 }
 
 
