@@ -265,7 +265,7 @@ def launch(service: ServeService, host: str = "127.0.0.1", port: int = 7860, blo
     demo.queue(max_size=service.limits.max_queue, default_concurrency_limit=service.limits.concurrency)
     try:
         demo.launch(server_name=host, server_port=port, max_file_size=service.limits.max_upload_bytes,
-                    ssr_mode=False, show_error=False, quiet=False, footer_links=["api"], mcp_server=False,
+                    ssr_mode=False, show_error=True, quiet=False, footer_links=["api"], mcp_server=False,
                     prevent_thread_lock=not block)
     except OSError as e:
         raise UserError(f"--host {host} --port {port}: cannot serve there ({e}); choose a free port with --port") from None

@@ -21,7 +21,6 @@ from ..config import ConfigError, UserError, config_to_dict
 from ..images import image_to_tensor, make_grid, mask_to_tensor, to_pil
 from ..io import CheckpointError
 from ..pipeline import MODEL_INDEX, Pipeline
-from .sample import labels_for
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 DISPLAY_SIDE = 128  # generated images are shown (and returned) scaled up by an integer factor to at least this side
@@ -301,7 +300,7 @@ class ServeService:
     def labels(self, entry: Entry, label: Any, count: int) -> list[int]:
         n = entry.pipeline.num_classes
         if is_empty(label):
-            return labels_for(list(range(n)), count).tolist() if n else [0] * count
+            return [i % n for i in range(count)] if n else [0] * count
         value = check_int(label, "class", 0, max(n - 1, 0))
         return [value] * count
 
