@@ -385,3 +385,115 @@ def test_binding_beyond_loopback_warns_and_a_taken_port_is_a_clear_error(runs, t
     assert "WARNING: effigen serve is bound to 0.0.0.0, not loopback" in result.stderr
     assert result.returncode == 2 and f"--port {port}: cannot serve there" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------- the page in Chromium
+def find_chromium() -> str | None:
+    """EFFIGEN_CHROMIUM, else Debian's chromium (scripts/setup.sh --test installs it where it can), else one on PATH.
+    Playwright's own browser download is not used."""
+    import shutil
+
+    for candidate in (os.environ.get("EFFIGEN_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def skip_browser(reason: str):
+    import warnings
+
+    warnings.warn(f"effigen serve browser tests skipped: {reason}")  # shown in pytest's warnings summary
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        skip_browser("Playwright is not installed (pip install playwright; bash scripts/setup.sh --test installs it)")
+    executable = find_chromium()
+    if executable is None:
+        skip_browser("no Chromium found and none could be installed (scripts/setup.sh --test installs Debian's "
+                     "`chromium` with apt-get when run as root; or set EFFIGEN_CHROMIUM=/path/to/chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    """Where the page's screenshots go: EFFIGEN_SERVE_SCREENSHOTS if set (kept), else a test folder."""
+    folder = Path(os.environ.get("EFFIGEN_SERVE_SCREENSHOTS") or tmp_path_factory.mktemp("serve-screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def screenshot(target, path: Path) -> np.ndarray:
+    target.screenshot(path=str(path))
+    return pixels(path)
+
+
+def not_blank(image: np.ndarray) -> bool:
+    """More than a flat page: many distinct colours and a real spread of values."""
+    colours = np.unique(image.reshape(-1, 3).astype(np.uint8), axis=0)
+    return len(colours) > 64 and float(image.std()) > 10.0
+
+
+def test_page_loads_generates_paints_a_mask_and_edits(server, browser, shots):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    try:
+        page.goto(server.url + "/", wait_until="load", timeout=60_000)
+        page.wait_for_selector("#generate-button", timeout=60_000)
+        assert "tiny-dit" in page.inner_text("body") and "tiny-var" in page.inner_text("body")
+
+        page.fill("#generate-seed input", "5")
+        page.click("#generate-button")
+        page.wait_for_selector("#generate-gallery img", timeout=60_000)
+        page.wait_for_function("document.querySelector('#generate-time textarea, #generate-time input').value"
+                               ".includes('images from tiny-dit')", timeout=60_000)
+        assert page.locator("#generate-gallery img").count() >= 8
+        generated = screenshot(page, shots / "1-generate.png")
+        assert not_blank(screenshot(page.locator("#generate-gallery"), shots / "1-generate-gallery.png"))
+
+        page.locator("#generate-gallery img").nth(1).click()  # select the second image, take it to the editor
+        page.click("#generate-send-to-edit")
+        page.wait_for_selector("#edit-canvas canvas", timeout=30_000)
+        page.wait_for_timeout(500)
+        canvas = page.locator("#edit-canvas")
+        before_paint = screenshot(canvas, shots / "2-edit-image.png")
+        assert not_blank(before_paint)
+        page.click("#edit-canvas button[aria-label='Brush']")
+        box = page.locator("#edit-canvas canvas").last.bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x - 50, y - 30)
+        page.mouse.down()
+        for i in range(20):
+            page.mouse.move(x - 50 + 5 * i, y - 30 + 3 * i)
+        page.mouse.up()
+        page.wait_for_timeout(300)
+        painted = screenshot(canvas, shots / "3-mask-painted.png")
+        assert np.abs(painted - before_paint).mean() > 1.0  # the brush stroke is on the canvas
+
+        empty_results = screenshot(page.locator("#edit-gallery"), shots / "4-before-edit.png")
+        page.click("#edit-button")
+        page.wait_for_selector("#edit-gallery img", timeout=60_000)
+        page.wait_for_function("document.querySelector('#edit-time textarea, #edit-time input').value"
+                               ".includes('edits (inpaint) with tiny-var')", timeout=60_000)
+        assert page.locator("#edit-gallery img").count() == 6  # input, region, 4 edits
+        page.wait_for_timeout(500)
+        results = screenshot(page.locator("#edit-gallery"), shots / "5-edit-results.png")
+        edited = screenshot(page, shots / "6-edit.png")
+        assert not_blank(results) and not_blank(edited) and not_blank(generated)
+        assert results.shape != empty_results.shape or np.abs(results - empty_results).mean() > 5.0
+
+        page.get_by_role("tab", name="Generate").click()  # a bad field in the page: a message, not a traceback
+        page.fill("#generate-seed input", "-4")
+        page.click("#generate-button")
+        page.wait_for_selector("text=seed: must be between 0", timeout=30_000)
+        assert "Traceback" not in page.inner_text("body")
+    finally:
+        page.close()
+    assert server.alive and server.call("generate", "tiny-dit", None, 0, None, None, 2)[0] == "complete"

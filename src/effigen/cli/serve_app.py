@@ -40,6 +40,13 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COMPUTE = "compute"
 
 
+def THEME():
+    """Gradio's default look with the system's fonts: the default theme fetches Google Fonts, which a closed network
+    never answers (the page would wait on them)."""
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                             font_mono=["ui-monospace", "Consolas", "monospace"])
+
+
 def guarded(fn):
     """Bad fields -> the field's message; any other failure -> 'generation failed' with its cause. Both are Gradio
     errors: shown in the page, raised by gradio_client; never a traceback to the user."""
@@ -158,10 +165,10 @@ def build(service: ServeService) -> gr.Blocks:
                     with gr.Column(scale=1):
                         g_pipe = gr.Dropdown(names, value=names[0], label="pipeline", elem_id="generate-pipeline")
                         g_about = gr.Markdown(describe(service, names[0]))
-                        g_class = gr.Number(None, label="class (empty: every class in turn)", elem_id="generate-class")
+                        g_class = gr.Textbox("", label="class (empty: every class in turn)", elem_id="generate-class")
                         g_seed = gr.Number(0, label="seed", elem_id="generate-seed")
-                        g_guidance = gr.Number(None, label="guidance (empty: the saved one)", elem_id="generate-guidance")
-                        g_steps = gr.Number(None, label="steps (empty: the saved ones)", elem_id="generate-steps")
+                        g_guidance = gr.Textbox("", label="guidance (empty: the saved one)", elem_id="generate-guidance")
+                        g_steps = gr.Textbox("", label="steps (empty: the saved ones)", elem_id="generate-steps")
                         g_batch = gr.Number(min(8, limits.max_images), label=f"batch (1..{limits.max_images})",
                                             elem_id="generate-batch")
                         g_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
@@ -189,9 +196,9 @@ def build(service: ServeService) -> gr.Blocks:
                         e_mode = gr.Radio(["inpaint", "outpaint"], value="inpaint", label="regenerate",
                                           info="inpaint: the painted region; outpaint: everything outside it",
                                           elem_id="edit-mode")
-                        e_class = gr.Number(None, label="class (empty: unconditional)", elem_id="edit-class")
+                        e_class = gr.Textbox("", label="class (empty: unconditional)", elem_id="edit-class")
                         e_seed = gr.Number(0, label="seed", elem_id="edit-seed")
-                        e_guidance = gr.Number(None, label="guidance (empty: the saved one)", elem_id="edit-guidance")
+                        e_guidance = gr.Textbox("", label="guidance (empty: the saved one)", elem_id="edit-guidance")
                         e_num = gr.Number(min(4, limits.max_images), label=f"edits (1..{limits.max_images})",
                                           elem_id="edit-num")
                         e_button = gr.Button("Edit", variant="primary", elem_id="edit-button",
@@ -209,10 +216,10 @@ def build(service: ServeService) -> gr.Blocks:
                 with gr.Row():
                     with gr.Column(scale=1):
                         c_pipes = gr.CheckboxGroup(names, value=names[:4], label="pipelines", elem_id="compare-pipelines")
-                        c_class = gr.Number(None, label="class (empty: every class in turn)")
+                        c_class = gr.Textbox("", label="class (empty: every class in turn)")
                         c_seed = gr.Number(0, label="seed")
-                        c_guidance = gr.Number(None, label="guidance (empty: each one's saved)")
-                        c_steps = gr.Number(None, label="steps (empty: each one's saved; skipped where none)")
+                        c_guidance = gr.Textbox("", label="guidance (empty: each one's saved)")
+                        c_steps = gr.Textbox("", label="steps (empty: each one's saved; skipped where none)")
                         c_batch = gr.Number(min(8, limits.max_images), label=f"batch (1..{limits.max_images})")
                         c_button = gr.Button("Compare", variant="primary", elem_id="compare-button")
                     with gr.Column(scale=2):
@@ -265,7 +272,7 @@ def launch(service: ServeService, host: str = "127.0.0.1", port: int = 7860, blo
     demo.queue(max_size=service.limits.max_queue, default_concurrency_limit=service.limits.concurrency)
     try:
         demo.launch(server_name=host, server_port=port, max_file_size=service.limits.max_upload_bytes,
-                    ssr_mode=False, show_error=True, quiet=False, footer_links=["api"], mcp_server=False,
+                    ssr_mode=False, show_error=True, theme=THEME(), quiet=False, footer_links=["api"], mcp_server=False,
                     prevent_thread_lock=not block)
     except OSError as e:
         raise UserError(f"--host {host} --port {port}: cannot serve there ({e}); choose a free port with --port") from None

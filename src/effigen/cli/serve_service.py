@@ -301,8 +301,14 @@ class ServeService:
         n = entry.pipeline.num_classes
         if is_empty(label):
             return [i % n for i in range(count)] if n else [0] * count
-        value = check_int(label, "class", 0, max(n - 1, 0))
-        return [value] * count
+        return [self.label(entry, label)] * count
+
+    def label(self, entry: Entry, label: Any) -> int:
+        """A class id, or a class name of the pipeline's."""
+        names = entry.class_names()
+        if isinstance(label, str) and label.strip() in names and not label.strip().lstrip("-").isdigit():
+            return names.index(label.strip())
+        return check_int(label, "class", 0, max(entry.pipeline.num_classes - 1, 0))
 
     # ---------------------------------------------------------------- requests
     def generate(self, name: Any, label: Any = None, seed: Any = 0, guidance: Any = None, steps: Any = None,
@@ -364,7 +370,7 @@ class ServeService:
         if is_empty(label):
             target = entry.pipeline.num_classes  # the null class: unconditional
         else:
-            target = check_int(label, "class", 0, entry.pipeline.num_classes - 1)
+            target = self.label(entry, label)
         mask = np.asarray(mask, dtype=np.float32)
         if mask.ndim != 2 or mask.shape != (image.height, image.width):
             raise RequestError(f"mask: it is {mask.shape[1] if mask.ndim == 2 else '?'}x{mask.shape[0]} px but the image "
