@@ -189,8 +189,8 @@ def main() -> int:
             phases.append(phase)
             print(f"  {clients:>3} clients: {phase['completed']}/{phase['requests']} completed, "
                   f"{phase['requests_per_s']:.2f} req/s ({phase['requests_per_s'] * args.batch:.1f} images/s), latency "
-                  f"p50 {phase.get('latency_p50_s', float('nan')):.3f} s, p90 {phase.get('latency_p90_s', float('nan')):.3f} s, "
-                  f"p99 {phase.get('latency_p99_s', float('nan')):.3f} s; refused {phase['refused']}, errors {phase['errors']}")
+                  + ", ".join(f"p{q} {phase.get(f'latency_p{q}_s', float('nan')):.3f} s" for q in (50, 90, 99))
+                  + f"; refused {phase['refused']}, errors {phase['errors']}")
         load_rss = sampler.stop()
         sampler = MemorySampler(server.pid)
         sampler.start()
@@ -199,7 +199,8 @@ def main() -> int:
         alive = server.poll() is None
         after = request(httpx, url, data, args.timeout)[0] if alive else "down"
         overload.update({"server_alive_after": alive, "request_after": after})
-        print(f"  overload, {args.overload_clients} clients x {args.overload_requests}: {overload['completed']} completed, "
+        print(f"  overload, {args.overload_clients} clients x {args.overload_requests}: "
+              f"{overload['completed']} completed, "
               f"{overload['refused']} refused (queue full), {overload['errors']} other errors "
               f"{overload['error_examples'] or ''}; server alive after: {alive}, next request: {after}")
         memory = {"idle_mib": rss_idle, "load_max_mib": max(load_rss), "overload_max_mib": max(overload_rss),

@@ -1,10 +1,11 @@
-"""The Gradio page of `effigen serve` (the checks and the work are `effigen.cli.serve.ServeService`).
+"""The Gradio page of `effigen serve` (the checks and the work are `effigen.cli.serve_service.ServeService`).
 
 Every event that computes goes through Gradio's queue under one concurrency id ("compute") limited to
 `Limits.concurrency`, and the queue holds at most `Limits.max_queue` requests. Every handler turns a bad field into a
 Gradio error carrying the message (shown in the page; `gradio_client` raises it as AppError) and any other failure
 into one that says generation failed; the server keeps serving. Gradio's file cache is a fresh temporary folder
-(deleted at exit, old files every 10 minutes); no other path is allowed to be served.
+(deleted at exit; files older than 30 minutes every 10 minutes); no other path is allowed to be served. Per-session
+state (a session's last generated images) lives at most an hour, for at most 256 sessions.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from .serve_service import (DISPLAY_SIDE, RequestError, ServeService, display_im
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COMPUTE = "compute"
+STATE_SECONDS = 3600  # a session's last generated images are kept this long at most ...
+STATE_SESSIONS = 256  # ... for this many sessions at most (the oldest are dropped): memory stays bounded
 
 
 def THEME():
@@ -109,7 +112,8 @@ def build(service: ServeService) -> gr.Blocks:
                                "selected image')")
         image = canvas["background"]
         if max(image.size) > limits.max_upload_side:
-            raise RequestError(f"image: {image.width}x{image.height} px, the limit is {limits.max_upload_side} px a side")
+            raise RequestError(f"image: {image.width}x{image.height} px, the limit is {limits.max_upload_side} px "
+                               "a side")
         layers = [layer for layer in canvas.get("layers") or [] if layer is not None]
         if not layers:
             raise RequestError("mask: nothing is painted; paint the region to regenerate (inpaint) or to keep "
@@ -157,8 +161,8 @@ def build(service: ServeService) -> gr.Blocks:
         gr.Markdown(f"# effigen\n{len(names)} pipeline{'s' if len(names) != 1 else ''}: "
                     + ", ".join(f"`{n}` ({service.entries[n].pipeline.method.name})" for n in names)
                     + f". At most {limits.max_images} images and {limits.max_steps} steps per request.")
-        generated = gr.State(None)
-        selected = gr.State(None)
+        generated = gr.State(None, time_to_live=STATE_SECONDS)  # the last images, native size, for the editor
+        selected = gr.State(None, time_to_live=STATE_SECONDS)
         with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 with gr.Row():
@@ -167,7 +171,8 @@ def build(service: ServeService) -> gr.Blocks:
                         g_about = gr.Markdown(describe(service, names[0]))
                         g_class = gr.Textbox("", label="class (empty: every class in turn)", elem_id="generate-class")
                         g_seed = gr.Number(0, label="seed", elem_id="generate-seed")
-                        g_guidance = gr.Textbox("", label="guidance (empty: the saved one)", elem_id="generate-guidance")
+                        g_guidance = gr.Textbox("", label="guidance (empty: the saved one)",
+                                                elem_id="generate-guidance")
                         g_steps = gr.Textbox("", label="steps (empty: the saved ones)", elem_id="generate-steps")
                         g_batch = gr.Number(min(8, limits.max_images), label=f"batch (1..{limits.max_images})",
                                             elem_id="generate-batch")
@@ -215,7 +220,8 @@ def build(service: ServeService) -> gr.Blocks:
             with gr.Tab("Compare", id="compare"):
                 with gr.Row():
                     with gr.Column(scale=1):
-                        c_pipes = gr.CheckboxGroup(names, value=names[:4], label="pipelines", elem_id="compare-pipelines")
+                        c_pipes = gr.CheckboxGroup(names, value=names[:4], label="pipelines",
+                                                   elem_id="compare-pipelines")
                         c_class = gr.Textbox("", label="class (empty: every class in turn)")
                         c_seed = gr.Number(0, label="seed")
                         c_guidance = gr.Textbox("", label="guidance (empty: each one's saved)")
@@ -230,7 +236,8 @@ def build(service: ServeService) -> gr.Blocks:
                             c_info = gr.JSON(label="requests")
             with gr.Tab("Pipelines", id="pipelines"):
                 p_pipe = gr.Dropdown(names, value=names[0], label="pipeline", elem_id="pipelines-pipeline")
-                p_config = gr.JSON(service.entries[names[0]].summary(), label="configuration", elem_id="pipelines-config")
+                p_config = gr.JSON(service.entries[names[0]].summary(), label="configuration",
+                                   elem_id="pipelines-config")
                 p_all = gr.Textbox(visible=False)  # a JSON string: gradio_client would take a config's "path" key
                 # (e.g. rectified flow's path="linear") for a file to download
                 p_button = gr.Button("list", visible=False)
@@ -272,8 +279,9 @@ def launch(service: ServeService, host: str = "127.0.0.1", port: int = 7860, blo
     demo.queue(max_size=service.limits.max_queue, default_concurrency_limit=service.limits.concurrency)
     try:
         demo.launch(server_name=host, server_port=port, max_file_size=service.limits.max_upload_bytes,
-                    ssr_mode=False, show_error=True, theme=THEME(), quiet=False, footer_links=["api"], mcp_server=False,
-                    prevent_thread_lock=not block)
+                    state_session_capacity=STATE_SESSIONS, ssr_mode=False, show_error=True, theme=THEME(), quiet=False,
+                    footer_links=["api"], mcp_server=False, prevent_thread_lock=not block)
     except OSError as e:
-        raise UserError(f"--host {host} --port {port}: cannot serve there ({e}); choose a free port with --port") from None
+        raise UserError(f"--host {host} --port {port}: cannot serve there ({e}); choose a free port with "
+                        "--port") from None
     return demo

@@ -67,14 +67,17 @@ class Entry:
 
     def class_names(self) -> list[str]:
         names = list(self.pipeline.info.get("class_names") or [])
-        return [str(n) for n in names] if len(names) == self.pipeline.num_classes else [str(i) for i in range(self.pipeline.num_classes)]
+        if len(names) == self.pipeline.num_classes:
+            return [str(n) for n in names]
+        return [str(i) for i in range(self.pipeline.num_classes)]
 
     def summary(self) -> dict[str, Any]:
         """What the Pipelines tab and the /list endpoint show: the folder's configuration, from the loaded pipeline."""
         p = self.pipeline
         components = {}
         for name, module in p.components.items():
-            components[name] = {"class": type(module).__name__, "parameters": sum(t.numel() for t in module.parameters()),
+            components[name] = {"class": type(module).__name__,
+                                "parameters": sum(t.numel() for t in module.parameters()),
                                 "config": config_to_dict(module.config) if hasattr(module, "config") else {}}
         settings = self.settings
         return {
@@ -214,7 +217,8 @@ def read_upload(path: Any, field: str, limits: Limits) -> Image.Image:
             kind = opened.format
             width, height = opened.size
             if kind not in UPLOAD_FORMATS:
-                raise RequestError(f"{field}: a {kind} file is not accepted; upload a {', '.join(UPLOAD_FORMATS)} image")
+                raise RequestError(f"{field}: a {kind} file is not accepted; upload a "
+                                   f"{', '.join(UPLOAD_FORMATS)} image")
             if max(width, height) > limits.max_upload_side:
                 raise RequestError(f"{field}: the image is {width}x{height} px, the limit is "
                                    f"{limits.max_upload_side} px a side; upload a smaller image")
@@ -331,7 +335,8 @@ class ServeService:
         names = entry.class_names()
         return images, {"pipeline": entry.name, "method": entry.pipeline.method.name, "images": len(labels),
                         "labels": labels, "classes": [names[i] for i in labels], "seed": seed,
-                        "settings": overrides, "seconds": seconds, "images_per_second": len(labels) / max(seconds, 1e-9)}
+                        "settings": overrides, "seconds": seconds,
+                        "images_per_second": len(labels) / max(seconds, 1e-9)}
 
     def compare(self, names: Any, label: Any = None, seed: Any = 0, guidance: Any = None, steps: Any = None,
                 batch: Any = 4) -> list[tuple[torch.Tensor, dict[str, Any]]]:
@@ -373,7 +378,8 @@ class ServeService:
             target = self.label(entry, label)
         mask = np.asarray(mask, dtype=np.float32)
         if mask.ndim != 2 or mask.shape != (image.height, image.width):
-            raise RequestError(f"mask: it is {mask.shape[1] if mask.ndim == 2 else '?'}x{mask.shape[0]} px but the image "
+            size = f"{mask.shape[1]}x{mask.shape[0]}" if mask.ndim == 2 else f"of shape {mask.shape}"
+            raise RequestError(f"mask: it is {size} px but the image "
                                f"is {image.width}x{image.height} px; paint the mask on the image itself or give one of "
                                "the same size")
         if not np.isfinite(mask).all():
