@@ -158,6 +158,17 @@ def test_uploads_are_checked_for_size_and_type(tmp_path):
     assert mask_from_image(Image.new("L", (4, 4), 255)).min() == 1.0  # opaque: white = regenerate
 
 
+def test_without_gradio_the_command_says_how_to_install_it(runs, monkeypatch, capsys):
+    import importlib.util
+
+    from effigen.cli.main import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["serve", "--pipelines", str(runs)]) == 2
+    assert "pip install 'effigen[serve]'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------- a real server process
 def free_port() -> int:
     with socket.socket() as s:
