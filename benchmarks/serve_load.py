@@ -11,7 +11,8 @@ This script starts the server itself (`effigen serve --pipelines DIR --port FREE
 temporary folder it measures) and is the load generator: each client is a thread with its own HTTP connection that
 sends `/generate` requests back to back through Gradio's HTTP API (`POST /gradio_api/call/generate`, then the
 result's event stream). Latency is from the POST to the final event, as a client sees it (queueing included).
-Requests/s counts completed requests over the wall time of the phase. Server memory is VmRSS of the server process,
+Requests/s counts completed requests over the wall time of the phase; "sampling" is the server's own time for the
+sampling call, so latency minus sampling is queueing plus the server's HTTP/Gradio overhead. Server memory is VmRSS of the server process,
 sampled every 50 ms from /proc (Linux).
 """
 
@@ -77,7 +78,8 @@ class MemorySampler(threading.Thread):
 
 
 def request(http, url: str, data: list, timeout: float) -> tuple[str, float, str]:
-    """One /generate call: (outcome, seconds, message); outcome is ok, refused (queue full) or error."""
+    """One /generate call: (outcome, seconds, message); outcome is ok, refused (queue full) or error. For ok, the
+    message is the server's own sampling time (the request's `info.seconds`), as text."""
     start = time.perf_counter()
     try:
         answer = http.post(f"{url}/gradio_api/call/generate", json={"data": data}, timeout=timeout)
@@ -96,8 +98,10 @@ def request(http, url: str, data: list, timeout: float) -> tuple[str, float, str
             event = line.split(":", 1)[1].strip()
         elif line.startswith("data:") and event == "error":
             message = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event == "complete":
+            message = str(json.loads(line.split(":", 1)[1])[2]["seconds"])
     if event == "complete":
-        return "ok", seconds, ""
+        return "ok", seconds, message
     if "queue is full" in message.lower():
         return "refused", seconds, message
     return "error", seconds, message or f"stream ended with {event!r}"
@@ -120,6 +124,7 @@ def run_phase(url: str, clients: int, per_client: int, data: list, timeout: floa
         results = [r for rs in pool.map(client, range(clients)) for r in rs]
     wall = time.perf_counter() - start
     ok = [s for outcome, s, _ in results if outcome == "ok"]
+    compute = [float(m) for outcome, _, m in results if outcome == "ok"]
     errors = [m for outcome, _, m in results if outcome == "error"]
     record = {"clients": clients, "requests": len(results), "completed": len(ok),
               "refused": sum(outcome == "refused" for outcome, _, _ in results), "errors": len(errors),
@@ -127,6 +132,7 @@ def run_phase(url: str, clients: int, per_client: int, data: list, timeout: floa
     if ok:
         record.update({f"latency_p{q}_s": float(np.percentile(ok, q)) for q in (50, 90, 99)})
         record["latency_max_s"] = max(ok)
+        record["compute_p50_s"] = float(np.median(compute))  # the sampling call itself, timed by the server
     return record
 
 
@@ -180,7 +186,8 @@ def main() -> int:
             raise SystemExit(f"warm-up requests failed: {warm}")
         print(f"effigen serve load: {name} (batch {args.batch}, steps {args.steps or 'saved'}), server --concurrency "
               f"{args.concurrency} --max-queue {args.max_queue} --threads {args.threads}; {os.cpu_count()} CPUs, "
-              f"{platform.processor() or platform.machine()}; server RSS idle {rss_idle:.0f} MiB")
+              f"{platform.processor() or platform.machine()}, load average {os.getloadavg()[0]:.1f} (other processes "
+              f"share the CPUs); server RSS idle {rss_idle:.0f} MiB")
         phases = []
         sampler = MemorySampler(server.pid)
         sampler.start()
@@ -190,7 +197,8 @@ def main() -> int:
             print(f"  {clients:>3} clients: {phase['completed']}/{phase['requests']} completed, "
                   f"{phase['requests_per_s']:.2f} req/s ({phase['requests_per_s'] * args.batch:.1f} images/s), latency "
                   + ", ".join(f"p{q} {phase.get(f'latency_p{q}_s', float('nan')):.3f} s" for q in (50, 90, 99))
-                  + f"; refused {phase['refused']}, errors {phase['errors']}")
+                  + f" (sampling p50 {phase.get('compute_p50_s', float('nan')):.3f} s); refused {phase['refused']}, "
+                  f"errors {phase['errors']}")
         load_rss = sampler.stop()
         sampler = MemorySampler(server.pid)
         sampler.start()
@@ -210,7 +218,8 @@ def main() -> int:
               f"under overload {memory['overload_max_mib']:.0f} MiB, after {memory['after_mib']:.0f} MiB; Gradio cache "
               f"{memory['gradio_cache_files']} files, {memory['gradio_cache_mib']:.1f} MiB")
         if args.json:
-            record = {"settings": vars(args), "pipeline": name, "cpus": os.cpu_count(), "phases": phases,
+            record = {"settings": vars(args), "pipeline": name, "cpus": os.cpu_count(),
+                      "load_average_end": os.getloadavg()[0], "phases": phases,
                       "overload": overload, "memory_mib": memory}
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
             print(f"wrote {args.json}")

@@ -31,7 +31,8 @@ from effigen.models.dit import DiT, DiTConfig
 from effigen.models.var import VAR, VAR_PRESETS, VARConfig
 from effigen.objectives.flow_matching import FlowSamplerConfig, RectifiedFlowConfig
 from effigen.objectives.next_scale import NextScaleConfig
-from effigen.objectives.vq_tokenizer import MSVQ_PRESETS
+from effigen.objectives.autoencoder import NoSamplerConfig
+from effigen.objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLossConfig
 from effigen.pipeline import Pipeline
 from effigen.samplers.next_scale import NextScaleSamplerConfig
 from effigen.tokenizers.msvq import MultiScaleVQ, MultiScaleVQConfig
@@ -69,6 +70,9 @@ def runs(tmp_path_factory) -> Path:
     tiny_dit().save_pretrained(root / "tiny-dit" / "final")
     tiny_var().save_pretrained(root / "tiny-var")
     (root / "notes").mkdir()  # a folder that is no pipeline is passed over
+    tokenizer = tiny_var().tokenizer  # a tokenizer's own run cannot generate: skipped when found inside runs/
+    Pipeline("msvq", None, VQTokenizerLossConfig(), NoSamplerConfig(), tokenizer=tokenizer).save_pretrained(
+        root / "tiny-msvq" / "final")
     return root
 
 
@@ -96,12 +100,16 @@ def test_fields_are_checked_with_messages_naming_them():
         check_float(-1, "guidance", 0, 50)
 
 
-def test_folders_names_and_what_cannot_be_served(runs, tmp_path):
+def test_folders_names_and_what_cannot_be_served(runs, tmp_path, capsys):
     folders = find_pipeline_folders([runs])
-    assert folders == [runs / "tiny-dit" / "final", runs / "tiny-var"]
-    assert [pipeline_name(f) for f in folders] == ["tiny-dit", "tiny-var"]
+    assert folders == [(runs / "tiny-dit" / "final", False), (runs / "tiny-msvq" / "final", False),
+                       (runs / "tiny-var", False)]
+    assert [pipeline_name(f) for f, _ in folders] == ["tiny-dit", "tiny-msvq", "tiny-var"]
     service = ServeService.from_folders([runs, runs / "tiny-var"], limits=Limits(max_images=8))  # listed twice: once
     assert service.names == ["tiny-dit", "tiny-var"] and service.edit_names == ["tiny-var"]
+    assert "skipping " in capsys.readouterr().out  # the tokenizer's run, found inside runs/
+    with pytest.raises(UserError, match="holds a MultiScaleVQ tokenizer, not a generator"):
+        ServeService.from_folders([runs / "tiny-msvq" / "final"])  # named: an error
     with pytest.raises(UserError, match="no subfolder with model_index.json"):
         find_pipeline_folders([tmp_path])
     with pytest.raises(UserError, match="no such folder"):

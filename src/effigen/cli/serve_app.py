@@ -178,7 +178,7 @@ def build(service: ServeService) -> gr.Blocks:
                                             elem_id="generate-batch")
                         g_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     with gr.Column(scale=2):
-                        g_gallery = gr.Gallery(label="images", columns=4, format="png", elem_id="generate-gallery",
+                        g_gallery = gr.Gallery(label="images", columns=6, format="png", elem_id="generate-gallery",
                                                object_fit="contain", height="auto")
                         g_time = gr.Textbox(label="time", interactive=False, elem_id="generate-time")
                         g_send = gr.Button("Edit the selected image", elem_id="generate-send-to-edit",

@@ -99,17 +99,18 @@ class Entry:
 
 
 # ------------------------------------------------------------------------------------------------ folders
-def find_pipeline_folders(paths: list[str | Path]) -> list[Path]:
+def find_pipeline_folders(paths: list[str | Path]) -> list[tuple[Path, bool]]:
     """Each path is a pipeline folder (it holds model_index.json) or a folder of them: its subfolders that are
-    pipeline folders, or hold one named `final` (what `effigen train` writes under runs/<name>/)."""
-    found: list[Path] = []
+    pipeline folders, or hold one named `final` (what `effigen train` writes under runs/<name>/). Returns
+    (folder, named): `named` is False for the folders found inside a given one."""
+    found: list[tuple[Path, bool]] = []
     for given in paths:
         path = Path(given)
         if not path.is_dir():
             raise UserError(f"--pipelines {given}: no such folder; give pipeline folders (with {MODEL_INDEX}) or a "
                             "folder holding them, such as runs/")
         if (path / MODEL_INDEX).is_file():
-            found.append(path)
+            found.append((path, True))
             continue
         inside = []
         for sub in sorted(p for p in path.iterdir() if p.is_dir()):
@@ -121,7 +122,7 @@ def find_pipeline_folders(paths: list[str | Path]) -> list[Path]:
             raise UserError(f"--pipelines {given}: neither a pipeline folder (no {MODEL_INDEX}) nor a folder of them "
                             f"(no subfolder with {MODEL_INDEX} or final/{MODEL_INDEX}); train one with "
                             "`effigen train --preset mnist-dit` and pass runs/")
-        found.extend(inside)
+        found.extend((folder, False) for folder in inside)
     return found
 
 
@@ -130,23 +131,37 @@ def pipeline_name(folder: Path) -> str:
     return folder.parent.name if folder.name == "final" and folder.parent.name else folder.name
 
 
-def load_entries(folders: list[Path], device) -> dict[str, Entry]:
+def load_pipeline(folder: Path, device) -> Pipeline:
+    """A pipeline that can make images, or a UserError / CheckpointError saying why this folder cannot be served."""
+    try:
+        pipeline = Pipeline.from_pretrained(folder, device=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"--pipelines {folder}: {e}") from None
+    if pipeline.generator is None:
+        raise UserError(f"--pipelines {folder}: this folder holds a {type(pipeline.tokenizer).__name__} tokenizer, "
+                        "not a generator; pass the generator trained on it")
+    if pipeline.tokenizer is None and pipeline.sample_shape[0] != 3:
+        raise UserError(f"--pipelines {folder}: this pipeline generates {pipeline.sample_shape[0]}-channel latents "
+                        "and has no decoder (tokenizer), so it cannot make images; convert it with its VAE")
+    return pipeline
+
+
+def load_entries(folders: list[tuple[Path, bool]], device, log=print) -> dict[str, Entry]:
+    """Load every folder. One named on the command line must load; one found inside a given folder (runs/) that
+    cannot be served (a tokenizer's own run, an unknown method) is skipped with a line saying why."""
     entries: dict[str, Entry] = {}
     seen: set[Path] = set()
-    for folder in folders:
+    for folder, named in folders:
         if folder.resolve() in seen:
             continue
         seen.add(folder.resolve())
         try:
-            pipeline = Pipeline.from_pretrained(folder, device=device)
-        except CheckpointError as e:
-            raise CheckpointError(f"--pipelines {folder}: {e}") from None
-        if pipeline.generator is None:
-            raise UserError(f"--pipelines {folder}: this folder holds a {type(pipeline.tokenizer).__name__} tokenizer, "
-                            "not a generator; pass the generator trained on it")
-        if pipeline.tokenizer is None and pipeline.sample_shape[0] != 3:
-            raise UserError(f"--pipelines {folder}: this pipeline generates {pipeline.sample_shape[0]}-channel latents "
-                            "and has no decoder (tokenizer), so it cannot make images; convert it with its VAE")
+            pipeline = load_pipeline(folder, device)
+        except (UserError, CheckpointError) as e:
+            if named:
+                raise
+            log(f"skipping {folder}: {str(e).removeprefix(f'--pipelines {folder}: ')}")
+            continue
         base = name = pipeline_name(folder)
         n = 2
         while name in entries:
@@ -247,7 +262,8 @@ class ServeService:
 
     def __init__(self, entries: dict[str, Entry], limits: Limits = Limits()):
         if not entries:
-            raise UserError("--pipelines: no pipeline folders were given")
+            raise UserError("--pipelines: no servable pipeline folder was found (see the lines above); give the "
+                            "folder of a trained generator, such as runs/mnist-dit/final")
         self.entries = entries
         self.limits = limits
 
