@@ -17,7 +17,7 @@ crashed on), at most --concurrency of them run at once, and each may ask for at 
 error), never a traceback; a failed generation is reported the same way and the server keeps serving. Pipelines
 are named by their folder and chosen by that name from the folders loaded at start: a request never names a path.
 The server binds to 127.0.0.1 unless --host says otherwise, and warns when it does. Gradio is an optional
-dependency: `pip install 'effigen[serve]'` (`bash scripts/setup.sh --test` installs it).
+dependency: `pip install 'effigen[serve]'` (`bash scripts/setup.sh --serve` or `--test` installs it).
 
 The checks and the work are `effigen.cli.serve_service` (Gradio-free); the page is `effigen.cli.serve_app`.
 """
@@ -68,7 +68,7 @@ def run(argv: list[str]) -> int:
                     concurrency=args.concurrency, max_queue=args.max_queue)
     if importlib.util.find_spec("gradio") is None:
         raise UserError("effigen serve needs Gradio, which is not installed; install it with "
-                        "pip install 'effigen[serve]' (bash scripts/setup.sh --test installs it too)")
+                        "pip install 'effigen[serve]' (or bash scripts/setup.sh --serve)")
     from . import serve_app  # imports gradio
     if args.threads is not None:
         torch.set_num_threads(args.threads)
