@@ -124,7 +124,8 @@ def test_service_generate_edit_and_compare(runs):
     again, _ = service.generate("tiny-dit", None, 7, 2.0, 3, 6)
     assert torch.equal(images, again)
     one_class, info = service.generate("tiny-dit", 2, 7, None, None, 3)
-    assert info["labels"] == [2, 2, 2] and info["classes"] == ["two"] * 3
+    assert one_class.shape == (3, 3, 8, 8) and info["labels"] == [2, 2, 2] and info["classes"] == ["two"] * 3
+    assert service.generate("tiny-dit", "three", 7, None, None, 1)[1]["labels"] == [3]  # a class name works too
     image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
     mask = np.zeros((32, 32), np.float32)
     mask[8:24, 8:24] = 1.0
