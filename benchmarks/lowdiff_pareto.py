@@ -1,16 +1,23 @@
-"""LowDiff cascade against single-resolution SiT: FID (built-in feature net) against total sampling FLOPs, in one process.
+"""LowDiff cascade and BFM against single-resolution SiT: FID (built-in feature net) against total sampling FLOPs, in
+one process.
 
     python benchmarks/lowdiff_pareto.py --lowdiff runs/mnist-lowdiff/final --lowdiff runs/lowdiff-concat/final \
         --sit runs/mnist-sit/final \
         --budgets "4,2,1;8,4,2;16,8,4" --sit-steps 2,4,8,16 --num-images 300 \
         --json docs/images/lowdiff/pareto.json --plot docs/images/lowdiff/pareto.png
 
+    python benchmarks/lowdiff_pareto.py --bfm runs/mnist-bfm-fra/final --sit runs/mnist-sit/final \
+        --bfm-steps 3,6,12,24 --sit-steps 2,4,8,16 --num-images 300 --json docs/images/bfm/pareto.json
+
 Each row samples --num-images class-balanced images with one sampler setting (the folder's own sampler otherwise,
 with --solver), timing the generation (images/s; rows alternate between the two pipelines so machine-load changes hit
 both) and counting the FLOPs of generating one image (torch's FlopCounterMode through effigen.bench.count_flops,
-guidance's doubled batch included). LowDiff rows set `stage_steps` (low to high resolution); SiT rows set num_steps.
-`--step-time` instead measures the training step cost of both presets (mnist-lowdiff, mnist-sit at the same DiT
-width/depth/heads/patch) in this one process, interleaved: loss + backward + AdamW on a batch of MNIST-shaped data,
+guidance's doubled batch included). LowDiff rows set `stage_steps` (low to high resolution); SiT rows set num_steps;
+BFM rows set num_steps (in total, a multiple of its segment count), and a BFM folder trained through the FRA stage is
+measured both without (`bfm`) and with (`bfm-fra`) the feature residual approximation.
+`--step-time` instead measures the training step cost of the presets (mnist-sit, and per `--step-time-models`:
+mnist-lowdiff at the same DiT width/depth/heads/patch; mnist-bfm and mnist-bfm-fra with sit.sh's width-256 SiT as
+`sit256`) in this one process, interleaved: loss + backward + AdamW on a batch of MNIST-shaped data,
 median over rounds; the ratio sets the step counts for equal step-time training.
 The gain at equal FID: for each LowDiff point inside SiT's FID range, SiT's FLOPs and images/s at that FID
 (interpolated linearly in log FID along SiT's curve), then LowDiff's images/s divided by SiT's.
@@ -64,12 +71,13 @@ def plot(rows, path):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = sorted({r["method"] for r in rows}, key=lambda m: (m != "sit", m))
-    for label, marker in zip(labels, "osD^v"):
+    names = {"sit": "SiT (32 px only)", "bfm": "BFM", "bfm-fra": "BFM + FRA"}
+    for label, marker in zip(labels, "osD^v<>"):
         pts = sorted((r for r in rows if r["method"] == label), key=lambda r: r["gflops_per_image"])
         ax.plot([r["gflops_per_image"] for r in pts], [r["fid"] for r in pts], marker=marker,
-                label="SiT (32 px only)" if label == "sit" else f"LowDiff 8-16-32, {label[8:]}")
+                label=names.get(label, f"LowDiff 8-16-32, {label[8:]}"))
         for r in pts:
-            text = "/".join(map(str, r["stage_steps"])) if label != "sit" else str(r["num_steps"])
+            text = "/".join(map(str, r["stage_steps"])) if "stage_steps" in r else str(r["num_steps"])
             ax.annotate(text, (r["gflops_per_image"], r["fid"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
     ax.set_xscale("log")
     ax.set_xlabel("sampling GFLOPs per image")
@@ -80,7 +88,7 @@ def plot(rows, path):
     fig.savefig(path, dpi=120)
 
 
-def step_time(batch: int = 64, rounds: int = 5, steps: int = 4) -> None:
+def step_time(batch: int = 64, rounds: int = 5, steps: int = 4, models: tuple[str, ...] = ("lowdiff",)) -> None:
     import statistics
 
     import torch
@@ -99,8 +107,22 @@ def step_time(batch: int = 64, rounds: int = 5, steps: int = 4) -> None:
                                   **LOWDIFF_PRESETS[ld_preset["network_preset"]], **ld_preset["network"]))
     runs = {"sit": (sit, RectifiedFlow(RectifiedFlowConfig(**sit_preset["objective"]), 10)),
             "lowdiff": (ld, LowDiffCascade(LowDiffObjectiveConfig(**ld_preset["objective"]), 10))}
+    if "bfm" in models:  # BFM-Ti/4 stage 1 with its mnist-vit alignment (mnist-bfm), and its FRA stage (mnist-bfm-fra)
+        from effigen.models.bfm import BFM, BFM_PRESETS, BFMConfig
+        from effigen.objectives.bfm import BFMObjectiveConfig, BlockwiseFlowMatching
+
+        for name in ("mnist-bfm", "mnist-bfm-fra"):
+            preset = EXPERIMENT_PRESETS[name]
+            network = BFM(BFMConfig(input_size=32, in_channels=3, num_classes=10, **BFM_PRESETS[preset["network_preset"]]))
+            objective = BlockwiseFlowMatching(BFMObjectiveConfig(**preset["objective"]), 10)
+            objective.prepare_network(network)
+            runs[name.removeprefix("mnist-")] = (network, objective)
+        runs["sit256"] = (DiT(DiTConfig(input_size=32, in_channels=3, num_classes=10, hidden_size=256, depth=4,
+                                        num_heads=4, patch_size=4)), runs["sit"][1])
+    runs = {k: v for k, v in runs.items() if k == "sit" or k in models or "bfm" in models and k.startswith(("bfm", "sit"))}
     data = {"images": torch.rand(batch, 3, 32, 32) * 2 - 1, "labels": torch.randint(10, (batch,))}
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
+    optimizers = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+                  for k, (m, _) in runs.items()}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(rounds + 1):  # round 0 warms up
         for name, (model, objective) in runs.items():
@@ -115,7 +137,9 @@ def step_time(batch: int = 64, rounds: int = 5, steps: int = 4) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:<8} {v * 1000:8.1f} ms/step (batch {batch})")
-    print(f"lowdiff / sit step time: {med['lowdiff'] / med['sit']:.2f}")
+    for k in med:
+        if k != "sit":
+            print(f"{k} / sit step time: {med[k] / med['sit']:.2f}")
 
 
 def main() -> None:
@@ -130,14 +154,21 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     parser.add_argument("--plot")
+    parser.add_argument("--bfm", action="append", default=[],
+                        help="a BFM pipeline folder (repeatable); an FRA-stage folder is measured with and without FRA")
+    parser.add_argument("--bfm-steps", default="3,6,12,24", help="BFM total steps (multiples of its segment count)")
     parser.add_argument("--step-time", action="store_true", help="measure the training step costs and exit")
-    if "--step-time" in __import__("sys").argv:
-        step_time()
-        return
+    parser.add_argument("--step-time-models", default="lowdiff", help="with --step-time: lowdiff and/or bfm")
     args = parser.parse_args()
-    if not (args.lowdiff and args.sit):
-        parser.error("--lowdiff and --sit (pipeline folders) are required unless --step-time")
+    if args.step_time:
+        step_time(models=tuple(args.step_time_models.split(",")))
+        return
+    if not ((args.lowdiff or args.bfm) and args.sit):
+        parser.error("--sit and --lowdiff and/or --bfm (pipeline folders) are required unless --step-time")
+    args.lowdiff = args.lowdiff or []
     cascades = [Pipeline.from_pretrained(folder) for folder in args.lowdiff]
+    blockwise = [Pipeline.from_pretrained(folder) for folder in args.bfm]
+    bfm_steps = [int(n) for n in args.bfm_steps.split(",")]
     sit = Pipeline.from_pretrained(args.sit)
     dataset = sit.info["dataset"]
     extractor = load_extractor(default_extractor_for(dataset))
@@ -146,12 +177,16 @@ def main() -> None:
     sit_steps = [int(n) for n in args.sit_steps.split(",")]
     print(f"{'method':<8}{'setting':<28}{'NFE':>5}{'GFLOPs':>10}{'img/s':>9}{'FID':>9}")
     rows = []
-    for i in range(max(len(budgets), len(sit_steps))):  # alternate the two pipelines
-        if i < len(sit_steps):
+    for i in range(max(len(budgets) if cascades else 0, len(sit_steps), len(bfm_steps) if blockwise else 0)):
+        if i < len(sit_steps):  # alternate the pipelines
             rows.append(measure(sit, reference, extractor, args, "sit", {"num_steps": sit_steps[i]}))
         for lowdiff in cascades if i < len(budgets) else ():
             label = f"lowdiff-{lowdiff.generator.config.mode}"
             rows.append(measure(lowdiff, reference, extractor, args, label, {"stage_steps": budgets[i]}))
+        for j, bfm in enumerate(blockwise if i < len(bfm_steps) else ()):
+            for fra in (False, True) if bfm.objective_config.stage == "fra" else (False,):
+                label = ("bfm-fra" if fra else "bfm") + (f"-{j}" if len(blockwise) > 1 else "")
+                rows.append(measure(bfm, reference, extractor, args, label, {"num_steps": bfm_steps[i], "fra": fra}))
     sit_rows = [r for r in rows if r["method"] == "sit"]
     for r in rows:
         if r["method"] == "sit":
@@ -161,10 +196,10 @@ def main() -> None:
         r["throughput_gain_at_equal_fid"] = None if speed is None else r["images_per_s"] / speed
         gain = "outside SiT's FID range" if speed is None else (
             f"{r['images_per_s'] / speed:.2f}x images/s, {flops / r['gflops_per_image']:.2f}x fewer FLOPs")
-        print(f"{r['method']} {r['stage_steps']}: FID {r['fid']:.2f}, vs SiT at equal FID: {gain}")
+        print(f"{r['method']} {r.get('stage_steps', r.get('num_steps'))}: FID {r['fid']:.2f}, vs SiT at equal FID: {gain}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"lowdiff": args.lowdiff, "sit": args.sit, "solver": args.solver, "num_images": args.num_images,
+            json.dump({"lowdiff": args.lowdiff, "bfm": args.bfm, "sit": args.sit, "solver": args.solver, "num_images": args.num_images,
                        "feature_extractor": extractor.name, "rows": rows}, f, indent=2)
     if args.plot:
         plot(rows, args.plot)

@@ -13,12 +13,14 @@ import pytest
 from effigen.report import (
     BUDGETS,
     RECIPES,
+    RECIPES_BY_NAME,
     RECIPES_DIR,
     Report,
     available_presets,
     pareto_front,
     parse_training_log,
     presets_in,
+    recipe_command,
     selected_recipes,
     write_page,
 )
@@ -91,12 +93,25 @@ def test_recipes_exist_and_name_their_presets():
         assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
         assert "BUDGET_MINUTES" in text and "OUT=" in text and "SEED" in text
         names = presets_in(script)
+        if recipe.base:  # post-processing of another recipe's pipeline: no preset, its base must exist
+            assert recipe.base in {r.name for r in RECIPES} and "$BASE" in text, recipe.name
+            continue
         assert names, recipe.name
         if recipe.name not in ("tokenizer-klvae", "lightningdit-latent"):  # presets being added separately
             assert set(names) <= presets, (recipe.name, names)
     assert presets_in(RECIPES_DIR / "hmar.sh") == ["mnist-hmar", "mnist-hmar-mask"]
     syntax = subprocess.run(["bash", "-n", *[str(RECIPES_DIR / r.script) for r in RECIPES]], capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
+
+
+def test_post_processing_recipes_bring_their_base_and_get_its_folder(tmp_path):
+    chosen = [r.name for r in selected_recipes("dit-flow-w4a8", spread=False)]
+    assert chosen == ["dit-flow", "dit-flow-w4a8"]
+    report = Report(out=tmp_path, budget=BUDGETS["smoke"], recipes=selected_recipes("dit-flow-w4a4", spread=False))
+    env = report.env_for(RECIPES_BY_NAME["dit-flow-w4a4"])
+    assert env["BASE"] == str(tmp_path / "runs" / "dit-flow" / "final") and env["BITS"] == "w4a4"
+    command = recipe_command(RECIPES_BY_NAME["dit-flow-w4a4"], env)
+    assert "BITS=w4a4" in command and "MODE=efficientdm" in command and "bash benchmarks/results/efficientdm.sh" in command
 
 
 def test_selection_puts_tokenizers_first_and_adds_the_replicate():

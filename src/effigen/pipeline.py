@@ -34,7 +34,7 @@ from . import __version__
 from .config import ConfigError, config_from_dict, config_to_dict
 from .images import to_pil
 from .io import CheckpointError, atomic_directory, load_state_dict_strict, load_weights, read_json, save_weights, write_json
-from .registry import Method, build_objective, component_class, get_method
+from .registry import Method, build_objective, component_class, generates_as, get_method
 
 MODEL_INDEX = "model_index.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -203,10 +203,10 @@ class Pipeline:
                 network_class = component_class(class_name)
             except (KeyError, ValueError) as e:
                 raise CheckpointError(f"{path / MODEL_INDEX}: component {name!r}: {e.args[0]}") from None
-            if name == "generator" and network_class is not method.network_class:
+            components[name] = load_network(path / name, network_class).eval()
+            if name == "generator" and generates_as(components[name]) is not method.network_class:
                 raise CheckpointError(f"{path / MODEL_INDEX}: method {method.name} generates with a "
                                       f"{method.network_class.__name__}, the folder's generator is a {class_name}")
-            components[name] = load_network(path / name, network_class).eval()
         if method.kind == "generator" and "generator" not in components:
             raise CheckpointError(f"{path / MODEL_INDEX} lists no generator for method {method.name}")
         try:

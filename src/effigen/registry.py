@@ -18,10 +18,12 @@ from typing import Any
 from torch import nn
 
 from .models.dit import DIT_PRESETS, DiT
+from .models.bfm import BFM, BFM_PRESETS
 from .models.dico import DICO_PRESETS, DiCo
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
 from .models.lowdiff import LOWDIFF_PRESETS, LowDiffNet
+from .models.quantized import QuantizedNetwork
 from .models.var import VAR, VAR_PRESETS
 from .objectives.alignment import Projectors
 from .objectives.ddpm import GaussianDiffusion
@@ -29,6 +31,7 @@ from .objectives.distilled import DistilledGenerator
 from .objectives.flow_matching import RectifiedFlow
 from .objectives.hmar import HMARObjective
 from .objectives.lowdiff import LowDiffCascade
+from .objectives.bfm import BlockwiseFlowMatching
 from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
@@ -89,14 +92,24 @@ METHODS: dict[str, Method] = {
     "lowdiff": Method("lowdiff", LowDiffNet, LowDiffCascade, LOWDIFF_PRESETS,
                       "LowDiff one-network low-to-high resolution cascade (2509.15342), flow matching",
                       accepts=("continuous",), tokenizer_required=False),
+    # stage 1 (objective.stage velocity) and the FRA fine-tune (objective.stage fra, init_from the stage-1 folder)
+    "bfm": Method("bfm", BFM, BlockwiseFlowMatching, BFM_PRESETS,
+                  "BFM blockwise flow matching (2510.21167): per-segment velocity blocks, SemFeat trunk, FRA stage",
+                  accepts=("continuous",), tokenizer_required=False),
 }
 
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a
 # low-resolution stage, quantization parameters, ...), by the class name that model_index.json records. A component
 # class has `config_class` (a dataclass) and is built as `cls(config)`.
-COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, Projectors)}
+COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, Projectors, QuantizedNetwork)}
 COMPONENTS.update({m.network_class.__name__: m.network_class for m in METHODS.values()})
 TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE}  # the tokenizer classes, for cache-latents
+
+
+def generates_as(module: nn.Module) -> type:
+    """The network class a component stands in for: its own class, or for a wrapper (a QuantizedNetwork) the class
+    it wraps. A method's generator must generate as the method's `network_class`."""
+    return getattr(module, "base_network_class", type(module))
 
 
 def register_component(cls: type) -> type:
@@ -123,6 +136,9 @@ def component_class(name: str) -> type:
     if name not in COMPONENTS:
         raise KeyError(f"unknown component class {name!r}; known: {', '.join(sorted(COMPONENTS))}")
     return COMPONENTS[name]
+
+
+QuantizedNetwork.resolve_class = component_class  # a quantized folder names its base network class
 
 
 def build_objective(method: Method, config: Any, num_classes: int, tokenizer=None, components: dict | None = None):

@@ -53,6 +53,12 @@ class Recipe:
     tokenizer: str | None = None  # name of the prerequisite tokenizer recipe
     seed: int = MAIN_SEED
     replicate_of: str | None = None  # a second training seed of another recipe (the spread statement)
+    base: str | None = None  # a generator recipe whose final pipeline this one post-processes (env BASE), e.g. quantizes
+    settings: tuple[tuple[str, str], ...] = ()  # further environment variables of the script (BITS, MODE, ...)
+
+    @property
+    def prerequisite(self) -> str | None:
+        return self.tokenizer or self.base
 
 
 RECIPES: list[Recipe] = [
@@ -73,7 +79,14 @@ RECIPES: list[Recipe] = [
     Recipe("raster-ar", "raster-ar.sh", "LlamaGen 2406.06525 (raster AR)", tokenizer="tokenizer-vq"),
     Recipe("lowdiff", "lowdiff.sh", "LowDiff 2509.15342 (8->16->32 px cascade, one network)"),
     Recipe("hmar", "hmar.sh", "HMAR 2506.04421 (stage 1 + mask fine-tune)", tokenizer="tokenizer-msvq"),
+    Recipe("dit-flow-w4a8-ptq", "efficientdm.sh", "DiT + rectified flow, W4A8 post-training quantization (baseline)",
+           base="dit-flow", settings=(("BITS", "w4a8"), ("MODE", "ptq"))),
+    Recipe("dit-flow-w4a8", "efficientdm.sh", "DiT + rectified flow, W4A8 EfficientDM 2310.03270", base="dit-flow",
+           settings=(("BITS", "w4a8"), ("MODE", "efficientdm"))),
+    Recipe("dit-flow-w4a4", "efficientdm.sh", "DiT + rectified flow, W4A4 EfficientDM 2310.03270", base="dit-flow",
+           settings=(("BITS", "w4a4"), ("MODE", "efficientdm"))),
     Recipe("dit-flow-seed1", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003", seed=1, replicate_of="dit-flow"),
+    Recipe("bfm", "bfm.sh", "BFM 2510.21167 (segment velocity blocks + SemFeat, then FRA)"),
 ]
 RECIPES_BY_NAME = {r.name: r for r in RECIPES}
 
@@ -96,7 +109,10 @@ BUDGETS = {
 
 # ------------------------------------------------------------------------------------------ shared measurement
 def count_parameters(module) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
+    if module is None:
+        return 0
+    logical = getattr(module, "logical_parameter_count", None)  # a quantized network: weights, not packed bytes
+    return int(logical()) if callable(logical) else sum(p.numel() for p in module.parameters())
 
 
 def default_reference(pipeline):
@@ -157,6 +173,9 @@ def selected_recipes(methods: str | None, spread: bool = True) -> list[Recipe]:
             raise ValueError(f"unknown method(s) {unknown}; choose from {', '.join(r.name for r in RECIPES)}")
         generators = [RECIPES_BY_NAME[n] for n in names]
     chosen: list[Recipe] = []
+    for recipe in list(generators):  # a post-processing recipe needs its base generator, trained before it
+        if recipe.base and RECIPES_BY_NAME[recipe.base] not in generators:
+            generators.insert(generators.index(recipe), RECIPES_BY_NAME[recipe.base])
     for recipe in generators:
         if recipe.tokenizer and RECIPES_BY_NAME[recipe.tokenizer] not in chosen:
             chosen.append(RECIPES_BY_NAME[recipe.tokenizer])
@@ -171,7 +190,7 @@ def selected_recipes(methods: str | None, spread: bool = True) -> list[Recipe]:
 
 def recipe_command(recipe: Recipe, env: dict[str, str]) -> str:
     """The exact command line of a recipe, as a user would type it from the repository root."""
-    keys = ("BUDGET_MINUTES", "OUT", "SEED", "TOKENIZER")
+    keys = ("BUDGET_MINUTES", "OUT", "SEED", "TOKENIZER", "BASE", *(k for k, _ in recipe.settings))
     assignments = " ".join(f"{k}={shlex.quote(env[k])}" for k in keys if k in env)
     return f"OMP_NUM_THREADS=1 {assignments} bash benchmarks/results/{recipe.script}"
 
@@ -256,6 +275,9 @@ class Report:
         env = {"BUDGET_MINUTES": f"{minutes:g}", "OUT": str(self.run_dir(recipe)), "SEED": str(recipe.seed)}
         if recipe.tokenizer:
             env["TOKENIZER"] = str(self.run_dir(RECIPES_BY_NAME[recipe.tokenizer]) / "final")
+        if recipe.base:
+            env["BASE"] = str(self.run_dir(RECIPES_BY_NAME[recipe.base]) / "final")
+        env.update(dict(recipe.settings))
         return env
 
     # phase 1: training -----------------------------------------------------------------------
@@ -263,10 +285,10 @@ class Report:
         missing = [p for p in presets_in(RECIPES_DIR / recipe.script) if p not in presets]
         if missing:
             return f"preset not available: {', '.join(missing)} (not listed by `effigen presets`)"
-        if recipe.tokenizer:
-            prerequisite = self.results.get(recipe.tokenizer, {})
+        if recipe.prerequisite:
+            prerequisite = self.results.get(recipe.prerequisite, {})
             if prerequisite.get("status") not in (None, "trained", "ok"):
-                return f"prerequisite {recipe.tokenizer} did not train ({prerequisite.get('status')})"
+                return f"prerequisite {recipe.prerequisite} did not train ({prerequisite.get('status')})"
         return None
 
     def finished(self, recipe: Recipe) -> bool:
@@ -286,7 +308,8 @@ class Report:
                                                  "command": recipe_command(recipe, self.env_for(recipe))}
                     self.save(recipe)
                     self.log(f"[report] {recipe.name}: skipped ({reason})")
-            ready = [r for r in pending if not r.tokenizer or self.results.get(r.tokenizer, {}).get("status") in ("trained", "ok")]
+            ready = [r for r in pending if not r.prerequisite
+                     or self.results.get(r.prerequisite, {}).get("status") in ("trained", "ok")]
             while ready and len(running) < self.jobs:
                 recipe = ready.pop(0)
                 pending.remove(recipe)
@@ -295,7 +318,7 @@ class Report:
                 if pending:  # waiting on a tokenizer that is neither running nor finished cannot happen; guard anyway
                     for recipe in pending:
                         self.results[recipe.name] = {"name": recipe.name, "status": "skipped",
-                                                     "reason": f"prerequisite {recipe.tokenizer} was not run"}
+                                                     "reason": f"prerequisite {recipe.prerequisite} was not run"}
                         self.save(recipe)
                     pending.clear()
                 break
@@ -335,7 +358,7 @@ class Report:
         loss = record.get("final_loss")
         if returncode != 0:
             record.update(status="failed", reason=f"exit code {returncode}", error_tail=tail(text))
-        elif loss is None or not math.isfinite(loss):
+        elif not recipe.base and (loss is None or not math.isfinite(loss)):  # post-processing recipes do not train
             record.update(status="diverged", reason=f"final loss {loss}", error_tail=tail(text))
         elif not (self.run_dir(recipe) / "final" / "model_index.json").is_file():
             record.update(status="failed", reason="no final pipeline folder", error_tail=tail(text))

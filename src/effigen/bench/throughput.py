@@ -186,9 +186,22 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Integer matrix products (quantized linear layers, nn/quant.py) count like float ones: 2 M K N."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 CPU_SDPA_FLOPS = {}
+if hasattr(torch.ops.aten, "_int_mm"):
+    CPU_SDPA_FLOPS[torch.ops.aten._int_mm] = _int_mm_flops
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     CPU_SDPA_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+
+
+def parameter_count(network: torch.nn.Module) -> int:
+    """Trainable-shaped parameters; a quantized network counts each packed weight as its logical element count."""
+    logical = getattr(network, "logical_parameter_count", None)
+    return int(logical()) if callable(logical) else sum(p.numel() for p in network.parameters())
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
@@ -253,7 +266,7 @@ def benchmark_runs(runs: Sequence[tuple[Any, str]], batch_size: int = 16, repeat
             "warmup": warmup,
             "sampler": config_to_dict(settings),
             "sample_shape": list(pipeline.sample_shape),
-            "parameters": sum(p.numel() for p in pipeline.generator.parameters()),
+            "parameters": parameter_count(pipeline.generator),
             "evaluations_per_image": evaluations,
             "latency_median_s": median,
             "latency_min_s": min(times),

@@ -3,6 +3,7 @@
     effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --out dit-xl-2-256 [--num-heads 16]
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt --out lightningdit-xl-1
     effigen convert dico-official --ckpt DiCo-XL-256x256.pt --out dico-xl-256 [--input-size 32]
+    effigen convert bfm-official --ckpt checkpoints/<step>/model_1.safetensors --out bfm-xl-2 [--steps-per-segment 41]
     effigen convert sit-official --ckpt SiT-XL-2-256x256.pt --out sit-xl-2-256
     effigen convert repa-official --ckpt last.pt --out repa-sit-xl-2 [--keep-projectors] [--encoder-depth 8]
     effigen convert repa-official --ckpt exps/run/checkpoints/0400000.pt --out repa-400k --mode ode --steps 50
@@ -31,7 +32,7 @@ from __future__ import annotations
 import argparse
 
 CONVERTERS = ("dit-official", "lightningdit-official", "sit-official", "repa-official", "var-official", "hmar-official",
-              "sd-vae", "dico-official")
+              "sd-vae", "dico-official", "bfm-official")
 
 
 def run(argv: list[str]) -> int:
@@ -52,6 +53,10 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--resolution", type=int, help="var/hmar-official: image size (default: last scale x downsampling)")
     parser.add_argument("--input-size", type=int, default=32,
                         help="dico-official: latent (or pixel) grid size, not stored in conv weights (default 32)")
+    parser.add_argument("--steps-per-segment", type=int, default=41,
+                        help="bfm-official: sampling steps per time segment saved with the folder (official eval: 41)")
+    parser.add_argument("--in-channels", type=int, default=4,
+                        help="bfm-official: latent channels (fixes the patch size; not separable in the weights)")
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
     parser.add_argument("--steps", type=int, default=250,
@@ -123,6 +128,11 @@ def run(argv: list[str]) -> int:
 
         path = convert_dico_official(args.ckpt, args.out, args.input_size, args.steps,
                                      1.5 if args.cfg_scale is None else args.cfg_scale, vae=vae)
+    elif args.source == "bfm-official":
+        from ..convert.bfm_official import convert_bfm_official
+
+        path = convert_bfm_official(args.ckpt, args.out, args.in_channels, args.input_size, args.steps_per_segment,
+                                    4.0 if args.cfg_scale is None else args.cfg_scale, vae=vae)
     elif args.source == "sit-official":
         from ..convert.sit_official import convert_sit_official, official_sampler
 

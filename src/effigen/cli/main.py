@@ -28,6 +28,7 @@ COMMANDS = {
     "cache-latents": ("effigen.cli.cache_latents", "encode a dataset once with a KL-VAE for latent training"),
     "distill": ("effigen.cli.distill", "guided distillation into a few-step, one-evaluation student (2210.03142)"),
     "neon": ("effigen.cli.neon", "Neon: self-training + negative extrapolation of a trained generator (2510.03597)"),
+    "quantize": ("effigen.cli.quantize", "low-bit quantization: PTQ or EfficientDM QALoRA distillation (2310.03270)"),
     "report": ("effigen.cli.report", "train, evaluate and benchmark every generator under one budget (docs/results.md)"),
     "serve": ("effigen.cli.serve", "the web page (Gradio): generate, edit and compare with pipeline folders"),
 }

@@ -2,7 +2,7 @@
 LightningDiT: of each head's channels, the first half rotate with the row index and the second half with the
 column index; within a half, adjacent pairs (2i, 2i+1) rotate together at frequency theta^(-2i / half).
 The cos/sin tables are persistent buffers (`freqs_cos`, `freqs_sin`, (L, head_dim)) as in the official
-checkpoints.
+checkpoints; `persistent=False` keeps them out of the state dict (BFM's official checkpoints have no RoPE buffers).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 class VisionRoPE2D(nn.Module):
-    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0, persistent: bool = True):
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
@@ -29,8 +29,8 @@ class VisionRoPE2D(nn.Module):
         rows = angles[:, None, :].expand(grid_size, grid_size, half)
         cols = angles[None, :, :].expand(grid_size, grid_size, half)
         table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (L, head_dim)
-        self.register_buffer("freqs_cos", table.cos())
-        self.register_buffer("freqs_sin", table.sin())
+        self.register_buffer("freqs_cos", table.cos(), persistent=persistent)
+        self.register_buffer("freqs_sin", table.sin(), persistent=persistent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, heads, L, head_dim)."""

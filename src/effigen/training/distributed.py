@@ -7,6 +7,7 @@ on CPU) and wrap the network in DDP or FSDP.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -55,7 +56,15 @@ def init_distributed(device_name: str = "auto") -> DistributedContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # Tear the group down before the interpreter exits: left to static destructors, gloo's threads can abort
+        # the process after its work is done ("terminate called without an active exception", exit -6).
+        atexit.register(_destroy_process_group)
     return DistributedContext(rank, world_size, local_rank, device)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
