@@ -163,6 +163,7 @@ def main() -> int:
                "--threads", str(args.threads), "--concurrency", str(args.concurrency),
                "--max-queue", str(args.max_queue), "--max-images", str(max(args.batch, 1))]
     log = open(cache.parent / f"{cache.name}.log", "w")
+    finished = False
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     import httpx
 
@@ -223,6 +224,7 @@ def main() -> int:
                       "overload": overload, "memory_mib": memory}
             Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
             print(f"wrote {args.json}")
+        finished = True
     finally:
         server.terminate()
         try:
@@ -231,6 +233,8 @@ def main() -> int:
             server.kill()
         log.close()
         shutil.rmtree(cache, ignore_errors=True)
+        if finished:  # the server's log is kept only when something went wrong
+            Path(log.name).unlink(missing_ok=True)
     return 0
 
 
