@@ -80,6 +80,12 @@ def load_image(path: str | Path, resolution: int, channels: int = 3) -> torch.Te
             image = convert_image(opened, "RGB" if channels == 3 else "L")
     except OSError as e:
         raise ValueError(f"{path} is not a readable image: {e}") from e
+    return image_to_tensor(image, resolution, channels)
+
+
+def image_to_tensor(image: Image.Image, resolution: int, channels: int = 3) -> torch.Tensor:
+    """A PIL image -> float (1, channels, resolution, resolution) in [-1, 1] (resized bicubic, with antialiasing)."""
+    image = convert_image(image, "RGB" if channels == 3 else "L")
     if image.size != (resolution, resolution):
         image = image.resize((resolution, resolution), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32).reshape(resolution, resolution, channels)
@@ -96,7 +102,12 @@ def load_mask(path: str | Path, resolution: int) -> torch.Tensor:
             image = convert_image(opened, "L")
     except OSError as e:
         raise ValueError(f"{path} is not a readable image: {e}") from e
-    mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None, None]
+    return mask_to_tensor(np.asarray(image, dtype=np.float32) / 255.0, resolution)
+
+
+def mask_to_tensor(mask: np.ndarray, resolution: int) -> torch.Tensor:
+    """A (H, W) float mask in [0, 1] -> (1, 1, resolution, resolution), resized with area averaging."""
+    mask = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
     if tuple(mask.shape[-2:]) != (resolution, resolution):
         mask = torch.nn.functional.interpolate(mask, size=(resolution, resolution), mode="area")
     return mask

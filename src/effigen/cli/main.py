@@ -30,6 +30,7 @@ COMMANDS = {
     "neon": ("effigen.cli.neon", "Neon: self-training + negative extrapolation of a trained generator (2510.03597)"),
     "quantize": ("effigen.cli.quantize", "low-bit quantization: PTQ or EfficientDM QALoRA distillation (2310.03270)"),
     "report": ("effigen.cli.report", "train, evaluate and benchmark every generator under one budget (docs/results.md)"),
+    "serve": ("effigen.cli.serve", "the web page (Gradio): generate, edit and compare with pipeline folders"),
 }
 
 
