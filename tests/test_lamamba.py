@@ -78,3 +78,71 @@ def test_scan_clear_errors():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="mamba_ssm"):
             selective_scan(u, delta, A, B, C, impl="cuda")
+
+
+# ---- scan paths and window attention (effigen.models.lamamba) ----
+from effigen.models.lamamba import cross_merge, cross_scan, scan_paths, window_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("mode", ["snake", "raster"])
+def test_scan_paths_are_permutations_and_merge_inverts(mode):
+    H, W = 4, 6
+    paths = scan_paths(H, W, mode)
+    assert paths.shape == (4, H * W)
+    for p in paths:
+        assert torch.equal(p.sort().values, torch.arange(H * W))
+    x = torch.randn(2, 3, H, W)
+    seq = cross_scan(x, paths)
+    assert torch.equal(seq[:, 0, :, 0], x[:, :, 0, 0])  # both modes' first path starts at the top-left token
+    assert torch.equal(seq[:, 2, :, -1], x[:, :, paths[2, -1] // W, paths[2, -1] % W])
+    torch.testing.assert_close(cross_merge(seq, paths, H, W), 4 * x)
+
+
+def test_snake_paths_are_continuous_and_start_where_documented():
+    H, W = 6, 4
+    paths = scan_paths(H, W, "snake")
+    r, c = paths // W, paths % W
+    steps = (r[:, 1:] - r[:, :-1]).abs() + (c[:, 1:] - c[:, :-1]).abs()
+    assert torch.all(steps == 1)  # every step moves to a grid neighbour
+    starts = [(int(r[k, 0]), int(c[k, 0])) for k in range(4)]
+    assert starts == [(0, 0), (H - 1, 0), (H - 1, 0), (H - 1, W - 1)]
+    assert int(r[0, 1]) == 0 and int(r[2, 1]) == H - 2  # the first two are row-wise, the last two column-wise
+    raster = scan_paths(H, W, "raster")
+    rr = raster // W
+    assert (rr[0, 1:] - rr[0, :-1]).abs().max() == 1 and ((raster[0] % W)[W] == 0)  # raster jumps at row ends
+
+
+def test_snake_paths_need_even_grid():
+    with pytest.raises(ValueError, match="even grid"):
+        scan_paths(5, 4, "snake")
+    with pytest.raises(ValueError, match="scan mode"):
+        scan_paths(4, 4, "zigzag")
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_window_attention_equals_dense_masked_attention(shift):
+    H = W = 8
+    win, nh, d = 4, 2, 5
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, nh, H * W, d, generator=g) for _ in range(3))
+    out = window_attention(q, k, v, H, W, win, shift)
+    # dense reference: token i sees j iff both fall in the same window of the rolled grid and were not split by
+    # the cyclic roll (their original rows and columns lie less than a window apart)
+    idx = torch.arange(H * W)
+    r, c = idx // W, idx % W
+    wr, wc = ((r - shift) % H) // win, ((c - shift) % W) // win
+    same = (wr[:, None] == wr[None]) & (wc[:, None] == wc[None])
+    near = ((r[:, None] - r[None]).abs() < win) & ((c[:, None] - c[None]).abs() < win)
+    mask = torch.zeros(H * W, H * W).masked_fill(~(same & near), float("-inf"))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if shift:
+        assert not torch.allclose(out, window_attention(q, k, v, H, W, win, 0))
+
+
+def test_window_attention_clear_errors():
+    q = torch.randn(1, 1, 36, 4)
+    with pytest.raises(ValueError, match="divisible by the window size 4"):
+        window_attention(q, q, q, 6, 6, 4)
+    with pytest.raises(ValueError, match="window shift"):
+        window_attention(q, q, q, 6, 6, 3, 3)
