@@ -146,3 +146,12 @@ def test_window_attention_clear_errors():
         window_attention(q, q, q, 6, 6, 4)
     with pytest.raises(ValueError, match="window shift"):
         window_attention(q, q, q, 6, 6, 3, 3)
+
+
+def test_snake_paths_literal_4x4():
+    # the orders of the official model/continuous_scan.py for N=4, written out by hand
+    want = [[0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12],
+            [12, 13, 14, 15, 11, 10, 9, 8, 4, 5, 6, 7, 3, 2, 1, 0],
+            [12, 8, 4, 0, 1, 5, 9, 13, 14, 10, 6, 2, 3, 7, 11, 15],
+            [15, 11, 7, 3, 2, 6, 10, 14, 13, 9, 5, 1, 0, 4, 8, 12]]
+    assert scan_paths(4, 4, "snake").tolist() == want
