@@ -234,7 +234,10 @@ class Pipeline:
         return config_from_dict(type(self.sampler_config), data, "sampler")
 
     def number_of_evaluations(self, **overrides: Any) -> int:
-        return self.objective.evaluations_per_sample(self.sampler_settings(**overrides))
+        settings = self.sampler_settings(**overrides)
+        if getattr(self.objective, "evaluations_need_model", False):  # e.g. a cascade whose stages the network defines
+            return self.objective.evaluations_per_sample(settings, self.generator)
+        return self.objective.evaluations_per_sample(settings)
 
     @torch.no_grad()
     def __call__(

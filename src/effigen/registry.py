@@ -18,14 +18,17 @@ from typing import Any
 from torch import nn
 
 from .models.dit import DIT_PRESETS, DiT
+from .models.dico import DICO_PRESETS, DiCo
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
+from .models.lowdiff import LOWDIFF_PRESETS, LowDiffNet
 from .models.var import VAR, VAR_PRESETS
 from .objectives.alignment import Projectors
 from .objectives.ddpm import GaussianDiffusion
 from .objectives.distilled import DistilledGenerator
 from .objectives.flow_matching import RectifiedFlow
 from .objectives.hmar import HMARObjective
+from .objectives.lowdiff import LowDiffCascade
 from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
@@ -65,6 +68,10 @@ METHODS: dict[str, Method] = {
                        accepts=("continuous",), tokenizer_required=False),
     "dit-ddpm": Method("dit-ddpm", DiT, GaussianDiffusion, DIT_PRESETS, "DiT (2212.09748) + DDPM with learned variance",
                        accepts=("continuous",), tokenizer_required=False),
+    "dico-ddpm": Method("dico-ddpm", DiCo, GaussianDiffusion, DICO_PRESETS,
+                        "DiCo (2505.11196) + DDPM with learned variance", accepts=("continuous",), tokenizer_required=False),
+    "dico-flow": Method("dico-flow", DiCo, RectifiedFlow, DICO_PRESETS, "DiCo (2505.11196) + rectified flow (2209.03003)",
+                        accepts=("continuous",), tokenizer_required=False),
     # a guided-distillation student of a dit-flow / dit-ddpm teacher (pixels or KL-VAE latents), made by `effigen distill`
     "dit-distilled": Method("dit-distilled", DiT, DistilledGenerator, DIT_PRESETS,
                             "guided distillation (2210.03142) of a dit-flow / dit-ddpm teacher",
@@ -79,6 +86,9 @@ METHODS: dict[str, Method] = {
                         accepts=("grid",)),
     "hmar": Method("hmar", HMAR, HMARObjective, HMAR_PRESETS, "HMAR Markovian next-scale + masked refinement (2506.04421)",
                    accepts=("multiscale",)),
+    "lowdiff": Method("lowdiff", LowDiffNet, LowDiffCascade, LOWDIFF_PRESETS,
+                      "LowDiff one-network low-to-high resolution cascade (2509.15342), flow matching",
+                      accepts=("continuous",), tokenizer_required=False),
 }
 
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a

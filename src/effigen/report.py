@@ -65,11 +65,13 @@ RECIPES: list[Recipe] = [
     Recipe("sit-repa", "sit-repa.sh", "SiT 2401.08740 + REPA 2410.06940"),
     Recipe("sit-haste", "sit-haste.sh", "SiT 2401.08740 + HASTE 2505.16792"),
     Recipe("lightningdit", "lightningdit.sh", "LightningDiT 2501.01423 (pixels)"),
+    Recipe("dico", "dico.sh", "DiCo 2505.11196 (DDPM, learned variance)"),
     Recipe("lightningdit-latent", "lightningdit-latent.sh", "LightningDiT 2501.01423 + KL-VAE", tokenizer="tokenizer-klvae"),
     Recipe("dit-ddpm-latent", "dit-ddpm-latent.sh", "DiT 2212.09748 (DDPM) + KL-VAE", tokenizer="tokenizer-klvae"),
     Recipe("sit-latent", "sit-latent.sh", "SiT 2401.08740 + KL-VAE", tokenizer="tokenizer-klvae"),
     Recipe("var", "var.sh", "VAR 2404.02905", tokenizer="tokenizer-msvq"),
     Recipe("raster-ar", "raster-ar.sh", "LlamaGen 2406.06525 (raster AR)", tokenizer="tokenizer-vq"),
+    Recipe("lowdiff", "lowdiff.sh", "LowDiff 2509.15342 (8->16->32 px cascade, one network)"),
     Recipe("hmar", "hmar.sh", "HMAR 2506.04421 (stage 1 + mask fine-tune)", tokenizer="tokenizer-msvq"),
     Recipe("dit-flow-seed1", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003", seed=1, replicate_of="dit-flow"),
 ]

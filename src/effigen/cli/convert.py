@@ -2,6 +2,7 @@
 
     effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --out dit-xl-2-256 [--num-heads 16]
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt --out lightningdit-xl-1
+    effigen convert dico-official --ckpt DiCo-XL-256x256.pt --out dico-xl-256 [--input-size 32]
     effigen convert sit-official --ckpt SiT-XL-2-256x256.pt --out sit-xl-2-256
     effigen convert repa-official --ckpt last.pt --out repa-sit-xl-2 [--keep-projectors] [--encoder-depth 8]
     effigen convert repa-official --ckpt exps/run/checkpoints/0400000.pt --out repa-400k --mode ode --steps 50
@@ -30,7 +31,7 @@ from __future__ import annotations
 import argparse
 
 CONVERTERS = ("dit-official", "lightningdit-official", "sit-official", "repa-official", "var-official", "hmar-official",
-              "sd-vae")
+              "sd-vae", "dico-official")
 
 
 def run(argv: list[str]) -> int:
@@ -49,6 +50,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--scales", help="var/hmar-official: scale schedule, e.g. 1,2,3,4,5,6,8,10,13,16 (default: from "
                                          "the weights)")
     parser.add_argument("--resolution", type=int, help="var/hmar-official: image size (default: last scale x downsampling)")
+    parser.add_argument("--input-size", type=int, default=32,
+                        help="dico-official: latent (or pixel) grid size, not stored in conv weights (default 32)")
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
     parser.add_argument("--steps", type=int, default=250,
@@ -115,6 +118,11 @@ def run(argv: list[str]) -> int:
 
         path = convert_dit_official(args.ckpt, args.out, args.num_heads, args.steps,
                                     1.5 if args.cfg_scale is None else args.cfg_scale, vae=vae)
+    elif args.source == "dico-official":
+        from ..convert.dico_official import convert_dico_official
+
+        path = convert_dico_official(args.ckpt, args.out, args.input_size, args.steps,
+                                     1.5 if args.cfg_scale is None else args.cfg_scale, vae=vae)
     elif args.source == "sit-official":
         from ..convert.sit_official import convert_sit_official, official_sampler
 

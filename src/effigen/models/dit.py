@@ -61,6 +61,9 @@ class DiTConfig:
     mlp: Literal["gelu", "swiglu"] = "gelu"
     rope: bool = False
     adaln_shift: bool = True
+    # any grid: inputs of any H = W divisible by patch_size; positions come from 2-D RoPE alone (tables built per grid,
+    # no absolute sin-cos, which is tied to input_size). Used by LowDiff's one-network cascade (objectives/lowdiff.py)
+    any_resolution: bool = False
     # guided-distillation student (post/distill.py): embed the guidance strength w and add it to the time embedding
     guidance_embed: bool = False
     guidance_scale: float = 1000.0  # the w embedding sees guidance_scale * w (diffusers' w * 1000)
@@ -73,6 +76,8 @@ class DiTConfig:
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.any_resolution and not self.rope:
+            raise ValueError("any_resolution=True takes its positions from 2-D RoPE: set rope=True as well")
 
     @property
     def out_channels(self) -> int:
@@ -172,6 +177,7 @@ class DiT(nn.Module):
         positions = torch.from_numpy(sincos_2d_positions(D, grid)).float().unsqueeze(0)
         self.register_buffer("pos_embed", positions)  # (1, L, D), fixed; kept in the state dict as in DiT
         self.feat_rope = VisionRoPE2D(D // config.num_heads, grid) if config.rope else None
+        self._grid_ropes: dict[int, VisionRoPE2D] = {}  # any_resolution: RoPE tables of other grids (not saved)
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
         self.final_layer = FinalLayer(D, config.patch_size, config.out_channels, config.norm)
         self.initialize_weights()
@@ -208,9 +214,23 @@ class DiT(nn.Module):
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, p*p*C) -> (B, C, H, W)."""
         p, C = self.config.patch_size, self.config.out_channels
-        grid = self.config.input_size // p
+        grid = round(x.shape[1] ** 0.5)  # square grids (input_size // p unless any_resolution)
         x = x.reshape(x.shape[0], grid, grid, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, grid * p, grid * p)
+
+    def _rope_for(self, x: torch.Tensor) -> VisionRoPE2D:
+        """any_resolution: the RoPE tables of x's grid (built once per grid size)."""
+        p, C = self.config.patch_size, self.config.in_channels
+        if x.shape[1] != C or x.shape[2] != x.shape[3] or x.shape[2] % p:
+            raise ValueError(f"this DiT takes (B, {C}, H, H) inputs with H a multiple of the patch size {p}, "
+                             f"got {tuple(x.shape)}")
+        grid = x.shape[2] // p
+        if grid == self.config.input_size // p:
+            return self.feat_rope
+        if grid not in self._grid_ropes:
+            head_dim = self.config.hidden_size // self.config.num_heads
+            self._grid_ropes[grid] = VisionRoPE2D(head_dim, grid).to(self.feat_rope.freqs_cos.device)
+        return self._grid_ropes[grid]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: torch.Tensor | None = None,
                 taps: Taps | None = None) -> torch.Tensor | tuple[torch.Tensor, Features]:
@@ -219,10 +239,15 @@ class DiT(nn.Module):
         (output, features): the (B, L, D) output tokens of the requested blocks, L = (H / p)(W / p) in raster order,
         and their (B, heads, L, L) attention logits."""
         recorder = record_taps(taps, len(self.blocks), "this DiT")
-        expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
-        if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-        h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+        rope = self.feat_rope
+        if self.config.any_resolution:
+            rope = self._rope_for(x)
+            h = self.x_embedder(x)  # (B, L, D), positions from RoPE only
+        else:
+            expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
+            if tuple(x.shape[1:]) != expected:
+                raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+            h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         if not self.training and torch.is_autocast_enabled(h.device.type):
             # inference under autocast: the residual stream in the low-precision dtype too (as diffusers does; the fp32
             # position embedding would otherwise promote it), so norms, modulations and residual adds move half the
@@ -237,6 +262,6 @@ class DiT(nn.Module):
         elif guidance is not None:
             raise ValueError("guidance=w needs a DiT built with guidance_embed=True")
         for i, block in enumerate(self.blocks):
-            h = block(h, c, self.feat_rope, recorder.logits_tap(i))  # (B, L, D)
+            h = block(h, c, rope, recorder.logits_tap(i))  # (B, L, D)
             recorder.block_output(i, h)
         return recorder.result(self.unpatchify(self.final_layer(h, c)))  # (B, C_out, H, W)

@@ -170,7 +170,9 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def sample(self, model: nn.Module, labels: torch.Tensor, shape: tuple[int, ...], sampler: DDPMSamplerConfig,
-               generator: torch.Generator | None = None, progress=None, noise: torch.Tensor | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, progress=None, noise: torch.Tensor | None = None,
+               step_noise=None) -> torch.Tensor:
+        """`step_noise` (ancestral DDPM only): the per-step noises to replay, loop order (see `ddpm_sample`)."""
         device = labels.device
         if noise is None:
             noise = torch.stack([torch.randn(shape, generator=generator) for _ in range(labels.shape[0])])
@@ -190,7 +192,7 @@ class GaussianDiffusion:
 
         if sampler.solver == "ddim":
             return ddim_sample(predict, x, schedule, sampler.eta, sampler.clip_denoised, generator, progress)
-        return ddpm_sample(predict, x, schedule, sampler.clip_denoised, generator, progress)
+        return ddpm_sample(predict, x, schedule, sampler.clip_denoised, generator, progress, step_noise)
 
     def evaluations_per_sample(self, sampler: DDPMSamplerConfig) -> int:
         """Network evaluations per image, counting two (conditional + unconditional) only where guidance applies."""

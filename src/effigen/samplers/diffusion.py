@@ -145,9 +145,12 @@ def ddim_sample(predict: PredictFn, x: torch.Tensor, schedule: DiffusionSchedule
 
 @torch.no_grad()
 def ddpm_sample(predict: PredictFn, x: torch.Tensor, schedule: DiffusionSchedule, clip_denoised: bool = False,
-                generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+                generator: torch.Generator | None = None, progress=None, step_noise=None) -> torch.Tensor:
     """Ancestral sampling from p(x_{k-1} | x_k) with the model's (learned or fixed) variance; no noise
-    is added at the last step."""
+    is added at the last step. `step_noise`: optional noises, one per step in loop order (noisiest first), used
+    instead of fresh draws (to replay a recorded run)."""
+    if step_noise is not None and len(step_noise) < len(schedule):
+        raise ValueError(f"step_noise has {len(step_noise)} entries, the schedule {len(schedule)} steps: give one per step")
     for i in reversed(range(len(schedule))):
         index = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         eps, variance_output = predict(x, index)
@@ -158,7 +161,9 @@ def ddpm_sample(predict: PredictFn, x: torch.Tensor, schedule: DiffusionSchedule
         log_variance = model_log_variance(schedule, index, x.dim(), variance_output)
         x = mean
         if i > 0:
-            x = x + torch.exp(0.5 * log_variance) * torch.randn(x.shape, generator=generator).to(x.device)
+            z = (torch.randn(x.shape, generator=generator) if step_noise is None
+                 else step_noise[len(schedule) - 1 - i]).to(x.device)
+            x = x + torch.exp(0.5 * log_variance) * z
         if progress is not None:
             progress.update(1)
     return x

@@ -243,6 +243,29 @@ EXPERIMENT_PRESETS["mnist-sit-haste"] = {**EXPERIMENT_PRESETS["mnist-sit"],
                                          "align": {**_REPA, "method": "haste", "attn_coeff": 0.5, "stop_step": 400},
                                          "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-sit-haste"}}
 
+# DiCo (2505.11196, docs/dico.md): the conv U-Net in place of the DiT, same data, objectives, samplers and budget as
+# mnist-dit-ddpm (DiCo's own recipe: DDPM, learned variance) and mnist-sit (rectified flow, velocity). DiCo-Ti (width 64,
+# two blocks per level) has 5.0M parameters at 32 px, as the DiT recipes' width 256 x depth 4 (5.0M).
+EXPERIMENT_PRESETS["mnist-dico"] = {**EXPERIMENT_PRESETS["mnist-dit-ddpm"], "method": "dico-ddpm",
+                                    "network_preset": "DiCo-Ti", "network": {},
+                                    "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-dico"}}
+EXPERIMENT_PRESETS["mnist-dico-flow"] = {**EXPERIMENT_PRESETS["mnist-sit"], "method": "dico-flow",
+                                         "network_preset": "DiCo-Ti", "network": {},
+                                         "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-dico-flow"}}
+# LowDiff (2509.15342) on built-in MNIST: one DiT-Ti/4 (mnist-sit's blocks, 2-D RoPE positions only) over 8 -> 16 ->
+# 32 px; mnist-sit's objective, per-stage step budgets (most steps at 8 px where they are cheap), Euler. Mode "concat"
+# (channel concatenation of the noise-augmented upsample): at 600 training steps (batch 64) it reached FID 9.9 at
+# [8, 4, 2] against 21.2 for "init" (t* = 0.6); at 300 steps "init" led (28.3 vs 32.3 at [16, 8, 4]). docs/lowdiff.md.
+EXPERIMENT_PRESETS["mnist-lowdiff"] = {
+    "method": "lowdiff",
+    "data": {"name": "mnist", "resolution": 32},
+    "network_preset": "LowDiff-DiT-Ti/4",
+    "network": {"resolutions": [8, 16, 32], "mode": "concat"},
+    "objective": {"path": "linear", "prediction": "velocity", "time_sampling": "uniform", "cond_aug_max": 0.3},
+    "sampler": {"solver": "euler", "num_steps": 50, "stage_steps": [8, 4, 2], "cond_aug": 0.1, "cfg_scale": 2.0},
+    "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-lowdiff"},
+}
+
 
 def preset_names() -> list[str]:
     return list(EXPERIMENT_PRESETS)

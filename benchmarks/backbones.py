@@ -1,0 +1,82 @@
+"""Backbones at matched parameter counts, in ONE process: forward images/s, peak memory and FLOPs per image.
+
+    python benchmarks/backbones.py --threads 1                                   # DiT vs DiCo (defaults below)
+    python benchmarks/backbones.py --model dit-ddpm:DiT-Ti/4:hidden_size=256,depth=4,num_heads=4 \\
+        --model dico-ddpm:DiCo-Ti --model lamamba-ddpm:<preset>                  # add any registered method
+
+Each --model is METHOD:PRESET[:key=value,...] (a registry method, one of its network presets, overrides). Every model
+runs in every space (32 px pixels, 3 channels; 32x32x4 latents) and precision (fp32, bf16 autocast); a combination
+that fails is printed with its error, never dropped. FLOPs come from torch.utils.flop_counter (counts matmuls and
+convolutions, grouped ones included; elementwise work, norms and scans written as elementwise ops are NOT counted:
+the table says so). Peak memory: CUDA max allocated on a GPU; on CPU the growth of the process's peak RSS
+(resource.getrusage), which only grows, so models are measured smallest first and it is a rough figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from effigen.registry import METHODS
+
+DEFAULT_MODELS = ["dit-ddpm:DiT-Ti/4:hidden_size=256,depth=4,num_heads=4", "dico-ddpm:DiCo-Ti"]
+
+
+def build(spec: str, channels: int, size: int):
+    method, preset, *rest = spec.split(":")
+    entry = METHODS[method]
+    kwargs = dict(entry.network_presets[preset])
+    for item in (rest[0].split(",") if rest else []):
+        key, value = item.split("=")
+        kwargs[key] = type(kwargs[key])(value) if key in kwargs else int(value)
+    config = entry.network_class.config_class(**{**kwargs, "input_size": size, "in_channels": channels,
+                                                 "num_classes": 10, "learn_sigma": "ddpm" in method})
+    return entry.network_class(config).eval()
+
+
+def measure(net, channels, size, batch, precision, repeats):
+    x, t, y = torch.randn(batch, channels, size, size), torch.rand(batch), torch.randint(0, 10, (batch,))
+    ctx = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), ctx:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            net(x, t, y)
+        flops = counter.get_total_flops() / batch
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        net(x, t, y)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            net(x, t, y)
+        seconds = time.perf_counter() - start
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return batch * repeats / seconds, flops, (rss - rss0) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="METHOD:PRESET[:k=v,...] (repeatable)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    models = args.model or DEFAULT_MODELS
+    print("model | space | precision | params (M) | GFLOPs/img (matmul+conv) | img/s | peak RSS growth (MiB)")
+    for channels, size, space in ((3, 32, "pixels 3x32x32"), (4, 32, "latents 4x32x32")):
+        for spec in models:
+            for precision in ("fp32", "bf16"):
+                try:
+                    net = build(spec, channels, size)
+                    params = sum(p.numel() for p in net.parameters()) / 1e6
+                    ips, flops, mem = measure(net, channels, size, args.batch_size, precision, args.repeats)
+                    print(f"{spec} | {space} | {precision} | {params:.2f} | {flops / 1e9:.3f} | {ips:.1f} | {mem:.0f}")
+                except Exception as e:  # never skip silently: the failure is a row
+                    print(f"{spec} | {space} | {precision} | FAILED: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    main()
