@@ -21,6 +21,7 @@ from .models.dit import DIT_PRESETS, DiT
 from .models.dico import DICO_PRESETS, DiCo
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
+from .models.lamamba import LAMAMBA_PRESETS, LaMamba
 from .models.lowdiff import LOWDIFF_PRESETS, LowDiffNet
 from .models.var import VAR, VAR_PRESETS
 from .objectives.alignment import Projectors
@@ -89,6 +90,12 @@ METHODS: dict[str, Method] = {
     "lowdiff": Method("lowdiff", LowDiffNet, LowDiffCascade, LOWDIFF_PRESETS,
                       "LowDiff one-network low-to-high resolution cascade (2509.15342), flow matching",
                       accepts=("continuous",), tokenizer_required=False),
+    "lamamba-ddpm": Method("lamamba-ddpm", LaMamba, GaussianDiffusion, LAMAMBA_PRESETS,
+                           "LaMamba-Diff (2408.02615) + DDPM with learned variance", accepts=("continuous",),
+                           tokenizer_required=False),
+    "lamamba-flow": Method("lamamba-flow", LaMamba, RectifiedFlow, LAMAMBA_PRESETS,
+                           "LaMamba-Diff (2408.02615) + rectified flow (2209.03003)", accepts=("continuous",),
+                           tokenizer_required=False),
 }
 
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a
