@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from effigen.nn.selective_scan import selective_scan_chunked, selective_scan_loop
+from effigen.nn.selective_scan import selective_scan_chunked, selective_scan_loop, selective_scan_recurrent
 
 
 def _time(fn, repeats):
@@ -41,7 +41,8 @@ def main():
             torch.randn(b, a.groups, n, L, generator=g), torch.randn(d, generator=g), torch.zeros(d)]
     grad_args = [t.clone().requires_grad_() for t in args]
     print(f"torch {torch.__version__} threads {torch.get_num_threads()} shape B={b} D={d} N={n} L={L}")
-    runs = [("loop", lambda x: selective_scan_loop(*x, delta_softplus=True))]
+    runs = [("loop", lambda x: selective_scan_loop(*x, delta_softplus=True)),
+            ("recurrent", lambda x: selective_scan_recurrent(*x, delta_softplus=True))]
     runs += [(f"chunked{c}", lambda x, c=c: selective_scan_chunked(*x, delta_softplus=True, chunk=int(c)))
              for c in a.chunks.split(",")]
     for name, f in runs:

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effigen.nn.selective_scan import selective_scan, selective_scan_chunked, selective_scan_loop
+from effigen.nn.selective_scan import (
+    selective_scan, selective_scan_chunked, selective_scan_loop, selective_scan_recurrent)
 
 
 def _inputs(b=2, d=6, n=3, L=37, groups=None, seed=0, grad=False):
@@ -43,7 +44,7 @@ def test_chunked_equals_loop(chunk, groups):
     ref = selective_scan_loop(*args, delta_softplus=True)
     out = selective_scan_chunked(*args, delta_softplus=True, chunk=chunk)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(selective_scan(*args, delta_softplus=True), out if chunk == 8 else
+    assert torch.equal(selective_scan(*args, delta_softplus=True, impl="chunked"), out if chunk == 8 else
                        selective_scan_chunked(*args, delta_softplus=True))
 
 
@@ -53,6 +54,21 @@ def test_chunked_equals_loop_gradients():
     w = torch.randn(2, 6, 21, generator=torch.Generator().manual_seed(5))
     (selective_scan_loop(*a1, delta_softplus=True) * w).sum().backward()
     (selective_scan_chunked(*a2, delta_softplus=True, chunk=8) * w).sum().backward()
+    for t1, t2 in zip(a1, a2):
+        torch.testing.assert_close(t2.grad, t1.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+def test_recurrent_equals_loop_in_outputs_and_gradients(groups):
+    a1 = _inputs(L=21, groups=groups, grad=True)
+    a2 = [t.detach().clone().requires_grad_() for t in a1]
+    w = torch.randn(2, 6, 21, generator=torch.Generator().manual_seed(5))
+    ref = selective_scan_loop(*a1, delta_softplus=True)
+    out = selective_scan_recurrent(*a2, delta_softplus=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(selective_scan(*[t.detach() for t in a2], delta_softplus=True), out.detach())  # CPU default
+    (ref * w).sum().backward()
+    (out * w).sum().backward()
     for t1, t2 in zip(a1, a2):
         torch.testing.assert_close(t2.grad, t1.grad, rtol=1e-4, atol=1e-5)
 
