@@ -74,6 +74,7 @@ RECIPES: list[Recipe] = [
     Recipe("lowdiff", "lowdiff.sh", "LowDiff 2509.15342 (8->16->32 px cascade, one network)"),
     Recipe("hmar", "hmar.sh", "HMAR 2506.04421 (stage 1 + mask fine-tune)", tokenizer="tokenizer-msvq"),
     Recipe("dit-flow-seed1", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003", seed=1, replicate_of="dit-flow"),
+    Recipe("lamamba", "lamamba.sh", "LaMamba-Diff 2408.02615 (DDPM, learned variance)"),
 ]
 RECIPES_BY_NAME = {r.name: r for r in RECIPES}
 

@@ -243,8 +243,12 @@ class LaMambaConfig:
 # --num-heads 16; 32x32x4 SD-VAE latents at 256 px. Small sizes for CPU work are not official.
 LAMAMBA_PRESETS: dict[str, dict] = {
     "LaMamba-XL": dict(embed_dim=320, depths=[2, 2, 2, 2], bottleneck_depth=2, num_heads=16, window_size=8),
-    # CPU size: 4.81M parameters at 32 px (1 channel, learned sigma), as DiT-Ti/4 (5.0M) and DiCo-Ti (4.98M) in the
-    # MNIST recipes; patch 2 (a 16x16 grid: levels 16, 8, 4, 4) because the scan at 32x32 tokens costs ~4x more
+    # CPU sizes (not official): 4.81M parameters at 32 px (3 channels, learned sigma), as DiT-Ti/4 (5.0M) and DiCo-Ti
+    # (4.98M) in the MNIST recipes. Ti/4: patch 4, an 8x8 grid (levels 8, 4, 2, 2; window 4, shifted at level 0), the
+    # token count of DiT-Ti/4, ~2x DiT-Ti/4's training step on this CPU; Ti/2: patch 2, a 16x16 grid (levels 16, 8,
+    # 4, 4; window 8), ~8x more costly per step (docs/lamamba.md)
+    "LaMamba-Ti/4": dict(embed_dim=32, depths=[2, 2, 1, 1], bottleneck_depth=2, num_heads=4, window_size=4,
+                         patch_size=4),
     "LaMamba-Ti/2": dict(embed_dim=32, depths=[2, 2, 1, 1], bottleneck_depth=2, num_heads=4, window_size=8,
                          patch_size=2),
     "LaMamba-Test": dict(embed_dim=8, depths=[1, 1, 1, 1], bottleneck_depth=1, num_heads=2, window_size=4),
