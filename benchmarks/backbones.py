@@ -8,7 +8,11 @@ Each --model is METHOD:PRESET[:key=value,...] (a registry method, one of its net
 runs in every space (32 px pixels, 3 channels; 32x32x4 latents) and precision (fp32, bf16 autocast); a combination
 that fails is printed with its error, never dropped. FLOPs come from torch.utils.flop_counter (counts matmuls and
 convolutions, grouped ones included; elementwise work, norms and scans written as elementwise ops are NOT counted:
-the table says so). Peak memory: CUDA max allocated on a GPU; on CPU the growth of the process's peak RSS
+the table says so). torch's counter has no formula for the CPU attention kernel
+(`_scaled_dot_product_flash_attention_for_cpu`): effigen.bench's mapping adds the two attention matmuls (masks
+and softmax not counted; the DiT figures in docs/dico.md predate it and miss the attention). Selective scans (LaMamba's SS2D) are elementwise recurrences the counter
+cannot see: their FLOPs are added in a separate column with the formula of Mamba's / VMamba's FLOP helper
+(`flops_selective_scan_fn`: 9 B L D N + B D L for the D skip), from each module's `scan_flops(x)`. Peak memory: CUDA max allocated on a GPU; on CPU the growth of the process's peak RSS
 (resource.getrusage), which only grows, so models are measured smallest first and it is a rough figure.
 """
 
@@ -21,6 +25,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from effigen.bench.throughput import CPU_SDPA_FLOPS
 from effigen.registry import METHODS
 
 DEFAULT_MODELS = ["dit-ddpm:DiT-Ti/4:hidden_size=256,depth=4,num_heads=4", "dico-ddpm:DiCo-Ti"]
@@ -41,11 +46,17 @@ def build(spec: str, channels: int, size: int):
 def measure(net, channels, size, batch, precision, repeats):
     x, t, y = torch.randn(batch, channels, size, size), torch.rand(batch), torch.randint(0, 10, (batch,))
     ctx = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+    scan_flops = []
+    hooks = [m.register_forward_hook(lambda m, inputs, out: scan_flops.append(m.scan_flops(inputs[0])))
+             for m in net.modules() if hasattr(m, "scan_flops")]
     with torch.no_grad(), ctx:
-        counter = FlopCounterMode(display=False)
+        counter = FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS)
         with counter:
             net(x, t, y)
         flops = counter.get_total_flops() / batch
+        scan = sum(scan_flops) / batch
+        for h in hooks:
+            h.remove()
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         net(x, t, y)
         start = time.perf_counter()
@@ -53,7 +64,7 @@ def measure(net, channels, size, batch, precision, repeats):
             net(x, t, y)
         seconds = time.perf_counter() - start
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return batch * repeats / seconds, flops, (rss - rss0) / 1024
+    return batch * repeats / seconds, flops, scan, (rss - rss0) / 1024
 
 
 def main() -> None:
@@ -65,15 +76,17 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = args.model or DEFAULT_MODELS
-    print("model | space | precision | params (M) | GFLOPs/img (matmul+conv) | img/s | peak RSS growth (MiB)")
+    print("model | space | precision | params (M) | GFLOPs/img (matmul+conv+attention) | scan GFLOPs/img (formula) | "
+          "img/s | peak RSS growth (MiB)")
     for channels, size, space in ((3, 32, "pixels 3x32x32"), (4, 32, "latents 4x32x32")):
         for spec in models:
             for precision in ("fp32", "bf16"):
                 try:
                     net = build(spec, channels, size)
                     params = sum(p.numel() for p in net.parameters()) / 1e6
-                    ips, flops, mem = measure(net, channels, size, args.batch_size, precision, args.repeats)
-                    print(f"{spec} | {space} | {precision} | {params:.2f} | {flops / 1e9:.3f} | {ips:.1f} | {mem:.0f}")
+                    ips, flops, scan, mem = measure(net, channels, size, args.batch_size, precision, args.repeats)
+                    print(f"{spec} | {space} | {precision} | {params:.2f} | {flops / 1e9:.3f} | {scan / 1e9:.3f} | "
+                          f"{ips:.1f} | {mem:.0f}")
                 except Exception as e:  # never skip silently: the failure is a row
                     print(f"{spec} | {space} | {precision} | FAILED: {type(e).__name__}: {e}")
 

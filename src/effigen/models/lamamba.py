@@ -300,6 +300,14 @@ class SS2D(nn.Module):
             self._paths[key] = scan_paths(H, W, self.scan).to(device)
         return self._paths[key]
 
+    def scan_flops(self, x: torch.Tensor) -> int:
+        """FLOPs of the selective scans for input x (B, H, W, C), by the formula of Mamba's / VMamba's FLOP helper
+        (flops_selective_scan_fn: 9 B L D N, plus B D L for the D skip; D = 4 directions x inner channels); FLOP
+        counters do not see the scan, an elementwise recurrence."""
+        B, H, W, _ = x.shape
+        D, L = 4 * self.inner, H * W
+        return 9 * B * L * D * self.d_state + B * D * L
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)
