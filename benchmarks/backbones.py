@@ -12,20 +12,19 @@ the table says so). torch's counter has no formula for the CPU attention kernel
 (`_scaled_dot_product_flash_attention_for_cpu`): effigen.bench's mapping adds the two attention matmuls (masks
 and softmax not counted; the DiT figures in docs/dico.md predate it and miss the attention). Selective scans (LaMamba's SS2D) are elementwise recurrences the counter
 cannot see: their FLOPs are added in a separate column with the formula of Mamba's / VMamba's FLOP helper
-(`flops_selective_scan_fn`: 9 B L D N + B D L for the D skip), from each module's `scan_flops(x)`. Peak memory: CUDA max allocated on a GPU; on CPU the growth of the process's peak RSS
-(resource.getrusage), which only grows, so models are measured smallest first and it is a rough figure.
+(`flops_selective_scan_fn`: 9 B L D N + B D L for the D skip), from each module's `scan_flops(x)`. Peak memory of one forward (effigen.bench's measure_peak_memory: CUDA max allocated on a GPU;
+on CPU the RSS high-water mark after a reset, or 1 ms RSS polling, minus the RSS before the call).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from effigen.bench.throughput import CPU_SDPA_FLOPS
+from effigen.bench.throughput import CPU_SDPA_FLOPS, measure_peak_memory
 from effigen.registry import METHODS
 
 DEFAULT_MODELS = ["dit-ddpm:DiT-Ti/4:hidden_size=256,depth=4,num_heads=4", "dico-ddpm:DiCo-Ti"]
@@ -57,14 +56,12 @@ def measure(net, channels, size, batch, precision, repeats):
         scan = sum(scan_flops) / batch
         for h in hooks:
             h.remove()
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        net(x, t, y)
+        memory = measure_peak_memory(lambda: net(x, t, y))  # also the warm-up call
         start = time.perf_counter()
         for _ in range(repeats):
             net(x, t, y)
         seconds = time.perf_counter() - start
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return batch * repeats / seconds, flops, scan, (rss - rss0) / 1024
+    return batch * repeats / seconds, flops, scan, memory["peak_memory_bytes"] / 2**20
 
 
 def main() -> None:
@@ -77,7 +74,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     models = args.model or DEFAULT_MODELS
     print("model | space | precision | params (M) | GFLOPs/img (matmul+conv+attention) | scan GFLOPs/img (formula) | "
-          "img/s | peak RSS growth (MiB)")
+          "img/s | peak memory of one forward (MiB)")
     for channels, size, space in ((3, 32, "pixels 3x32x32"), (4, 32, "latents 4x32x32")):
         for spec in models:
             for precision in ("fp32", "bf16"):
