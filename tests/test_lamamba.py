@@ -354,3 +354,18 @@ def test_trains_samples_saves_and_loads_with_the_shared_objectives(preset, metho
     with torch.no_grad():
         assert torch.equal(again.generator(x, t, y), pipeline.generator(x, t, y))
     assert torch.equal(again([0, 1], seed=0), images)
+
+
+def test_converter_rejects_unsupported_official_options(tmp_path, capsys):
+    from effigen.cli.main import main
+
+    model = randomize(LaMamba(tiny(window_size=8)))  # one window per level: no shifted blocks, no masks to carry
+    torch.save({"ema": model.state_dict()}, tmp_path / "ckpt.pt")
+    (tmp_path / "concat.yaml").write_text("MODEL:\n  SKIP_CONCAT: true\n  VSSM:\n    CONTINUOUS_SCAN: false\n")
+    with pytest.raises(CheckpointError, match=r"MODEL.SKIP_CONCAT = True \(supported: False\)"):
+        load_official_lamamba(tmp_path / "ckpt.pt", tmp_path / "concat.yaml")
+    (tmp_path / "raster.yaml").write_text("MODEL:\n  VSSM:\n    CONTINUOUS_SCAN: false\n    WINDOW_SIZE: 8\n")
+    assert load_official_lamamba(tmp_path / "ckpt.pt", tmp_path / "raster.yaml").config.scan == "raster"
+    with pytest.raises(SystemExit):
+        main(["convert", "dit-official", "--ckpt", str(tmp_path / "ckpt.pt"), "--config", "x.yaml", "--out", "o"])
+    assert "only lamamba-official takes --config" in capsys.readouterr().err
