@@ -3,7 +3,7 @@ global 2-D selective scan (SS2D, VMamba v2), a local Swin window attention and a
 
 This module holds the scan paths, the window attention, the SS2D block, the `LaMamba` network (`LaMambaConfig`,
 `LAMAMBA_PRESETS`) with official parameter names. The selective scan itself is effigen.nn.selective_scan (CPU:
-chunked closed form; CUDA: mamba_ssm's kernel when installed). Parity with the official code:
+the sequential recurrence with a hand-written backward; CUDA: mamba_ssm's kernel when installed). Parity with the official code:
 tests/parity/test_lamamba_parity.py.
 
 Scan paths (the official code's `CONTINUOUS_SCAN: true`, /work/shared/reference/next_wave.md §4): two

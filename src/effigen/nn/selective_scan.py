@@ -174,7 +174,7 @@ def selective_scan(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=Fa
     if impl == "cuda":
         if not (u.is_cuda and cuda_scan_available()):
             raise RuntimeError("selective_scan impl='cuda' needs the mamba_ssm package (pip install mamba-ssm) "
-                               "and CUDA tensors; use impl='chunked' on CPU")
+                               "and CUDA tensors; use impl='recurrent' (the CPU default) on CPU")
         return _cuda_scan(u, delta, A, B, C, D, None, delta_bias, delta_softplus)
     if impl == "loop":
         return selective_scan_loop(u, delta, A, B, C, D, delta_bias, delta_softplus)
