@@ -4,16 +4,17 @@
     python benchmarks/backbones.py --model dit-ddpm:DiT-Ti/4:hidden_size=256,depth=4,num_heads=4 \\
         --model dico-ddpm:DiCo-Ti --model lamamba-ddpm:<preset>                  # add any registered method
 
-Each --model is METHOD:PRESET[:key=value,...] (a registry method, one of its network presets, overrides). Every model
-runs in every space (32 px pixels, 3 channels; 32x32x4 latents) and precision (fp32, bf16 autocast); a combination
-that fails is printed with its error, never dropped. FLOPs come from torch.utils.flop_counter (counts matmuls and
-convolutions, grouped ones included; elementwise work, norms and scans written as elementwise ops are NOT counted:
-the table says so). torch's counter has no formula for the CPU attention kernel
-(`_scaled_dot_product_flash_attention_for_cpu`): effigen.bench's mapping adds the two attention matmuls (masks
-and softmax not counted; the DiT figures in docs/dico.md predate it and miss the attention). Selective scans (LaMamba's SS2D) are elementwise recurrences the counter
-cannot see: their FLOPs are added in a separate column with the formula of Mamba's / VMamba's FLOP helper
-(`flops_selective_scan_fn`: 9 B L D N + B D L for the D skip), from each module's `scan_flops(x)`. Peak memory of one forward (effigen.bench's measure_peak_memory: CUDA max allocated on a GPU;
-on CPU the RSS high-water mark after a reset, or 1 ms RSS polling, minus the RSS before the call).
+Each --model is METHOD:PRESET[:key=value,...] (a registry method, one of its network presets, overrides). Every
+model runs in every space (32 px pixels, 3 channels; 32x32x4 latents) and precision (fp32, bf16 autocast); a
+combination that fails is printed with its error, never dropped. FLOPs come from torch.utils.flop_counter (counts
+matmuls and convolutions, grouped ones included; elementwise work, norms and scans written as elementwise ops are
+NOT counted: the table says so). torch's counter has no formula for the CPU attention kernel
+(`_scaled_dot_product_flash_attention_for_cpu`): effigen.bench's mapping adds the two attention matmuls (masks and
+softmax not counted; the DiT figures in docs/dico.md predate it and miss the attention). Selective scans (LaMamba's
+SS2D) are elementwise recurrences the counter cannot see: their FLOPs are added in a separate column with the
+formula of Mamba's / VMamba's FLOP helper (`flops_selective_scan_fn`: 9 B L D N + B D L for the D skip), from each
+module's `scan_flops(x)`. Peak memory of one forward (effigen.bench's measure_peak_memory: CUDA max allocated on a
+GPU; on CPU the RSS high-water mark after a reset, or 1 ms RSS polling, minus the RSS before the call).
 """
 
 from __future__ import annotations

@@ -108,7 +108,8 @@ def test_guided_forward_all_eps_channels(case):
     expected = vectors["forward_with_cfg_out"]
     assert relative_error(guided, expected[:half]) < _tol(spec, "forward_with_cfg_out")
     assert torch.equal(expected[half:, :C], expected[:half, :C])  # the guided eps is copied into both halves
-    uncond = _forward(pipeline.generator, x[:half], vectors["cfg_input_t"][half:], y[half:])  # official: first half of x
+    # the official unconditional half runs on the first half of x
+    uncond = _forward(pipeline.generator, x[:half], vectors["cfg_input_t"][half:], y[half:])
     assert relative_error(uncond[:, C:], expected[half:, C:]) < _tol(spec, "forward_with_cfg_out")
 
 

@@ -135,7 +135,8 @@ def _check_derived_buffers(network: LaMamba, state: dict[str, torch.Tensor], sou
         if getattr(module, "shift", 0) and name.endswith("attn"):
             key = name[: -len("attn")] + "attn_mask"
             if key not in state:
-                raise CheckpointError(f"{source}: effigen shifts the windows of {name[:-5]}, the checkpoint has no {key}")
+                raise CheckpointError(f"{source}: effigen shifts the windows of {name[:-5]}, the checkpoint has "
+                                      f"no {key}")
             res = int(state[key].shape[0] ** 0.5) * module.window
             ours = shifted_window_mask(res, res, module.window, module.shift) != 0
             if not torch.equal(ours, state[key] != 0):

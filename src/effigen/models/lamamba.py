@@ -3,8 +3,8 @@ global 2-D selective scan (SS2D, VMamba v2), a local Swin window attention and a
 
 This module holds the scan paths, the window attention, the SS2D block, the `LaMamba` network (`LaMambaConfig`,
 `LAMAMBA_PRESETS`) with official parameter names. The selective scan itself is effigen.nn.selective_scan (CPU:
-the sequential recurrence with a hand-written backward; CUDA: mamba_ssm's kernel when installed). Parity with the official code:
-tests/parity/test_lamamba_parity.py.
+the sequential recurrence with a hand-written backward; CUDA: mamba_ssm's kernel when installed). Parity with the
+official code: tests/parity/test_lamamba_parity.py.
 
 Scan paths (the official code's `CONTINUOUS_SCAN: true`, /work/shared/reference/next_wave.md §4): two
 left-right boustrophedon paths, starting at the top-left (0, 0) and at the bottom-left (H-1, 0), and two
@@ -177,7 +177,8 @@ class LaMambaConfig:
         self.depths = list(self.depths)
         n = len(self.depths)
         if n < 2:
-            raise ValueError(f"LaMamba needs at least 2 levels (depths lists one block count per level); got {self.depths}")
+            raise ValueError(f"LaMamba needs at least 2 levels (depths lists one block count per level); "
+                             f"got {self.depths}")
         heads = [self.num_heads] * n if isinstance(self.num_heads, int) else list(self.num_heads)
         if len(heads) != n:
             raise ValueError(f"num_heads lists one head count per level ({n}); got {self.num_heads}")

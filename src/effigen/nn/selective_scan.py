@@ -18,7 +18,8 @@ Implementations (`impl`):
     the backward costs about two forwards instead of an L-node autograd graph (benchmarks/scan_speed.py at a 16x16
     grid, B=32, 256 channels, N=1: forward+backward 108 ms vs chunked-8 530 ms and loop 1497 ms).
   * "chunked": positions split into chunks of `chunk` steps (default 8: in benchmarks/scan_speed.py on
-    this CPU, chunk 8 had the fastest forward and chunk 4 a 11% faster forward+backward; 16-64 were slower). Inside a chunk the state is the closed form
+    this CPU, chunk 8 had the fastest forward and chunk 4 a 11% faster forward+backward; 16-64 were slower).
+    Inside a chunk the state is the closed form
     h_t = sum_{s<=t} exp(S_t - S_s) delta_s B_s u_s with S the within-chunk cumulative sum of delta*A; every
     exponent is <= 0 (A < 0, delta > 0), so no overflow, and the masked (s > t) entries become exp(-inf) = 0.
     Chunk end states are carried across chunks with a short loop over chunks. This is our design (the Heinsen
