@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # lamamba: LaMamba-Diff (2408.02615), the U-Net of SS2D (2-D selective scan, snake paths) + Swin window attention
 # blocks in place of the DiT, with LaMamba's own objective (DDPM, learned variance, as DiT) and the DDIM 50 sampler of
-# dit-ddpm.sh. Preset `mnist-lamamba` at 32 px: LaMamba-Ti/4 (patch 4: an 8x8 grid as DiT-Ti/4; widths 32/64/128/128,
-# window 4): about 4.81M parameters (VAR-d4: 5.05M; the DiT recipes: 5.03M; DiCo-Ti: 4.98M).
+# dit-ddpm.sh. Preset `mnist-lamamba` at 32 px: LaMamba-Ti/4 (patch 4: an 8x8 grid as DiT-Ti/4; three levels, widths
+# 64/128/128, window 4): about 5.16M parameters (VAR-d4: 5.05M; the DiT recipes: 5.03M; DiCo-Ti: 4.98M).
 #   BUDGET_MINUTES  training wall time (the trainer stops at max_minutes; max_steps = BUDGET_MINUTES x STEPS_PER_MINUTE
 #                   so that the cosine schedule ends near the budget)
 #   STEPS_PER_MINUTE  this network's training steps per minute on one core of the reference machine (batch 128);

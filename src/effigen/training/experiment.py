@@ -267,7 +267,7 @@ EXPERIMENT_PRESETS["mnist-lowdiff"] = {
 }
 # LaMamba-Diff (2408.02615, docs/lamamba.md): the SS2D + window-attention U-Net in place of the DiT, same data,
 # objectives, samplers and budget as mnist-dico / mnist-dico-flow. LaMamba-Ti/4 (patch 4: DiT-Ti/4's 64 tokens) has
-# 4.81M parameters at 32 px.
+# 5.16M parameters at 32 px.
 EXPERIMENT_PRESETS["mnist-lamamba"] = {**EXPERIMENT_PRESETS["mnist-dit-ddpm"], "method": "lamamba-ddpm",
                                        "network_preset": "LaMamba-Ti/4", "network": {},
                                        "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-lamamba"}}
