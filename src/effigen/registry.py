@@ -22,6 +22,7 @@ from .models.bfm import BFM, BFM_PRESETS
 from .models.dico import DICO_PRESETS, DiCo
 from .models.gpt import GPT, GPT_PRESETS
 from .models.hmar import HMAR, HMAR_PRESETS
+from .models.lamamba import LAMAMBA_PRESETS, LaMamba
 from .models.lowdiff import LOWDIFF_PRESETS, LowDiffNet
 from .models.quantized import QuantizedNetwork
 from .models.var import VAR, VAR_PRESETS
@@ -96,6 +97,12 @@ METHODS: dict[str, Method] = {
     "bfm": Method("bfm", BFM, BlockwiseFlowMatching, BFM_PRESETS,
                   "BFM blockwise flow matching (2510.21167): per-segment velocity blocks, SemFeat trunk, FRA stage",
                   accepts=("continuous",), tokenizer_required=False),
+    "lamamba-ddpm": Method("lamamba-ddpm", LaMamba, GaussianDiffusion, LAMAMBA_PRESETS,
+                           "LaMamba-Diff (2408.02615) + DDPM with learned variance", accepts=("continuous",),
+                           tokenizer_required=False),
+    "lamamba-flow": Method("lamamba-flow", LaMamba, RectifiedFlow, LAMAMBA_PRESETS,
+                           "LaMamba-Diff (2408.02615) + rectified flow (2209.03003)", accepts=("continuous",),
+                           tokenizer_required=False),
 }
 
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a

@@ -87,6 +87,7 @@ RECIPES: list[Recipe] = [
            settings=(("BITS", "w4a4"), ("MODE", "efficientdm"))),
     Recipe("dit-flow-seed1", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003", seed=1, replicate_of="dit-flow"),
     Recipe("bfm", "bfm.sh", "BFM 2510.21167 (segment velocity blocks + SemFeat, then FRA)"),
+    Recipe("lamamba", "lamamba.sh", "LaMamba-Diff 2408.02615 (DDPM, learned variance)"),
 ]
 RECIPES_BY_NAME = {r.name: r for r in RECIPES}
 

@@ -4,6 +4,7 @@
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt --out lightningdit-xl-1
     effigen convert dico-official --ckpt DiCo-XL-256x256.pt --out dico-xl-256 [--input-size 32]
     effigen convert bfm-official --ckpt checkpoints/<step>/model_1.safetensors --out bfm-xl-2 [--steps-per-segment 41]
+    effigen convert lamamba-official --ckpt 0500000.pt --config configs/LaMamba-DIff-XL.yaml --out lamamba-xl
     effigen convert sit-official --ckpt SiT-XL-2-256x256.pt --out sit-xl-2-256
     effigen convert repa-official --ckpt last.pt --out repa-sit-xl-2 [--keep-projectors] [--encoder-depth 8]
     effigen convert repa-official --ckpt exps/run/checkpoints/0400000.pt --out repa-400k --mode ode --steps 50
@@ -32,7 +33,7 @@ from __future__ import annotations
 import argparse
 
 CONVERTERS = ("dit-official", "lightningdit-official", "sit-official", "repa-official", "var-official", "hmar-official",
-              "sd-vae", "dico-official", "bfm-official")
+              "sd-vae", "dico-official", "bfm-official", "lamamba-official")
 
 
 def run(argv: list[str]) -> int:
@@ -57,6 +58,10 @@ def run(argv: list[str]) -> int:
                         help="bfm-official: sampling steps per time segment saved with the folder (official eval: 41)")
     parser.add_argument("--in-channels", type=int, default=4,
                         help="bfm-official: latent channels (fixes the patch size; not separable in the weights)")
+    parser.add_argument("--config", help="lamamba-official: the official yaml config (CONTINUOUS_SCAN; default: the "
+                                         "checkpoint's own 'config' tree, else the official defaults)")
+    parser.add_argument("--scan", choices=("snake", "raster"),
+                        help="lamamba-official: override the scan order (default: the config's CONTINUOUS_SCAN)")
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
     parser.add_argument("--steps", type=int, default=250,
@@ -84,6 +89,9 @@ def run(argv: list[str]) -> int:
                  if value is not None]
     if repa_only and args.source != "repa-official":
         parser.error(f"only repa-official takes {', '.join(repa_only)}")
+    lamamba_only = [flag for flag, value in (("--config", args.config), ("--scan", args.scan)) if value is not None]
+    if lamamba_only and args.source != "lamamba-official":
+        parser.error(f"only lamamba-official takes {', '.join(lamamba_only)}")
     if args.heun and args.mode != "ode":
         parser.error("--heun is the ODE's corrector: give --mode ode with it")
     if args.source in ("var-official", "hmar-official"):  # VAR's VQVAE + a next-scale transformer
@@ -133,6 +141,11 @@ def run(argv: list[str]) -> int:
 
         path = convert_bfm_official(args.ckpt, args.out, args.in_channels, args.input_size, args.steps_per_segment,
                                     4.0 if args.cfg_scale is None else args.cfg_scale, vae=vae)
+    elif args.source == "lamamba-official":
+        from ..convert.lamamba_official import convert_lamamba_official
+
+        path = convert_lamamba_official(args.ckpt, args.out, args.config, args.steps,
+                                        1.5 if args.cfg_scale is None else args.cfg_scale, vae=vae, scan=args.scan)
     elif args.source == "sit-official":
         from ..convert.sit_official import convert_sit_official, official_sampler
 

@@ -265,6 +265,15 @@ EXPERIMENT_PRESETS["mnist-lowdiff"] = {
     "sampler": {"solver": "euler", "num_steps": 50, "stage_steps": [8, 4, 2], "cond_aug": 0.1, "cfg_scale": 2.0},
     "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-lowdiff"},
 }
+# LaMamba-Diff (2408.02615, docs/lamamba.md): the SS2D + window-attention U-Net in place of the DiT, same data,
+# objectives, samplers and budget as mnist-dico / mnist-dico-flow. LaMamba-Ti/4 (patch 4: DiT-Ti/4's 64 tokens) has
+# 5.16M parameters at 32 px.
+EXPERIMENT_PRESETS["mnist-lamamba"] = {**EXPERIMENT_PRESETS["mnist-dit-ddpm"], "method": "lamamba-ddpm",
+                                       "network_preset": "LaMamba-Ti/4", "network": {},
+                                       "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-lamamba"}}
+EXPERIMENT_PRESETS["mnist-lamamba-flow"] = {**EXPERIMENT_PRESETS["mnist-sit"], "method": "lamamba-flow",
+                                            "network_preset": "LaMamba-Ti/4", "network": {},
+                                            "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-lamamba-flow"}}
 
 # BFM (2510.21167, docs/bfm.md) on built-in MNIST: BFM-Ti/4 (4.93M parameters, as the DiT recipes' 5.0M): 3 time
 # segments x 2 velocity blocks, a 3-block SemFeat trunk aligned to the built-in mnist-vit teacher (REPA presets' teacher)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# lamamba: LaMamba-Diff (2408.02615), the U-Net of SS2D (2-D selective scan, snake paths) + Swin window attention
+# blocks in place of the DiT, with LaMamba's own objective (DDPM, learned variance, as DiT) and the DDIM 50 sampler of
+# dit-ddpm.sh. Preset `mnist-lamamba` at 32 px: LaMamba-Ti/4 (patch 4: an 8x8 grid as DiT-Ti/4; three levels, widths
+# 64/128/128, window 4): about 5.16M parameters (VAR-d4: 5.05M; the DiT recipes: 5.03M; DiCo-Ti: 4.98M).
+#   BUDGET_MINUTES  training wall time (the trainer stops at max_minutes; max_steps = BUDGET_MINUTES x STEPS_PER_MINUTE
+#                   so that the cosine schedule ends near the budget)
+#   STEPS_PER_MINUTE  this network's training steps per minute on one core of the reference machine (batch 128);
+#                   default 20: half the DiT recipes' 40, since a LaMamba-Ti/4 step cost about 2x a DiT-Ti/4 step here
+#                   (docs/lamamba.md)
+#   OUT, SEED       the run folder (pipeline in $OUT/final) and the training seed
+#   PREDICTION      noise (LaMamba's eps, the default), velocity or data (see dit-ddpm.sh)
+# Further arguments go to `effigen train`.
+set -euo pipefail
+BUDGET_MINUTES=${BUDGET_MINUTES:-10}
+STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-20}
+OUT=${OUT:-runs/results/lamamba}
+SEED=${SEED:-0}
+PREDICTION=${PREDICTION:-noise}
+EFFIGEN=${EFFIGEN:-effigen}
+MAX_STEPS=$(awk -v m="$BUDGET_MINUTES" -v r="$STEPS_PER_MINUTE" 'BEGIN { print int(m * r) + 1 }')
+WARMUP=$(( MAX_STEPS / 10 < 50 ? MAX_STEPS / 10 : 50 ))
+
+$EFFIGEN train --preset mnist-lamamba \
+  --objective.prediction="$PREDICTION" \
+  --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"
