@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -71,6 +72,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"effigen {name}: error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def entry() -> None:
+    """The `effigen` executable and `python -m effigen`: `main`, then exit with its code.
+
+    A process started by torchrun (WORLD_SIZE > 1) leaves with `os._exit` once its output is flushed: its work is
+    done and its process group torn down, but static destructors in torch's C++ runtime can still abort it at
+    interpreter shutdown ("terminate called without an active exception", SIGABRT or SIGSEGV after the run printed
+    its results), which torchrun reports as a failed run."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
 
 
 # ------------------------------------------------------------------------------ checks shared by the commands
