@@ -6,14 +6,14 @@
 #   BUDGET_MINUTES  training wall time (the trainer stops at max_minutes; max_steps = BUDGET_MINUTES x STEPS_PER_MINUTE
 #                   so that the cosine schedule ends near the budget)
 #   STEPS_PER_MINUTE  this network's training steps per minute on one core of the reference machine (batch 128);
-#                   default 20: half the DiT recipes' 40, since a LaMamba-Ti/4 step cost about 2x a DiT-Ti/4 step here
-#                   (docs/lamamba.md)
+#                   default 8: a fwd+bwd step of the width-64 LaMamba-Ti/4 measured 12-29 s against DiT-Ti/4's
+#                   3.0-3.6 s in one process (docs/lamamba.md), ~5x the DiT recipes' 40 steps/minute
 #   OUT, SEED       the run folder (pipeline in $OUT/final) and the training seed
 #   PREDICTION      noise (LaMamba's eps, the default), velocity or data (see dit-ddpm.sh)
 # Further arguments go to `effigen train`.
 set -euo pipefail
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
-STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-20}
+STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-8}
 OUT=${OUT:-runs/results/lamamba}
 SEED=${SEED:-0}
 PREDICTION=${PREDICTION:-noise}
