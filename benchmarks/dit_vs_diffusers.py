@@ -5,7 +5,7 @@ driven by diffusers' own `DiTPipeline`), same weights, one process.
     python benchmarks/dit_vs_diffusers.py --size DiT-S/2 --repeats 1          # quick check
 
 diffusers is not an effigen dependency: install it into the environment without touching torch
-(`pip install --no-deps diffusers` plus the pure-python packages it imports, or the `bench` extra).
+(`pip install -e ".[bench]"`: diffusers and the pure-python packages it imports; torch is left as it is).
 
 The script random-initialises an official-layout DiT (facebookresearch/DiT parameter names; ImageNet-like: 1000
 classes, 256 px = a 32x32x4 latent, learned sigma so 8 output channels), perturbs every parameter (the official
