@@ -64,7 +64,7 @@ def import_diffusers():
         from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
     except ImportError as e:
         raise SystemExit(f"diffusers is needed for this benchmark ({e}); install it without touching torch: "
-                         "pip install --no-deps diffusers, then its pure-python imports") from None
+                         "pip install -e \".[bench]\" (diffusers and its pure-python imports)") from None
     return diffusers, DiTTransformer2DModel, DDIMScheduler, DiTPipeline
 
 
