@@ -35,6 +35,7 @@ from .objectives.bfm import BlockwiseFlowMatching
 from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
+from .objectives.rae import RAEFlow
 from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
 from .tokenizers.base import accepts as _accepts
 from .tokenizers.kl_vae import KLVAE
@@ -79,6 +80,11 @@ METHODS: dict[str, Method] = {
     "dit-distilled": Method("dit-distilled", DiT, DistilledGenerator, DIT_PRESETS,
                             "guided distillation (2210.03142) of a dit-flow / dit-ddpm teacher",
                             accepts=("continuous",), tokenizer_required=False, base_methods=("dit-flow", "dit-ddpm")),
+    # RAE stage 2: DiT^DH (DiT presets "DiTDH-*", the DDT head an option of DiT) in an RAE latent, with the
+    # dimension-dependent shift and autoguidance (a `guidance_model` component)
+    "dit-dh": Method("dit-dh", DiT, RAEFlow, DIT_PRESETS,
+                     "RAE's DiT^DH (2510.11690): flow matching with a wide DDT head, dimension-dependent shift, autoguidance",
+                     accepts=("continuous",), tokenizer_required=False),
     "klvae": Method("klvae", KLVAE, KLVAELoss, KLVAE_PRESETS, "KL autoencoder of latent diffusion (2112.10752)",
                     kind="tokenizer"),
     "msvq": Method("msvq", MultiScaleVQ, VQTokenizerLoss, MSVQ_PRESETS, "VAR's multi-scale residual VQ-VAE (2404.02905)",

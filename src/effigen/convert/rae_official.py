@@ -1,0 +1,184 @@
+"""Official RAE stage-2 checkpoints (bytetriper/RAE `src/stage2/models/DDT.py`, `DiTwDDTHead`) -> effigen `dit-dh`
+pipeline folders, with the autoguidance model as the folder's `guidance_model` component.
+
+Accepts the training checkpoint `{"step", "epoch", "model", "ema", "optimizer", "scheduler"}` that the official
+`train.py` writes (the EMA weights, as the official loader takes them) or a plain state dict (the released
+`stage2_model.pt`). Every hyperparameter is read off the tensors: encoder width / depth (`s_embedder`, `blocks.i`
+of that width), head width / depth (`x_embedder`, the wider blocks), head counts from the RoPE tables (the official
+`VisionRotaryEmbeddingFast` tables are (L, head_dim)), RMSNorm, SwiGLU (and its hidden width, hence mlp_ratio),
+qk-norm, `wo_shift`, absolute positions.
+
+Translations, all here in one place:
+- names: s_embedder -> x_embedder (the encoder's patch embedding, as in DiT), x_embedder -> head_embedder,
+  s_projector -> head_projector, blocks.{depth + i} -> head_blocks.i, enc_feat_rope -> feat_rope,
+  dec_feat_rope -> head_rope (models/dit.py);
+- time: RAE's network takes t in [0, 1] with t = 1 noise and predicts the velocity noise - x_data, which is effigen's
+  convention (the reverse of LightningDiT's), so the network's time map is the identity (time_offset 0, time_scale 1)
+  and no output is negated. The official SAMPLER runs its integration variable the other way, s = linspace(t0, t1)
+  from 0 up to t1 = 1 - 1/1000, and evaluates at t = 1 - s (then shifted): in effigen's direction that is the
+  decreasing grid from 1 to `t_end` = 1 - t1 = 1/1000 with `num_steps - 1` Euler steps, the sample being the state
+  at the last grid point (no final step to 0). That translation is `official_sampler` below;
+- guidance: CFG on all channels (DDT.py's `forward_with_cfg`), interval per sample on t in [t_min, t_max];
+  autoguidance with the guidance model, same interval;
+- shift: s = sqrt(time_dist_shift_dim / time_dist_shift_base), stored as the sampler's explicit `time_shift`, and as
+  the objective's shift_dim / shift_base for further training.
+The official stage-1 decoder (a transformers ViT-MAE decoder) and DINOv2 encoder are not converted here (see
+docs/rae.md).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from ..io import CheckpointError, load_state_dict_strict, load_torch_file
+from ..models.dit import DiT, DiTConfig
+from ..objectives.rae import SHIFT_BASE, RAEFlowConfig, RAESamplerConfig
+from .dit_official import extract_state_dict
+
+RENAMES = (("s_embedder.", "x_embedder."), ("x_embedder.", "head_embedder."), ("s_projector.", "head_projector."),
+           ("enc_feat_rope.", "feat_rope."), ("dec_feat_rope.", "head_rope."))
+
+
+def rae_config_from_state_dict(state: dict[str, torch.Tensor]) -> DiTConfig:
+    try:
+        s_proj = state["s_embedder.proj.weight"]  # (D, C * p * p, p', p'), official patch 1
+        x_proj = state["x_embedder.proj.weight"]  # (D_head, C, 1, 1)
+        table = state["y_embedder.embedding_table.weight"]  # (K + 1, D)
+        modulation = state["blocks.0.adaLN_modulation.1.weight"]
+        state["t_embedder.W"]  # RAE's Gaussian Fourier time embedding
+    except KeyError as e:
+        raise CheckpointError(f"not an official RAE DiT^DH (DDT.py DiTwDDTHead) state dict: missing {e}") from e
+    hidden, head_hidden, in_channels, patch = s_proj.shape[0], x_proj.shape[0], s_proj.shape[1], s_proj.shape[2]
+    if patch != 1 or x_proj.shape[2] != 1:
+        raise CheckpointError(f"this DiT^DH has patch size {patch}; the official DDT.py runs patch size 1 only")
+    indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
+    depth = sum(1 for i in indices if state[f"blocks.{i}.attn.qkv.weight"].shape[1] == hidden)
+    head_depth = len(indices) - depth
+    if head_hidden == hidden:  # same widths: the head blocks cannot be told apart by shape
+        raise CheckpointError("encoder and head have the same width; the split of the blocks is not in the weights")
+    if "enc_feat_rope.freqs_cos" not in state:
+        raise CheckpointError("the official DDT.py needs RoPE (use_rope=False crashes in its forward); this state dict "
+                              "has no enc_feat_rope tables")
+    num_heads = hidden // state["enc_feat_rope.freqs_cos"].shape[1]
+    head_num_heads = head_hidden // state["dec_feat_rope.freqs_cos"].shape[1]
+    L = state["enc_feat_rope.freqs_cos"].shape[0]
+    grid = math.isqrt(L)
+    if "pos_embed" not in state:
+        raise CheckpointError("DiT^DH without absolute positions (use_pos_embed=False) is not supported; effigen's DiT "
+                              "always adds the fixed sin-cos table")
+    swiglu = "blocks.0.mlp.w12.weight" in state
+    if swiglu:  # official: SwiGLUFFN(D, int(2 / 3 * mlp_ratio * D)); both widths share mlp_ratio
+        swiglu_hidden = state["blocks.0.mlp.w3.weight"].shape[1]
+        mlp_ratio = 4.0 if int(2 / 3 * 4.0 * hidden) == swiglu_hidden else swiglu_hidden * 3 / (2 * hidden)
+    else:
+        mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    return DiTConfig(
+        input_size=grid, patch_size=1, in_channels=in_channels, hidden_size=hidden, depth=depth, num_heads=num_heads,
+        mlp_ratio=mlp_ratio, num_classes=table.shape[0] - 1, qk_norm="blocks.0.attn.q_norm.weight" in state,
+        time_scale=1.0, time_offset=0.0, norm="rmsnorm" if "blocks.0.norm1.weight" in state else "layernorm",
+        mlp="swiglu" if swiglu else "gelu", rope=True, adaln_shift=modulation.shape[0] == 6 * hidden,
+        time_embedding="fourier", head_depth=head_depth, head_hidden_size=head_hidden, head_num_heads=head_num_heads,
+    )
+
+
+def translate_state_dict(state: dict[str, torch.Tensor], config: DiTConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        new = key
+        for old, renamed in RENAMES:
+            if key.startswith(old):
+                new = renamed + key[len(old):]
+                break
+        if key.startswith("blocks."):
+            index = int(key.split(".")[1])
+            if index >= config.depth:
+                new = f"head_blocks.{index - config.depth}." + key.split(".", 2)[2]
+        out[new] = value.float().clone()
+    return out
+
+
+def load_official_rae(path: str | Path, prefer: str = "ema") -> DiT:
+    state = extract_state_dict(load_torch_file(path), prefer)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds no state dict")
+    config = rae_config_from_state_dict(state)
+    network = DiT(config)
+    load_state_dict_strict(network, translate_state_dict(state, config), str(path))
+    return network.eval()
+
+
+def official_sampler(num_steps: int = 50, shift_dim: int | None = None, shift_base: float = SHIFT_BASE,
+                     cfg_scale: float = 1.0, guidance: str = "cfg", t_min: float = 0.0, t_max: float = 1.0,
+                     time_shift: float | None = None) -> RAESamplerConfig:
+    """The official `sample_ode(sampling_method="euler", num_steps)` in effigen's direction (module docstring):
+    `num_steps` grid points = num_steps - 1 Euler steps down to t_end = 1/1000; shift sqrt(shift_dim / shift_base)
+    (the official code asserts it is >= 1) unless `time_shift` is given."""
+    if time_shift is None:
+        if shift_dim is None:
+            raise ValueError("give shift_dim (C h w of the latent) or time_shift")
+        time_shift = math.sqrt(shift_dim / shift_base)
+    return RAESamplerConfig(solver="euler", num_steps=num_steps - 1, cfg_scale=cfg_scale, guidance=guidance,
+                            cfg_interval=None if (t_min, t_max) == (0.0, 1.0) else (t_min, t_max),
+                            time_shift=time_shift, t_end=1.0 / 1000)
+
+
+def convert_rae_official(checkpoint: str | Path, out: str | Path, guidance_checkpoint: str | Path | None = None,
+                         sampler: RAESamplerConfig | None = None, tokenizer=None, shift_dim: int | None = None,
+                         shift_base: float = SHIFT_BASE, num_steps: int = 50, cfg_scale: float | None = None) -> Path:
+    """`guidance_checkpoint`: the autoguidance model (DiT^DH-S in the paper), stored as `guidance_model`; with it the
+    default sampler is the paper's autoguidance (scale 1.42), without it unguided (`cfg_scale` overrides either).
+    `shift_dim` / `shift_base`: the official config's time_dist_shift_dim / _base (not stored in checkpoints; default:
+    C h w of the checkpoint's latent, which is the released models' 16 x 16 x 768 = 196608, and 4096). `sampler`
+    replaces the whole default. `tokenizer`: an RAE tokenizer for the latent (None = latents only)."""
+    from ..pipeline import Pipeline
+
+    network = load_official_rae(checkpoint)
+    config = network.config
+    dim = shift_dim or config.in_channels * config.input_size ** 2
+    components = {}
+    if guidance_checkpoint is not None:
+        guide = load_official_rae(guidance_checkpoint)
+        if (guide.config.in_channels, guide.config.input_size, guide.config.num_classes) != (
+                config.in_channels, config.input_size, config.num_classes):
+            raise CheckpointError(f"the guidance model {guidance_checkpoint} works on {guide.config.in_channels} x "
+                                  f"{guide.config.input_size}^2 latents with {guide.config.num_classes} classes, the "
+                                  f"generator on {config.in_channels} x {config.input_size}^2 with {config.num_classes}")
+        components["guidance_model"] = guide
+    if sampler is None:
+        guided = guidance_checkpoint is not None
+        scale = cfg_scale if cfg_scale is not None else (1.42 if guided else 1.0)
+        sampler = official_sampler(num_steps, dim, shift_base, scale, "autoguidance" if guided else "cfg")
+    if sampler.guidance == "autoguidance" and not components:
+        raise CheckpointError("autoguidance needs the guidance model: pass --guidance-ckpt")
+    # the official code asserts s >= 1, so further training keeps its shift or fails loudly
+    objective = RAEFlowConfig(time_sampling="logit_normal", shift_dim=dim, shift_base=shift_base,
+                              shift_below_one="error")
+    info = {"source": "bytetriper/RAE", "checkpoint": str(checkpoint)}
+    if guidance_checkpoint is not None:
+        info["guidance_checkpoint"] = str(guidance_checkpoint)
+    return Pipeline("dit-dh", network, objective, sampler, info, tokenizer=tokenizer,
+                    components=components).save_pretrained(out)
+
+
+def attach_guidance_model(folder: str | Path, guidance_folder: str | Path, out: str | Path | None = None) -> Path:
+    """Put the generator of `guidance_folder` (a smaller or earlier model of the same latent, e.g. a DiT^DH-S) into the
+    `dit-dh` pipeline `folder` as its `guidance_model` component, for `sampler.guidance=autoguidance`; writes `out`
+    (default: `folder`, replaced atomically). Returns the path."""
+    from ..config import ConfigError
+    from ..pipeline import Pipeline
+
+    pipeline = Pipeline.from_pretrained(folder)
+    guide = Pipeline.from_pretrained(guidance_folder).generator
+    if pipeline.latent_shape is None or guide is None or not hasattr(guide.config, "input_size") or (
+            guide.config.in_channels, guide.config.input_size, guide.config.input_size) != pipeline.latent_shape:
+        raise ConfigError(f"the generator of {guidance_folder} does not denoise the latents {pipeline.latent_shape} "
+                          f"of {folder}: train the guidance model on the same tokenizer")
+    if guide.config.num_classes != pipeline.num_classes:
+        raise ConfigError(f"the guidance model has {guide.config.num_classes} classes, the generator "
+                          f"{pipeline.num_classes}")
+    pipeline.components["guidance_model"] = guide
+    pipeline.objective.guidance_model = guide
+    return pipeline.save_pretrained(out or folder)
