@@ -22,6 +22,9 @@ t = 0 data, t = 1 noise, which is also RAE's direction) with two of RAE's additi
   out = guide + s (model - guide) inside the guidance interval [t_min, t_max] (t of each sample), else the model's
   output. `guidance="cfg"` is classifier-free guidance on all channels with the same per-sample interval.
 
+Stage 1 (the tokenizer, `tokenizers/rae.py`): `RAEDecoderLoss` trains the ViT decoder on the frozen encoder's
+noise-augmented latent with L1 + perceptual + GAN terms (below).
+
 Sampler's `time_shift = 0` means "the training shift" (the dimension-dependent s above, from the generator's latent
 shape); any positive value is used as given. `t_end`: the grid's last point before shifting (the official Euler grid
 stops at 1/1000, and the sample is the state there, with no final step to 0).
@@ -39,7 +42,9 @@ from torch import nn
 from ..config import ConfigError, check_range
 from ..rng import BatchRandom
 from ..samplers.guidance import autoguided_prediction, check_guidance, check_num_steps
+from .autoencoder import AutoencoderLoss
 from .flow_matching import FlowSamplerConfig, RectifiedFlow, RectifiedFlowConfig
+from .next_scale import unwrap
 
 SHIFT_BASE = 4096  # 32 x 32 x 4, the SD-VAE latent the SD3-style shift was tuned for
 
@@ -145,3 +150,46 @@ class RAEFlow(RectifiedFlow):
         shift = sampler.time_shift if sampler.time_shift > 0 or shape is None else self.shift_for(shape)
         return super().evaluations_per_sample(sampler, shift or 1.0)
 
+
+
+# --------------------------------------------------------------------------------------------------------- stage 1
+@dataclass
+class RAEDecoderLossConfig:
+    """RAE's decoder loss (`src/train_stage1.py`): L1 + perceptual (LPIPS there; a built-in feature net's LPIPS-like
+    distance here, objectives.autoencoder) + an adaptively weighted GAN term (paper: disc_weight 0.75 with a frozen
+    DINO-S/8 discriminator backbone and DiffAugment; here effigen's PatchGAN, hinge loss)."""
+
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0
+    perceptual_net: str = "mnist-net"  # a built-in feature net or a feature-net .safetensors
+    gan_weight: float = 0.0  # paper: 0.75
+    gan_start_step: int = 0  # paper: epoch 8 of 16
+    discriminator_channels: int = 64
+    discriminator_layers: int = 2
+
+    def __post_init__(self):
+        for name in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight"):
+            check_range(name, getattr(self, name), 0)
+        if self.perceptual_weight > 0 and not self.perceptual_net.strip():
+            raise ValueError("perceptual_weight > 0 needs perceptual_net (mnist-net, digits-net, shapes-net or a "
+                             "feature-net .safetensors file), or perceptual_weight=0")
+
+
+class RAEDecoderLoss(AutoencoderLoss):
+    """Trains the RAE tokenizer's decoder (the encoder is frozen): the reconstruction of the noise-augmented latent
+    z + sigma eps, sigma = noise_tau U(0, 1) per sample, eps and U from the trainer's per-sample streams."""
+
+    config_class = RAEDecoderLossConfig
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], random: BatchRandom) -> dict[str, torch.Tensor]:
+        images = batch["images"]
+        network = unwrap(model)
+        noise = random.randn(*network.latent_shape())  # (B, C, h, w)
+        sigma = network.config.noise_tau * random.rand()  # (B,)
+        reconstruction = model(images, noise.to(images.device), sigma.to(images.device)).float()
+        logs: dict[str, torch.Tensor] = {}
+        rec_loss = self.reconstruction_terms(images, reconstruction, logs)
+        loss = rec_loss + self.adversarial_terms(model, images, reconstruction, rec_loss, random.key[1], logs)
+        logs.update(noise_sigma=sigma.mean().detach(), loss=loss)
+        return logs
