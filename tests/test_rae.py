@@ -238,9 +238,11 @@ def test_cli_trains_the_rae_then_dit_dh_and_samples(tmp_path):
                  f"--trainer.output_dir={tmp_path / 'guide'}"]) == 0
     pipeline = Pipeline.from_pretrained(tmp_path / "dh" / "final")
     assert pipeline.latent_shape == (128, 4, 4) and pipeline.generator.config.head_depth == 1
-    attach_guidance_model(tmp_path / "dh" / "final", tmp_path / "guide" / "final", tmp_path / "ag")
-    assert main(["sample", "--from", str(tmp_path / "ag"), "--num", "2", "--steps", "2", "--cfg-scale", "1.5",
-                 "--sampler.guidance=autoguidance", "--out", str(tmp_path / "grid.png")]) == 0
+    assert main(["sample", "--from", str(tmp_path / "dh" / "final"), "--guidance-from", str(tmp_path / "guide" / "final"),
+                 "--num", "2", "--steps", "2", "--cfg-scale", "1.5", "--out", str(tmp_path / "grid.png")]) == 0
     assert (tmp_path / "grid.png").is_file()
+    assert main(["sample", "--from", str(tmp_path / "dh" / "final"), "--guidance-from", str(tmp_path / "rae" / "final"),
+                 "--num", "1", "--out", str(tmp_path / "bad.png")]) != 0  # a tokenizer folder guides nothing
+    attach_guidance_model(tmp_path / "dh" / "final", tmp_path / "guide" / "final", tmp_path / "ag")
     images = Pipeline.from_pretrained(tmp_path / "ag")([0, 1], seed=0, guidance="autoguidance", cfg_scale=1.5)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1

@@ -163,22 +163,32 @@ def convert_rae_official(checkpoint: str | Path, out: str | Path, guidance_check
                     components=components).save_pretrained(out)
 
 
-def attach_guidance_model(folder: str | Path, guidance_folder: str | Path, out: str | Path | None = None) -> Path:
-    """Put the generator of `guidance_folder` (a smaller or earlier model of the same latent, e.g. a DiT^DH-S) into the
-    `dit-dh` pipeline `folder` as its `guidance_model` component, for `sampler.guidance=autoguidance`; writes `out`
-    (default: `folder`, replaced atomically). Returns the path."""
+def add_guidance_model(pipeline, guide, source: str = "the guidance folder") -> None:
+    """Make the generator network `guide` (a smaller or earlier model of the same latent, e.g. a DiT^DH-S) the
+    `guidance_model` component of the loaded `pipeline` (in memory), for `sampler.guidance=autoguidance`."""
     from ..config import ConfigError
+
+    if "guidance_model" not in getattr(pipeline.objective, "extra_components", ()):
+        raise ConfigError(f"method {pipeline.method.name} does not sample with a guidance model (autoguidance is "
+                          "dit-dh's); train the generator with method dit-dh")
+    config = getattr(guide, "config", None)
+    if pipeline.latent_shape is None or not hasattr(config, "input_size") or (
+            config.in_channels, config.input_size, config.input_size) != pipeline.latent_shape:
+        raise ConfigError(f"the generator of {source} does not denoise the generator's latents "
+                          f"{pipeline.latent_shape}: train the guidance model on the same tokenizer and data")
+    if config.num_classes != pipeline.num_classes:
+        raise ConfigError(f"the guidance model of {source} has {config.num_classes} classes, the generator "
+                          f"{pipeline.num_classes}")
+    guide = guide.to(pipeline.device).eval()
+    pipeline.components["guidance_model"] = guide
+    pipeline.objective.guidance_model = guide
+
+
+def attach_guidance_model(folder: str | Path, guidance_folder: str | Path, out: str | Path | None = None) -> Path:
+    """Put the generator of `guidance_folder` into the `dit-dh` pipeline `folder` as its `guidance_model` component;
+    writes `out` (default: `folder`, replaced atomically). Returns the path."""
     from ..pipeline import Pipeline
 
     pipeline = Pipeline.from_pretrained(folder)
-    guide = Pipeline.from_pretrained(guidance_folder).generator
-    if pipeline.latent_shape is None or guide is None or not hasattr(guide.config, "input_size") or (
-            guide.config.in_channels, guide.config.input_size, guide.config.input_size) != pipeline.latent_shape:
-        raise ConfigError(f"the generator of {guidance_folder} does not denoise the latents {pipeline.latent_shape} "
-                          f"of {folder}: train the guidance model on the same tokenizer")
-    if guide.config.num_classes != pipeline.num_classes:
-        raise ConfigError(f"the guidance model has {guide.config.num_classes} classes, the generator "
-                          f"{pipeline.num_classes}")
-    pipeline.components["guidance_model"] = guide
-    pipeline.objective.guidance_model = guide
+    add_guidance_model(pipeline, Pipeline.from_pretrained(guidance_folder).generator, str(guidance_folder))
     return pipeline.save_pretrained(out or folder)
