@@ -246,3 +246,52 @@ def test_cli_trains_the_rae_then_dit_dh_and_samples(tmp_path):
     attach_guidance_model(tmp_path / "dh" / "final", tmp_path / "guide" / "final", tmp_path / "ag")
     images = Pipeline.from_pretrained(tmp_path / "ag")([0, 1], seed=0, guidance="autoguidance", cfg_scale=1.5)
     assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+
+
+def test_official_stage1_decoder_layout_loads(tmp_path):
+    """A state dict in the official GeneralDecoder layout (ViT-MAE names, separate q/k/v, a trainable CLS token, the
+    sin-cos table with a zero CLS row) and a stat.pt load into the RAE tokenizer and decode the same."""
+    from effigen.convert.rae_official import convert_rae_decoder
+    from effigen.pipeline import Pipeline
+
+    torch.manual_seed(0)
+    config = RAEConfig(**{**RAE_PRESETS["RAE-Test"], "decoder_cls_token": True, "decoder_gelu": "exact",
+                          "decoder_layer_norm_eps": 1e-12, "decoder_mlp_ratio": 3.0})
+    ours = perturb_all(RAE(config)).eval()
+    d = ours.decoder
+    official = {"decoder_embed.weight": d.embed.weight, "decoder_embed.bias": d.embed.bias,
+                "decoder_pos_embed": d.pos_embed, "trainable_cls_token": d.cls_token,
+                "decoder_norm.weight": d.norm.weight, "decoder_norm.bias": d.norm.bias,
+                "decoder_pred.weight": d.head.weight, "decoder_pred.bias": d.head.bias}
+    for i, block in enumerate(d.blocks):
+        q, k, v = block.attn.qkv.weight.chunk(3)
+        qb, kb, vb = block.attn.qkv.bias.chunk(3)
+        layer = f"decoder_layers.{i}."
+        official.update({layer + "attention.attention.query.weight": q, layer + "attention.attention.query.bias": qb,
+                         layer + "attention.attention.key.weight": k, layer + "attention.attention.key.bias": kb,
+                         layer + "attention.attention.value.weight": v, layer + "attention.attention.value.bias": vb})
+        for ours_name, name in (("attn.proj", "attention.output.dense"), ("norm1", "layernorm_before"),
+                                ("norm2", "layernorm_after"), ("mlp.fc1", "intermediate.dense"),
+                                ("mlp.fc2", "output.dense")):
+            module = block.get_submodule(ours_name)
+            official[layer + name + ".weight"], official[layer + name + ".bias"] = module.weight, module.bias
+    torch.save({k: v.detach().clone() for k, v in official.items()}, tmp_path / "model.pt")
+    stats = {"mean": torch.randn(128, 4, 4), "var": torch.rand(128, 4, 4) + 0.5}
+    torch.save(stats, tmp_path / "stat.pt")
+    folder = convert_rae_decoder(tmp_path / "model.pt", tmp_path / "rae", "mnist-vit", num_heads=2,
+                                 stats=tmp_path / "stat.pt")
+    loaded = Pipeline.from_pretrained(folder).tokenizer
+    assert loaded.config.decoder_cls_token and loaded.config.grid == 4 and loaded.config.resolution == 16
+    z = torch.randn(2, 128, 4, 4)
+    assert torch.allclose(loaded.decode_raw(z), ours.decode_raw(z), atol=1e-5)
+    assert torch.equal(loaded.latent_mean, stats["mean"]) and torch.equal(loaded.latent_var, stats["var"])
+    with pytest.raises(Exception, match="decoder_embed"):
+        torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pt")
+        convert_rae_decoder(tmp_path / "bad.pt", tmp_path / "bad", "mnist-vit")
+
+
+def perturb_all(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return module

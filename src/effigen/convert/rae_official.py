@@ -192,3 +192,102 @@ def attach_guidance_model(folder: str | Path, guidance_folder: str | Path, out: 
     pipeline = Pipeline.from_pretrained(folder)
     add_guidance_model(pipeline, Pipeline.from_pretrained(guidance_folder).generator, str(guidance_folder))
     return pipeline.save_pretrained(out or folder)
+
+
+# ------------------------------------------------------------------------------------------------ stage 1 (decoder)
+def _decoder_state(checkpoint) -> dict[str, torch.Tensor]:
+    """The decoder's tensors from a released decoder file (a plain state dict), a training checkpoint ('ema' /
+    'model'), or a whole-RAE state dict (keys under `decoder.`)."""
+    state = extract_state_dict(checkpoint, "ema")
+    if not isinstance(state, dict):
+        raise CheckpointError("no state dict in the RAE decoder checkpoint")
+    if not any(k.startswith("decoder_embed.") for k in state) and any(k.startswith("decoder.decoder_embed.") for k in state):
+        state = {k[len("decoder."):]: v for k, v in state.items() if k.startswith("decoder.")}
+    if "decoder_embed.weight" not in state or "decoder_pred.weight" not in state:
+        raise CheckpointError("not an official RAE stage-1 decoder (GeneralDecoder) state dict: no decoder_embed / "
+                              "decoder_pred weights")
+    return state
+
+
+def rae_decoder_config(state: dict[str, torch.Tensor], encoder: str, num_heads: int,
+                       layer_norm_eps: float = 1e-12) -> "RAEConfig":
+    """The RAE tokenizer config of an official decoder; heads and LayerNorm eps are not in the weights (ViT-MAE's
+    default eps 1e-12)."""
+    from ..tokenizers.rae import RAEConfig
+
+    hidden, encoder_dim = state["decoder_embed.weight"].shape
+    depth = len({k.split(".")[1] for k in state if k.startswith("decoder_layers.")})
+    intermediate = state["decoder_layers.0.intermediate.dense.weight"].shape[0]
+    patch = math.isqrt(state["decoder_pred.weight"].shape[0] // 3)
+    grid = math.isqrt(state["decoder_pos_embed"].shape[1] - 1) if "decoder_pos_embed" in state else None
+    if grid is None:
+        raise CheckpointError("the decoder state dict has no decoder_pos_embed, which gives the token grid")
+    return RAEConfig(encoder=encoder, encoder_dim=encoder_dim, grid=grid, resolution=grid * patch,
+                     decoder_hidden_size=hidden, decoder_depth=depth, decoder_num_heads=num_heads,
+                     decoder_mlp_ratio=intermediate / hidden, decoder_cls_token=True, decoder_gelu="exact",
+                     decoder_layer_norm_eps=layer_norm_eps, normalize_latents=True)
+
+
+def translate_decoder_state(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Official GeneralDecoder names -> effigen's ViTDecoder (under `decoder.`); q, k, v fused into qkv. The fixed
+    decoder_pos_embed is recomputed (the same MAE sin-cos table with a zero CLS row), not loaded."""
+    out = {"decoder.embed.weight": state["decoder_embed.weight"], "decoder.embed.bias": state["decoder_embed.bias"],
+           "decoder.cls_token": state["trainable_cls_token"],
+           "decoder.norm.weight": state["decoder_norm.weight"], "decoder.norm.bias": state["decoder_norm.bias"],
+           "decoder.head.weight": state["decoder_pred.weight"], "decoder.head.bias": state["decoder_pred.bias"]}
+    for i in range(depth):
+        official, ours = f"decoder_layers.{i}.", f"decoder.blocks.{i}."
+        attention = official + "attention.attention."
+        for kind in ("weight", "bias"):
+            out[ours + f"attn.qkv.{kind}"] = torch.cat([state[attention + f"{name}.{kind}"]
+                                                         for name in ("query", "key", "value")])
+            out[ours + f"attn.proj.{kind}"] = state[official + f"attention.output.dense.{kind}"]
+            out[ours + f"norm1.{kind}"] = state[official + f"layernorm_before.{kind}"]
+            out[ours + f"norm2.{kind}"] = state[official + f"layernorm_after.{kind}"]
+            out[ours + f"mlp.fc1.{kind}"] = state[official + f"intermediate.dense.{kind}"]
+            out[ours + f"mlp.fc2.{kind}"] = state[official + f"output.dense.{kind}"]
+    return {k: v.float().clone() for k, v in out.items()}
+
+
+def load_official_rae_decoder(path: str | Path, encoder: str, num_heads: int = 16, stats: str | Path | None = None,
+                              layer_norm_eps: float = 1e-12):
+    """An RAE tokenizer from the official stage-1 decoder file (`decoders/.../model.pt`) and, optionally, the latent
+    statistics `stat.pt` ({'mean', 'var'}, each (C, h, w)); `encoder` is the teacher spec of the frozen encoder
+    (`dinov2-vitb14-reg=PATH` for the released DINOv2-B decoders). Only checked against a state dict written in the
+    layout the official code defines (see docs/rae.md): the released files were not available here."""
+    from ..tokenizers.rae import RAE
+
+    state = _decoder_state(load_torch_file(path))
+    config = rae_decoder_config(state, encoder, num_heads, layer_norm_eps)
+    tokenizer = RAE(config)
+    weights = translate_decoder_state(state, config.decoder_depth)
+    if stats is not None:
+        data = load_torch_file(stats)
+        if not (isinstance(data, dict) and "mean" in data and "var" in data):
+            raise CheckpointError(f"{stats} is not an RAE statistics file (a dict with 'mean' and 'var')")
+        shape = tuple(tokenizer.latent_mean.shape)
+        mean, var = data["mean"].float().reshape(-1), data["var"].float().reshape(-1)
+        if mean.numel() != math.prod(shape) or var.numel() != math.prod(shape):
+            raise CheckpointError(f"{stats} holds statistics of {mean.numel()} values, the latent has {shape}")
+        weights["latent_mean"], weights["latent_var"] = mean.view(shape), var.view(shape)
+    else:
+        config.normalize_latents = False  # no statistics: raw (LayerNorm-ed) tokens
+        weights["latent_mean"], weights["latent_var"] = tokenizer.latent_mean, tokenizer.latent_var
+    load_state_dict_strict(tokenizer, weights, str(path))
+    table = state["decoder_pos_embed"].float()
+    if table.shape != tokenizer.decoder.pos_embed.shape or (table - tokenizer.decoder.pos_embed).abs().max() > 1e-4:
+        raise CheckpointError(f"{path}: decoder_pos_embed is not the fixed MAE sin-cos table (with a zero CLS row) "
+                              "that the official GeneralDecoder builds; this decoder cannot be converted")
+    return tokenizer.eval()
+
+
+def convert_rae_decoder(path: str | Path, out: str | Path, encoder: str, num_heads: int = 16,
+                        stats: str | Path | None = None) -> Path:
+    """An official stage-1 decoder (+ statistics) -> an `rae` tokenizer folder."""
+    from ..objectives.autoencoder import NoSamplerConfig
+    from ..objectives.rae import RAEDecoderLossConfig
+    from ..pipeline import Pipeline
+
+    tokenizer = load_official_rae_decoder(path, encoder, num_heads, stats)
+    info = {"source": "bytetriper/RAE stage 1", "checkpoint": str(path)}
+    return Pipeline("rae", None, RAEDecoderLossConfig(), NoSamplerConfig(), info, tokenizer=tokenizer).save_pretrained(out)

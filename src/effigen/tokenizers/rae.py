@@ -26,6 +26,7 @@ error naming the settings to change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,11 @@ class RAEConfig:
     decoder_depth: int = 4
     decoder_num_heads: int = 4
     decoder_mlp_ratio: float = 4.0
+    # the official stage-1 decoder's layout (a transformers ViT-MAE decoder): a trainable CLS token in front of the
+    # tokens (its output dropped), exact GELU, LayerNorm eps 1e-12; effigen's own decoders: none, tanh GELU, 1e-6
+    decoder_cls_token: bool = False
+    decoder_gelu: Literal["tanh", "exact"] = "tanh"
+    decoder_layer_norm_eps: float = 1e-6
     noise_tau: float = 0.8  # training noise augmentation: sigma ~ noise_tau * U(0, 1) per sample; 0 = off
     normalize_latents: bool = True  # the paper's per-element mean / variance normalisation of the latent
     stats_eps: float = 1e-5
@@ -87,12 +93,14 @@ RAE_PRESETS: dict[str, dict] = {
 class DecoderBlock(nn.Module):
     """Pre-norm transformer block (LayerNorm, self-attention, LayerNorm, GELU MLP)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, gelu: str = "tanh", eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = SelfAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio))
+        if gelu == "exact":
+            self.mlp.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))  # (B, L, D)
@@ -107,11 +115,15 @@ class ViTDecoder(nn.Module):
         D, p = config.decoder_hidden_size, config.patch_size
         self.config = config
         self.embed = nn.Linear(config.encoder_dim, D)
-        positions = torch.from_numpy(sincos_2d_positions(D, config.grid)).float().unsqueeze(0)
-        self.register_buffer("pos_embed", positions, persistent=False)  # (1, L, D), fixed
-        self.blocks = nn.ModuleList([DecoderBlock(D, config.decoder_num_heads, config.decoder_mlp_ratio)
-                                     for _ in range(config.decoder_depth)])
-        self.norm = nn.LayerNorm(D, eps=1e-6)
+        positions = torch.from_numpy(sincos_2d_positions(D, config.grid)).float()
+        if config.decoder_cls_token:  # ViT-MAE: a zero position row for the CLS token
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+            positions = torch.cat([positions.new_zeros(1, D), positions])
+        self.register_buffer("pos_embed", positions.unsqueeze(0), persistent=False)  # (1, [1 +] L, D), fixed
+        eps = config.decoder_layer_norm_eps
+        self.blocks = nn.ModuleList([DecoderBlock(D, config.decoder_num_heads, config.decoder_mlp_ratio,
+                                                  config.decoder_gelu, eps) for _ in range(config.decoder_depth)])
+        self.norm = nn.LayerNorm(D, eps=eps)
         self.head = nn.Linear(D, p * p * config.in_channels)
         self.initialize_weights()
 
@@ -128,10 +140,14 @@ class ViTDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         B, C, h, w = z.shape
-        x = self.embed(z.flatten(2).transpose(1, 2)) + self.pos_embed  # (B, L, D)
+        x = self.embed(z.flatten(2).transpose(1, 2))  # (B, L, D)
+        if self.config.decoder_cls_token:
+            x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + L, D)
+        x = x + self.pos_embed
         for block in self.blocks:
-            x = block(x)  # (B, L, D)
-        x = self.head(self.norm(x))  # (B, L, p*p*3)
+            x = block(x)  # (B, [1 +] L, D)
+        x = self.head(self.norm(x))  # (B, [1 +] L, p*p*3)
+        x = x[:, 1:] if self.config.decoder_cls_token else x  # (B, L, p*p*3)
         p, channels = self.config.patch_size, self.config.in_channels
         x = x.reshape(B, h, w, p, p, channels)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, h * p, w * p)  # (B, 3, H, W)
