@@ -295,3 +295,41 @@ def perturb_all(module):
         for p in module.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return module
+
+
+@pytest.mark.parametrize("changes, head_depth", [
+    ({}, None),
+    ({"head_hidden_size": 0, "head_num_heads": 0}, 1),  # equal widths: no s_projector, the split is passed
+    ({"absolute_positions": False, "adaln_shift": False, "norm": "layernorm", "mlp": "gelu", "qk_norm": True}, None),
+])
+def test_official_stage2_variants_convert_back(tmp_path, changes, head_depth):
+    """effigen DiT^DH variants written in the official DDT.py layout (as train.py saves them) convert back to the same
+    network: the config is read off the tensors (or --head-depth where widths agree)."""
+    from effigen.convert.rae_official import load_official_rae
+    from effigen.io import CheckpointError
+
+    network = perturb(ddt(depth=2, **changes)).eval()
+    depth = network.config.depth
+    official = {}
+    for key, value in network.state_dict().items():
+        if key == "pos_embed" and not network.config.absolute_positions:
+            continue  # use_pos_embed=False: the official model has no table
+        for ours, theirs in (("x_embedder.", "s_embedder."), ("head_embedder.", "x_embedder."),
+                             ("head_projector.", "s_projector."), ("feat_rope.", "enc_feat_rope."),
+                             ("head_rope.", "dec_feat_rope.")):
+            if key.startswith(ours):
+                key = theirs + key[len(ours):]
+                break
+        if key.startswith("head_blocks."):
+            index, rest = key.split(".", 2)[1:]
+            key = f"blocks.{depth + int(index)}.{rest}"
+        official[key] = value.clone()
+    torch.save({"step": 1, "model": {}, "ema": official}, tmp_path / "stage2.pt")
+    if head_depth is not None:
+        with pytest.raises(CheckpointError, match="--head-depth"):
+            load_official_rae(tmp_path / "stage2.pt")
+    loaded = load_official_rae(tmp_path / "stage2.pt", head_depth=head_depth)
+    assert (loaded.config.depth, loaded.config.head_depth) == (depth, 1)
+    x, t, y = torch.randn(2, 16, 4, 4), torch.rand(2), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, t, y), network(x, t, y), atol=1e-6)

@@ -68,6 +68,9 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--guidance-ckpt", help="rae-official: the autoguidance model's checkpoint (DiT^DH-S)")
     parser.add_argument("--shift-dim", type=int, help="rae-official: the config's time_dist_shift_dim (default: C h w of "
                                                       "the latent; the released models: 196608)")
+    parser.add_argument("--head-depth", type=int, help="rae-official: the DDT head's depth (config depth[1]); needed "
+                                                       "only when encoder and head have the same width")
+    parser.add_argument("--guidance-head-depth", type=int, help="rae-official: the same for the guidance model")
     parser.add_argument("--encoder", help="rae-decoder: the frozen encoder's teacher spec (dinov2-vitb14-reg=PATH)")
     parser.add_argument("--stats", help="rae-decoder: the latent statistics file (stat.pt: mean and var)")
     parser.add_argument("--shift-base", type=float, help="rae-official: time_dist_shift_base (default 4096)")
@@ -97,7 +100,8 @@ def run(argv: list[str]) -> int:
                                           ("--guidance-low", args.guidance_low), ("--guidance-high", args.guidance_high))
                  if value is not None]
     rae_only = [flag for flag, value in (("--guidance-ckpt", args.guidance_ckpt), ("--shift-dim", args.shift_dim),
-                                         ("--shift-base", args.shift_base)) if value is not None]
+                                         ("--shift-base", args.shift_base), ("--head-depth", args.head_depth),
+                                         ("--guidance-head-depth", args.guidance_head_depth)) if value is not None]
     if rae_only and args.source != "rae-official":
         parser.error(f"only rae-official takes {', '.join(rae_only)}")
     decoder_only = [flag for flag, value in (("--encoder", args.encoder), ("--stats", args.stats)) if value is not None]
@@ -152,7 +156,8 @@ def run(argv: list[str]) -> int:
             parser.error("--shift-dim must be a positive integer (the official time_dist_shift_dim)")
         path = convert_rae_official(args.ckpt, args.out, args.guidance_ckpt, shift_dim=args.shift_dim,
                                     shift_base=args.shift_base or SHIFT_BASE,
-                                    num_steps=50 if args.steps == 250 else args.steps, cfg_scale=args.cfg_scale)
+                                    num_steps=50 if args.steps == 250 else args.steps, cfg_scale=args.cfg_scale,
+                                    head_depth=args.head_depth, guidance_head_depth=args.guidance_head_depth)
         print(f"converted {args.ckpt}{' + ' + args.guidance_ckpt if args.guidance_ckpt else ''} -> {path}")
         return 0
     vae = None

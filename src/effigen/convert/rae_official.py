@@ -35,6 +35,7 @@ import torch
 
 from ..io import CheckpointError, load_state_dict_strict, load_torch_file
 from ..models.dit import DiT, DiTConfig
+from ..nn.embeddings import sincos_2d_positions
 from ..objectives.rae import SHIFT_BASE, RAEFlowConfig, RAESamplerConfig
 from .dit_official import extract_state_dict
 
@@ -42,7 +43,9 @@ RENAMES = (("s_embedder.", "x_embedder."), ("x_embedder.", "head_embedder."), ("
            ("enc_feat_rope.", "feat_rope."), ("dec_feat_rope.", "head_rope."))
 
 
-def rae_config_from_state_dict(state: dict[str, torch.Tensor]) -> DiTConfig:
+def rae_config_from_state_dict(state: dict[str, torch.Tensor], head_depth: int | None = None) -> DiTConfig:
+    """`head_depth`: the config's depth[1], needed only when encoder and head have the same width (then no
+    s_projector exists and the split of `blocks` is not in the weights)."""
     try:
         s_proj = state["s_embedder.proj.weight"]  # (D, C * p * p, p', p'), official patch 1
         x_proj = state["x_embedder.proj.weight"]  # (D_head, C, 1, 1)
@@ -55,10 +58,18 @@ def rae_config_from_state_dict(state: dict[str, torch.Tensor]) -> DiTConfig:
     if patch != 1 or x_proj.shape[2] != 1:
         raise CheckpointError(f"this DiT^DH has patch size {patch}; the official DDT.py runs patch size 1 only")
     indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
-    depth = sum(1 for i in indices if state[f"blocks.{i}.attn.qkv.weight"].shape[1] == hidden)
-    head_depth = len(indices) - depth
     if head_hidden == hidden:  # same widths: the head blocks cannot be told apart by shape
-        raise CheckpointError("encoder and head have the same width; the split of the blocks is not in the weights")
+        if head_depth is None or not 0 < head_depth < len(indices):
+            raise CheckpointError(f"encoder and DDT head have the same width {hidden}, so the split of the "
+                                  f"{len(indices)} blocks is not in the weights: pass the config's head depth "
+                                  "(depth[1]) with --head-depth")
+        depth = len(indices) - head_depth
+    else:
+        depth = sum(1 for i in indices if state[f"blocks.{i}.attn.qkv.weight"].shape[1] == hidden)
+        if head_depth is not None and head_depth != len(indices) - depth:
+            raise CheckpointError(f"--head-depth {head_depth} disagrees with the weights ({len(indices) - depth} "
+                                  f"blocks of the head's width {head_hidden})")
+        head_depth = len(indices) - depth
     if "enc_feat_rope.freqs_cos" not in state:
         raise CheckpointError("the official DDT.py needs RoPE (use_rope=False crashes in its forward); this state dict "
                               "has no enc_feat_rope tables")
@@ -66,9 +77,6 @@ def rae_config_from_state_dict(state: dict[str, torch.Tensor]) -> DiTConfig:
     head_num_heads = head_hidden // state["dec_feat_rope.freqs_cos"].shape[1]
     L = state["enc_feat_rope.freqs_cos"].shape[0]
     grid = math.isqrt(L)
-    if "pos_embed" not in state:
-        raise CheckpointError("DiT^DH without absolute positions (use_pos_embed=False) is not supported; effigen's DiT "
-                              "always adds the fixed sin-cos table")
     swiglu = "blocks.0.mlp.w12.weight" in state
     if swiglu:  # official: SwiGLUFFN(D, int(2 / 3 * mlp_ratio * D)); both widths share mlp_ratio
         swiglu_hidden = state["blocks.0.mlp.w3.weight"].shape[1]
@@ -81,11 +89,15 @@ def rae_config_from_state_dict(state: dict[str, torch.Tensor]) -> DiTConfig:
         time_scale=1.0, time_offset=0.0, norm="rmsnorm" if "blocks.0.norm1.weight" in state else "layernorm",
         mlp="swiglu" if swiglu else "gelu", rope=True, adaln_shift=modulation.shape[0] == 6 * hidden,
         time_embedding="fourier", head_depth=head_depth, head_hidden_size=head_hidden, head_num_heads=head_num_heads,
+        absolute_positions="pos_embed" in state,
     )
 
 
 def translate_state_dict(state: dict[str, torch.Tensor], config: DiTConfig) -> dict[str, torch.Tensor]:
     out = {}
+    if not config.absolute_positions:  # use_pos_embed=False: effigen keeps its (unused) table in the state dict
+        grid = config.input_size // config.patch_size
+        out["pos_embed"] = torch.from_numpy(sincos_2d_positions(config.hidden_size, grid)).float().unsqueeze(0)
     for key, value in state.items():
         new = key
         for old, renamed in RENAMES:
@@ -100,11 +112,11 @@ def translate_state_dict(state: dict[str, torch.Tensor], config: DiTConfig) -> d
     return out
 
 
-def load_official_rae(path: str | Path, prefer: str = "ema") -> DiT:
+def load_official_rae(path: str | Path, prefer: str = "ema", head_depth: int | None = None) -> DiT:
     state = extract_state_dict(load_torch_file(path), prefer)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds no state dict")
-    config = rae_config_from_state_dict(state)
+    config = rae_config_from_state_dict(state, head_depth)
     network = DiT(config)
     load_state_dict_strict(network, translate_state_dict(state, config), str(path))
     return network.eval()
@@ -127,20 +139,22 @@ def official_sampler(num_steps: int = 50, shift_dim: int | None = None, shift_ba
 
 def convert_rae_official(checkpoint: str | Path, out: str | Path, guidance_checkpoint: str | Path | None = None,
                          sampler: RAESamplerConfig | None = None, tokenizer=None, shift_dim: int | None = None,
-                         shift_base: float = SHIFT_BASE, num_steps: int = 50, cfg_scale: float | None = None) -> Path:
+                         shift_base: float = SHIFT_BASE, num_steps: int = 50, cfg_scale: float | None = None,
+                         head_depth: int | None = None, guidance_head_depth: int | None = None) -> Path:
     """`guidance_checkpoint`: the autoguidance model (DiT^DH-S in the paper), stored as `guidance_model`; with it the
     default sampler is the paper's autoguidance (scale 1.42), without it unguided (`cfg_scale` overrides either).
     `shift_dim` / `shift_base`: the official config's time_dist_shift_dim / _base (not stored in checkpoints; default:
     C h w of the checkpoint's latent, which is the released models' 16 x 16 x 768 = 196608, and 4096). `sampler`
-    replaces the whole default. `tokenizer`: an RAE tokenizer for the latent (None = latents only)."""
+    replaces the whole default. `tokenizer`: an RAE tokenizer for the latent (None = latents only). `head_depth` /
+    `guidance_head_depth`: the configs' depth[1], needed only for a model whose encoder and head widths agree."""
     from ..pipeline import Pipeline
 
-    network = load_official_rae(checkpoint)
+    network = load_official_rae(checkpoint, head_depth=head_depth)
     config = network.config
     dim = shift_dim or config.in_channels * config.input_size ** 2
     components = {}
     if guidance_checkpoint is not None:
-        guide = load_official_rae(guidance_checkpoint)
+        guide = load_official_rae(guidance_checkpoint, head_depth=guidance_head_depth)
         if (guide.config.in_channels, guide.config.input_size, guide.config.num_classes) != (
                 config.in_channels, config.input_size, config.num_classes):
             raise CheckpointError(f"the guidance model {guidance_checkpoint} works on {guide.config.in_channels} x "

@@ -86,6 +86,9 @@ class DiTConfig:
     head_depth: int = 0
     head_hidden_size: int = 0  # 0 = hidden_size
     head_num_heads: int = 0  # 0 = num_heads
+    # add the fixed sin-cos table to the patch tokens (DiT, LightningDiT); false: positions from RoPE alone (DDT.py's
+    # use_pos_embed=False; the table stays in the state dict, unused)
+    absolute_positions: bool = True
 
     def __post_init__(self):
         if self.input_size % self.patch_size:
@@ -318,7 +321,8 @@ class DiT(nn.Module):
             expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
             if tuple(x.shape[1:]) != expected:
                 raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-            h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+            h = self.x_embedder(x)  # (B, L, D)
+            h = h + self.pos_embed if self.config.absolute_positions else h
         if not self.training and torch.is_autocast_enabled(h.device.type):
             # inference under autocast: the residual stream in the low-precision dtype too (as diffusers does; the fp32
             # position embedding would otherwise promote it), so norms, modulations and residual adds move half the
