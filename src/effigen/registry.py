@@ -36,10 +36,12 @@ from .objectives.bfm import BlockwiseFlowMatching
 from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
+from .objectives.rae import RAEDecoderLoss, RAEFlow
 from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
 from .tokenizers.base import accepts as _accepts
 from .tokenizers.kl_vae import KLVAE
 from .tokenizers.msvq import MultiScaleVQ
+from .tokenizers.rae import RAE, RAE_PRESETS
 
 
 @dataclass(frozen=True)
@@ -80,10 +82,18 @@ METHODS: dict[str, Method] = {
     "dit-distilled": Method("dit-distilled", DiT, DistilledGenerator, DIT_PRESETS,
                             "guided distillation (2210.03142) of a dit-flow / dit-ddpm teacher",
                             accepts=("continuous",), tokenizer_required=False, base_methods=("dit-flow", "dit-ddpm")),
+    # RAE stage 2: DiT^DH (DiT presets "DiTDH-*", the DDT head an option of DiT) in an RAE latent, with the
+    # dimension-dependent shift and autoguidance (a `guidance_model` component)
+    "dit-dh": Method("dit-dh", DiT, RAEFlow, DIT_PRESETS,
+                     "RAE's DiT^DH (2510.11690): flow matching with a wide DDT head, dimension-dependent shift, autoguidance",
+                     accepts=("continuous",), tokenizer_required=False),
     "klvae": Method("klvae", KLVAE, KLVAELoss, KLVAE_PRESETS, "KL autoencoder of latent diffusion (2112.10752)",
                     kind="tokenizer"),
     "msvq": Method("msvq", MultiScaleVQ, VQTokenizerLoss, MSVQ_PRESETS, "VAR's multi-scale residual VQ-VAE (2404.02905)",
                    kind="tokenizer"),
+    "rae": Method("rae", RAE, RAEDecoderLoss, RAE_PRESETS,
+                  "RAE representation autoencoder (2510.11690): frozen teacher encoder + trained ViT decoder",
+                  kind="tokenizer"),
     "var": Method("var", VAR, NextScalePrediction, VAR_PRESETS, "VAR next-scale prediction (2404.02905)",
                   accepts=("multiscale",)),
     "raster-ar": Method("raster-ar", GPT, NextTokenPrediction, GPT_PRESETS, "LlamaGen-style raster AR (2406.06525)",
@@ -110,7 +120,7 @@ METHODS: dict[str, Method] = {
 # class has `config_class` (a dataclass) and is built as `cls(config)`.
 COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, Projectors, QuantizedNetwork)}
 COMPONENTS.update({m.network_class.__name__: m.network_class for m in METHODS.values()})
-TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE}  # the tokenizer classes, for cache-latents
+TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE, "RAE": RAE}  # the tokenizer classes, for cache-latents
 
 
 def generates_as(module: nn.Module) -> type:

@@ -65,6 +65,7 @@ RECIPES: list[Recipe] = [
     Recipe("tokenizer-msvq", "tokenizer-msvq.sh", "VAR's multi-scale VQ-VAE", kind="tokenizer"),
     Recipe("tokenizer-vq", "tokenizer-vq.sh", "single-scale VQ-VAE", kind="tokenizer"),
     Recipe("tokenizer-klvae", "tokenizer-klvae.sh", "KL-VAE (SD-VAE architecture)", kind="tokenizer"),
+    Recipe("tokenizer-rae", "tokenizer-rae.sh", "RAE (frozen mnist-vit + ViT decoder)", kind="tokenizer"),
     Recipe("dit-flow", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003"),
     Recipe("dit-ddpm", "dit-ddpm.sh", "DiT 2212.09748 (DDPM, learned variance)"),
     Recipe("sit", "sit.sh", "SiT 2401.08740"),
@@ -88,6 +89,7 @@ RECIPES: list[Recipe] = [
     Recipe("dit-flow-seed1", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003", seed=1, replicate_of="dit-flow"),
     Recipe("bfm", "bfm.sh", "BFM 2510.21167 (segment velocity blocks + SemFeat, then FRA)"),
     Recipe("lamamba", "lamamba.sh", "LaMamba-Diff 2408.02615 (DDPM, learned variance)"),
+    Recipe("dit-dh", "dit-dh.sh", "RAE 2510.11690: DiT^DH + RAE latent of mnist-vit", tokenizer="tokenizer-rae"),
 ]
 RECIPES_BY_NAME = {r.name: r for r in RECIPES}
 

@@ -1,4 +1,4 @@
-"""`effigen cache-latents`: encode a dataset once with a KL autoencoder into a latent cache (sharded
+"""`effigen cache-latents`: encode a dataset once with a KL autoencoder (or an RAE) into a latent cache (sharded
 safetensors), for latent generators to train on.
 
     effigen cache-latents --tokenizer runs/mnist-klvae/final --out cache/mnist-klvae --data.name=mnist --data.resolution=32
@@ -51,9 +51,10 @@ def run(argv: list[str]) -> int:
     from ..io import read_json
 
     kind = read_json(folder / "config.json").get("_class_name")
-    if kind != "KLVAE":
-        raise ConfigError(f"{folder} holds a {kind}; latent caches are made with a KL autoencoder (KLVAE)")
-    tokenizer = load_network(folder, TOKENIZERS["KLVAE"]).to(device).eval()
+    if kind not in ("KLVAE", "RAE"):
+        raise ConfigError(f"{folder} holds a {kind}; latent caches are made with a continuous-latent tokenizer "
+                          "(KLVAE, RAE)")
+    tokenizer = load_network(folder, TOKENIZERS[kind]).to(device).eval()
     if tokenizer.config.resolution != data_config.resolution:
         raise ConfigError(f"the tokenizer works at {tokenizer.config.resolution} px; use --data.resolution="
                           f"{tokenizer.config.resolution}")

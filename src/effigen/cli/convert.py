@@ -10,6 +10,9 @@
     effigen convert repa-official --ckpt exps/run/checkpoints/0400000.pt --out repa-400k --mode ode --steps 50
     effigen convert var-official --vae vae_ch160v4096z32.pth --var var_d16.pth --out var-d16
     effigen convert hmar-official --vae vae_ch160v4096z32.pth --hmar hmar-d16.pth --out hmar-d16
+    effigen convert rae-official --ckpt stage2_model.pt [--guidance-ckpt DiTDH-S_ep14/stage2_model.pt] --out rae-dit-dh-xl
+    effigen convert rae-decoder --ckpt decoders/dinov2/wReg_base/ViTXL_n08/model.pt --stats stat.pt \
+        --encoder dinov2-vitb14-reg=/w/dinov2-with-registers-base --out rae-dinov2-b   # an `rae` tokenizer folder
     effigen convert sd-vae --vae sd-vae-ft-mse/ --out sd-vae          # diffusers folder or a single weights file
     effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ --out dit-xl-2-256
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt \
@@ -23,6 +26,11 @@ conventions translated, official sampler settings recorded); sit-official (willi
 recipe: 250 steps, cfg 1.8, guidance while t <= 0.7; the projectors are dropped unless --keep-projectors, which saves
 them as the folder's `projector` component); var-official and hmar-official (VAR's VQVAE + the
 VAR or HMAR transformer; every hyperparameter read off the weights; HMAR's weights are non-commercial, NSCLv1).
+rae-official (bytetriper/RAE stage-2 DiT^DH training checkpoints or released stage2_model.pt: EMA weights, the wide
+DDT head, the official Euler grid and dimension-dependent shift; with --guidance-ckpt the autoguidance model becomes
+the folder's `guidance_model` and the default sampler is the paper's autoguidance at 1.42); rae-decoder (an RAE
+stage-1 ViT-MAE decoder + its stat.pt, with the frozen encoder named by --encoder, as an `rae` tokenizer folder;
+checked against the official layout only, see docs/rae.md).
 sd-vae: a KL autoencoder (SD-VAE in diffusers or LDM layout, LightningDiT's VA-VAE) -> a tokenizer folder.
 With `--vae`, the DiT-family converters put the autoencoder into the folder so that it decodes to images;
 without it they sample latents (`output_type="latent"`).
@@ -33,7 +41,7 @@ from __future__ import annotations
 import argparse
 
 CONVERTERS = ("dit-official", "lightningdit-official", "sit-official", "repa-official", "var-official", "hmar-official",
-              "sd-vae", "dico-official", "bfm-official", "lamamba-official")
+              "sd-vae", "dico-official", "bfm-official", "lamamba-official", "rae-official", "rae-decoder")
 
 
 def run(argv: list[str]) -> int:
@@ -62,6 +70,15 @@ def run(argv: list[str]) -> int:
                                          "checkpoint's own 'config' tree, else the official defaults)")
     parser.add_argument("--scan", choices=("snake", "raster"),
                         help="lamamba-official: override the scan order (default: the config's CONTINUOUS_SCAN)")
+    parser.add_argument("--guidance-ckpt", help="rae-official: the autoguidance model's checkpoint (DiT^DH-S)")
+    parser.add_argument("--shift-dim", type=int, help="rae-official: the config's time_dist_shift_dim (default: C h w of "
+                                                      "the latent; the released models: 196608)")
+    parser.add_argument("--head-depth", type=int, help="rae-official: the DDT head's depth (config depth[1]); needed "
+                                                       "only when encoder and head have the same width")
+    parser.add_argument("--guidance-head-depth", type=int, help="rae-official: the same for the guidance model")
+    parser.add_argument("--encoder", help="rae-decoder: the frozen encoder's teacher spec (dinov2-vitb14-reg=PATH)")
+    parser.add_argument("--stats", help="rae-decoder: the latent statistics file (stat.pt: mean and var)")
+    parser.add_argument("--shift-base", type=float, help="rae-official: time_dist_shift_base (default 4096)")
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
     parser.add_argument("--steps", type=int, default=250,
@@ -87,6 +104,14 @@ def run(argv: list[str]) -> int:
                                           ("--encoder-depth", args.encoder_depth), ("--mode", args.mode),
                                           ("--guidance-low", args.guidance_low), ("--guidance-high", args.guidance_high))
                  if value is not None]
+    rae_only = [flag for flag, value in (("--guidance-ckpt", args.guidance_ckpt), ("--shift-dim", args.shift_dim),
+                                         ("--shift-base", args.shift_base), ("--head-depth", args.head_depth),
+                                         ("--guidance-head-depth", args.guidance_head_depth)) if value is not None]
+    if rae_only and args.source != "rae-official":
+        parser.error(f"only rae-official takes {', '.join(rae_only)}")
+    decoder_only = [flag for flag, value in (("--encoder", args.encoder), ("--stats", args.stats)) if value is not None]
+    if decoder_only and args.source != "rae-decoder":
+        parser.error(f"only rae-decoder takes {', '.join(decoder_only)}")
     if repa_only and args.source != "repa-official":
         parser.error(f"only repa-official takes {', '.join(repa_only)}")
     lamamba_only = [flag for flag, value in (("--config", args.config), ("--scan", args.scan)) if value is not None]
@@ -121,6 +146,28 @@ def run(argv: list[str]) -> int:
         return 0
     if not args.ckpt:
         parser.error(f"{args.source} needs --ckpt")
+    if args.source == "rae-decoder":
+        from ..convert.rae_official import convert_rae_decoder
+
+        if not args.encoder:
+            parser.error("rae-decoder needs --encoder, the frozen encoder's teacher spec (e.g. "
+                         "dinov2-vitb14-reg=/w/dinov2-with-registers-base)")
+        path = convert_rae_decoder(args.ckpt, args.out, args.encoder, args.num_heads or 16, args.stats)
+        print(f"converted {args.ckpt} -> {path}")
+        return 0
+    if args.source == "rae-official":
+        from ..convert.rae_official import SHIFT_BASE, convert_rae_official
+
+        if args.vae:
+            parser.error("rae-official takes no --vae: its latent is an RAE tokenizer's (see docs/rae.md)")
+        if args.shift_dim is not None and args.shift_dim < 1:
+            parser.error("--shift-dim must be a positive integer (the official time_dist_shift_dim)")
+        path = convert_rae_official(args.ckpt, args.out, args.guidance_ckpt, shift_dim=args.shift_dim,
+                                    shift_base=args.shift_base or SHIFT_BASE,
+                                    num_steps=50 if args.steps == 250 else args.steps, cfg_scale=args.cfg_scale,
+                                    head_depth=args.head_depth, guidance_head_depth=args.guidance_head_depth)
+        print(f"converted {args.ckpt}{' + ' + args.guidance_ckpt if args.guidance_ckpt else ''} -> {path}")
+        return 0
     vae = None
     if args.vae:
         from ..convert.sd_vae import load_kl_vae

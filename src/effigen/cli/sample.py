@@ -6,6 +6,10 @@
     effigen sample --from DIR --steps 50 --solver heun --cfg-scale 3.0 --out grid.png
     effigen sample --from runs/mnist-var/final --sampler.top_k=50 --sampler.top_p=0.9 --out grid.png
     effigen sample --from runs/mnist-hmar-mask/final --schedule 1/1,3/1,1,2,5/4,12/25/36/64 --out grid.png
+    effigen sample --from runs/mnist-dit-dh/final --guidance-from runs/mnist-dit-dh-s/final --cfg-scale 1.5 --out grid.png
+
+`--guidance-from FOLDER` (dit-dh): autoguidance with the generator of a second pipeline folder (a smaller or less
+trained model of the same latent) as the guidance model (sets --sampler.guidance=autoguidance unless given).
 
 Any saved sampler setting can be overridden with --sampler.KEY=VALUE (see the folder's model_index.json).
 `--schedule` sets HMAR's masked schedule (`--sampler.mask_schedule=[[1],[1,3],...]` in a shorter form): per scale,
@@ -137,6 +141,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--solver", help="override the saved solver (e.g. euler, heun)")
     parser.add_argument("--schedule", help="HMAR: masked schedule, e.g. 1/1,3/1,1,2,5/16/25 or [[1],[1,3],...], "
                                            "default, off")
+    parser.add_argument("--guidance-from", help="dit-dh: a second pipeline folder whose generator guides (autoguidance)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: a GPU when there is one)")
@@ -150,6 +155,12 @@ def run(argv: list[str]) -> int:
     device = select_device_flag(args.device)
     folder = args.source  # a local pipeline folder; nothing is downloaded
     pipeline = Pipeline.from_pretrained(folder, device=device)
+    if args.guidance_from:
+        from ..convert.rae_official import add_guidance_model
+
+        add_guidance_model(pipeline, Pipeline.from_pretrained(args.guidance_from, device=device).generator,
+                           args.guidance_from)
+        sampler_overrides.setdefault("guidance", "autoguidance")
     # the output is checked before the sampling: a folder must be empty (or --overwrite), and either must be writable
     out = Path(args.out)
     grid = out.suffix.lower() in GRID_SUFFIXES

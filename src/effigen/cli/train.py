@@ -50,8 +50,9 @@ def run(argv: list[str]) -> int:
         print(f"pipeline folder: {summary['pipeline']}")
         print(f"sample grid: {summary['grid']}")
         if "latent_channel_std" in summary:
-            print(f"latent statistics stored in the tokenizer config (std per channel before normalisation: "
-                  f"{summary['latent_channel_std']})")
+            stds = summary["latent_channel_std"]
+            shown = ", ".join(map(str, stds[:8])) + (f", ... ({len(stds)} channels)" if len(stds) > 8 else "")
+            print(f"latent statistics stored with the tokenizer (std per channel before normalisation: [{shown}])")
         if "codebook_usage_per_scale" in summary:
             print(f"codebook usage per scale (% of codes in use, coarse to fine): {summary['codebook_usage_per_scale']}")
     return 0

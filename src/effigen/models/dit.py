@@ -23,6 +23,19 @@ sin-cos positions), `qk_norm`, and `adaln_shift=False` (its `wo_shift`). Paramet
 `time_offset` + `time_scale` translate effigen's t into what a checkpoint's time embedding expects:
 the embedding sees `time_offset + time_scale * t` (DiT: 0 + 1000 t; LightningDiT/SiT, which run time the
 other way in [0, 1]: 1 - t).
+
+DiT^DH (RAE, Zheng et al. arXiv 2510.11690, `src/stage2/models/DDT.py`) is this backbone with a wide, shallow DDT
+head (`head_depth` > 0), again an option: the DiT blocks above form the encoder; then `head_depth` blocks of their
+own width `head_hidden_size` and heads `head_num_heads` run on a fresh patch embedding of x_t (`head_embedder`, no
+absolute positions; their own RoPE table `head_rope`), conditioned PER TOKEN on the encoder's output
+    s = head_projector(SiLU(t_emb + h_enc))          (B, L, D_head); head_projector = Identity when widths agree
+through the same adaLN-Zero block (its (B, L, k D) modulation replaces the (B, 1, k D) one), and the final layer
+modulates per token from s too. With a head the global condition is RAE's c = SiLU(t_emb + y_emb) (the blocks'
+adaLN applies its own SiLU on top, as the official code does). `time_embedding="fourier"` is RAE's Gaussian Fourier
+time embedding (a frozen random W of 256 frequencies, features [sin 2 pi t W, cos 2 pi t W]; `t_embedder.W` in the
+state dict). Official parameter names are mapped in `convert/rae_official.py` (s_embedder -> x_embedder, x_embedder
+-> head_embedder, s_projector -> head_projector, blocks.{depth+i} -> head_blocks.i, enc/dec_feat_rope -> feat_rope /
+head_rope).
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from torch import nn
 from typing import Literal
 
 from ..nn.attention import SelfAttention
-from ..nn.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_positions
+from ..nn.embeddings import FourierTimeEmbedder, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_positions
 from ..nn.layers import Mlp, SwiGLU, modulate
 from ..nn.norms import make_norm
 from ..nn.rope import VisionRoPE2D
@@ -67,6 +80,15 @@ class DiTConfig:
     # guided-distillation student (post/distill.py): embed the guidance strength w and add it to the time embedding
     guidance_embed: bool = False
     guidance_scale: float = 1000.0  # the w embedding sees guidance_scale * w (diffusers' w * 1000)
+    # time features: DiT's sinusoidal ones, or RAE's Gaussian Fourier features (frozen random frequencies)
+    time_embedding: Literal["sinusoidal", "fourier"] = "sinusoidal"
+    # DiT^DH's wide DDT head (module docstring); head_depth 0 = no head (plain DiT / LightningDiT)
+    head_depth: int = 0
+    head_hidden_size: int = 0  # 0 = hidden_size
+    head_num_heads: int = 0  # 0 = num_heads
+    # add the fixed sin-cos table to the patch tokens (DiT, LightningDiT); false: positions from RoPE alone (DDT.py's
+    # use_pos_embed=False; the table stays in the state dict, unused)
+    absolute_positions: bool = True
 
     def __post_init__(self):
         if self.input_size % self.patch_size:
@@ -78,6 +100,23 @@ class DiTConfig:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.any_resolution and not self.rope:
             raise ValueError("any_resolution=True takes its positions from 2-D RoPE: set rope=True as well")
+        if self.head_depth < 0:
+            raise ValueError(f"head_depth must be >= 0 (0 = no DDT head), got {self.head_depth}")
+        if self.head_depth:
+            if self.head_width % self.head_heads:
+                raise ValueError(f"head_hidden_size {self.head_width} is not divisible by head_num_heads "
+                                 f"{self.head_heads}")
+            if self.any_resolution or self.guidance_embed or self.learn_sigma:
+                raise ValueError("the DDT head (head_depth > 0) works on one grid with a velocity output: set "
+                                 "any_resolution, guidance_embed and learn_sigma to false, or head_depth=0")
+
+    @property
+    def head_width(self) -> int:
+        return self.head_hidden_size or self.hidden_size
+
+    @property
+    def head_heads(self) -> int:
+        return self.head_num_heads or self.num_heads
 
     @property
     def out_channels(self) -> int:
@@ -108,14 +147,34 @@ DIT_PRESETS.update({
     "LightningDiT-Test": dict(depth=2, hidden_size=64, num_heads=2, patch_size=4, **_LIGHTNING),
 })
 
+# DiT^DH (RAE): the LightningDiT backbone (with absolute positions and RoPE) plus a wide 2-block DDT head, Gaussian
+# Fourier time features. XL and S are the paper's generator and autoguidance model; the small ones are for CPU work.
+_DDT = dict(time_embedding="fourier", time_scale=1.0, **_LIGHTNING)
+DIT_PRESETS.update({
+    "DiTDH-XL": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=1, head_depth=2, head_hidden_size=2048,
+                     head_num_heads=16, **_DDT),
+    "DiTDH-B": dict(depth=12, hidden_size=768, num_heads=12, patch_size=1, head_depth=2, head_hidden_size=2048,
+                    head_num_heads=16, **_DDT),
+    "DiTDH-S": dict(depth=12, hidden_size=384, num_heads=6, patch_size=1, head_depth=2, head_hidden_size=2048,
+                    head_num_heads=16, **_DDT),
+    # built-in data: the 8x8x128 latent of the built-in mnist-vit teacher (5.03M parameters, the report's size); the
+    # head is wider than the encoder and than the 128-dim tokens
+    "DiTDH-Ti": dict(depth=4, hidden_size=192, num_heads=3, patch_size=1, head_depth=1, head_hidden_size=320,
+                     head_num_heads=5, **_DDT),
+    "DiTDH-Test": dict(depth=1, hidden_size=32, num_heads=2, patch_size=1, head_depth=1, head_hidden_size=48,
+                       head_num_heads=2, **_DDT),
+})
+
 
 class DiTBlock(nn.Module):
-    def __init__(self, config: DiTConfig):
+    def __init__(self, config: DiTConfig, hidden_size: int | None = None, num_heads: int | None = None):
+        """`hidden_size` / `num_heads`: a DDT head block's own (default: the backbone's)."""
         super().__init__()
-        D = config.hidden_size
+        D = hidden_size or config.hidden_size
         self.adaln_shift = config.adaln_shift
         self.norm1 = make_norm(config.norm, D, affine=False)
-        self.attn = SelfAttention(D, config.num_heads, qkv_bias=True, qk_norm=config.qk_norm, norm=config.norm)
+        self.attn = SelfAttention(D, num_heads or config.num_heads, qkv_bias=True, qk_norm=config.qk_norm,
+                                  norm=config.norm)
         self.norm2 = make_norm(config.norm, D, affine=False)
         if config.mlp == "swiglu":
             self.mlp = SwiGLU(D, int(2 / 3 * config.mlp_ratio * D))
@@ -127,7 +186,8 @@ class DiTBlock(nn.Module):
         # Speed (CPU, bf16 autocast): the small (B, 1, k*D) conditioning is cast once to the residual's dtype, so every
         # (B, L, D) element-wise op below has a single dtype (a mixed-dtype op first copies its low-precision operand),
         # and modulation and gated residual are fused multiply-adds (one pass each instead of two).
-        modulation = self.adaLN_modulation(c).to(x.dtype).unsqueeze(1)
+        modulation = self.adaLN_modulation(c).to(x.dtype)  # (B, k*D), or (B, L, k*D) per token in a DDT head
+        modulation = modulation.unsqueeze(1) if modulation.dim() == 2 else modulation
         if self.adaln_shift:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
         else:
@@ -140,7 +200,7 @@ class DiTBlock(nn.Module):
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
-    """`modulate` for (B, 1, D) shift and scale, as one fused multiply-add: x * (1 + scale) + shift."""
+    """`modulate` for (B, 1, D) (or per-token (B, L, D)) shift and scale, as one fused multiply-add: x * (1 + scale) + shift."""
     return x * (1 + scale) if shift is None else _multiply_add(shift, x, 1 + scale)
 
 
@@ -158,6 +218,10 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """c: (B, D), or (B, L, D) per token (DDT head)."""
+        if c.dim() == 3:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # (B, L, D) each, no gate (as DDT)
+            return self.linear(_modulate(self.norm_final(x), shift, scale))  # (B, L, p*p*C_out)
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, L, p*p*C_out)
 
@@ -170,7 +234,7 @@ class DiT(nn.Module):
         self.config = config
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = FourierTimeEmbedder(D) if config.time_embedding == "fourier" else TimestepEmbedder(D)
         self.y_embedder = LabelEmbedder(config.num_classes, D)
         self.w_embedder = TimestepEmbedder(D) if config.guidance_embed else None
         grid = config.input_size // config.patch_size
@@ -179,7 +243,15 @@ class DiT(nn.Module):
         self.feat_rope = VisionRoPE2D(D // config.num_heads, grid) if config.rope else None
         self._grid_ropes: dict[int, VisionRoPE2D] = {}  # any_resolution: RoPE tables of other grids (not saved)
         self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
-        self.final_layer = FinalLayer(D, config.patch_size, config.out_channels, config.norm)
+        out_width = D
+        if config.head_depth:  # DiT^DH's DDT head (module docstring)
+            Dh, heads = config.head_width, config.head_heads
+            self.head_embedder = PatchEmbed(config.patch_size, config.in_channels, Dh)
+            self.head_projector = nn.Linear(D, Dh) if Dh != D else nn.Identity()
+            self.head_rope = VisionRoPE2D(Dh // heads, grid) if config.rope else None
+            self.head_blocks = nn.ModuleList([DiTBlock(config, Dh, heads) for _ in range(config.head_depth)])
+            out_width = Dh
+        self.final_layer = FinalLayer(out_width, config.patch_size, config.out_channels, config.norm)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -190,9 +262,11 @@ class DiT(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         # Patch embedding: Xavier on the flattened conv kernel, like a linear layer.
-        weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        for embedder in (self.x_embedder, getattr(self, "head_embedder", None)):
+            if embedder is not None:
+                weight = embedder.proj.weight
+                nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+                nn.init.zeros_(embedder.proj.bias)
         # Label table and timestep MLP: small normal.
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
@@ -201,8 +275,8 @@ class DiT(nn.Module):
             nn.init.normal_(self.w_embedder.mlp[0].weight, std=0.02)
             nn.init.zeros_(self.w_embedder.mlp[2].weight)
             nn.init.zeros_(self.w_embedder.mlp[2].bias)
-        # adaLN-Zero: every block starts as the identity.
-        for block in self.blocks:
+        # adaLN-Zero: every block (DDT head blocks too) starts as the identity.
+        for block in [*self.blocks, *getattr(self, "head_blocks", [])]:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         # Output layer zero: the initial prediction is 0.
@@ -247,13 +321,17 @@ class DiT(nn.Module):
             expected = (self.config.in_channels, self.config.input_size, self.config.input_size)
             if tuple(x.shape[1:]) != expected:
                 raise ValueError(f"DiT expects inputs of shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
-            h = self.x_embedder(x) + self.pos_embed  # (B, L, D)
+            h = self.x_embedder(x)  # (B, L, D)
+            h = h + self.pos_embed if self.config.absolute_positions else h
         if not self.training and torch.is_autocast_enabled(h.device.type):
             # inference under autocast: the residual stream in the low-precision dtype too (as diffusers does; the fp32
             # position embedding would otherwise promote it), so norms, modulations and residual adds move half the
             # bytes; training keeps the fp32 residual stream of the official code
             h = h.to(torch.get_autocast_dtype(h.device.type))
-        c = self.t_embedder(self.config.time_offset + self.config.time_scale * t) + self.y_embedder(labels)  # (B, D)
+        t_emb = self.t_embedder(self.config.time_offset + self.config.time_scale * t)  # (B, D)
+        c = t_emb + self.y_embedder(labels)  # (B, D)
+        if self.config.head_depth:
+            return recorder.result(self._forward_ddt(x, h, t_emb, c, recorder))
         if self.w_embedder is not None:
             if guidance is None:
                 raise ValueError("this DiT was built with guidance_embed=True (a guided-distillation student): pass "
@@ -265,3 +343,16 @@ class DiT(nn.Module):
             h = block(h, c, rope, recorder.logits_tap(i))  # (B, L, D)
             recorder.block_output(i, h)
         return recorder.result(self.unpatchify(self.final_layer(h, c)))  # (B, C_out, H, W)
+
+    def _forward_ddt(self, x: torch.Tensor, h: torch.Tensor, t_emb: torch.Tensor, c: torch.Tensor, recorder) -> torch.Tensor:
+        """DiT^DH: encoder blocks on h with c = SiLU(t + y), then the DDT head on a fresh embedding of x, conditioned
+        per token on s = head_projector(SiLU(t + h)) (module docstring). Taps index the encoder blocks."""
+        c = torch.nn.functional.silu(c)  # (B, D)
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, self.feat_rope, recorder.logits_tap(i))  # (B, L, D)
+            recorder.block_output(i, h)
+        s = self.head_projector(torch.nn.functional.silu(t_emb.unsqueeze(1).to(h.dtype) + h))  # (B, L, D_head)
+        z = self.head_embedder(x).to(s.dtype)  # (B, L, D_head), no absolute positions
+        for block in self.head_blocks:
+            z = block(z, s, self.head_rope)  # (B, L, D_head)
+        return self.unpatchify(self.final_layer(z, s))  # (B, C_out, H, W)

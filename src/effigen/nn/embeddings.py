@@ -36,6 +36,24 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_embedding(t, self.frequency_size).to(self.mlp[0].weight.dtype))
 
 
+class FourierTimeEmbedder(nn.Module):
+    """Gaussian Fourier time features -> Linear-SiLU-Linear (RAE's `GaussianFourierEmbedding`): a frozen random
+    frequency vector W ~ N(0, scale^2) of `frequency_size` entries (a buffer `W`, kept in the state dict so a
+    checkpoint's frequencies travel with it), features [sin(2 pi t W), cos(2 pi t W)] (sin half first), t in [0, 1]."""
+
+    def __init__(self, hidden_size: int, frequency_size: int = 256, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("W", torch.randn(frequency_size) * scale)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * t.float()[:, None] * self.W.float()[None]  # (B, frequency_size)
+        features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # (B, 2 * frequency_size)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
 class LabelEmbedder(nn.Module):
     """Class embedding table with one extra row, index `num_classes`, for the null class used by
     classifier-free guidance. Label dropout is decided by the objective (which owns the randomness),

@@ -177,18 +177,16 @@ class RectifiedFlow:
         x = noise.to(device)
 
         def predict(x_t: torch.Tensor, t: torch.Tensor, interval_time: torch.Tensor | None = None) -> torch.Tensor:
-            return guided_prediction(
-                model, x_t, t, labels, self.num_classes, sampler.cfg_scale, sampler.cfg_interval, sampler.cfg_channels,
-                interval_time,
-            ).float()
+            return self.guided_output(model, x_t, t, labels, sampler, interval_time).float()
 
         def velocity(x_t: torch.Tensor, t: torch.Tensor, interval_time: torch.Tensor | None = None) -> torch.Tensor:
             out = predict(x_t, t, interval_time)
             return out if self.config.prediction == "velocity" else self.velocity_and_noise(out, x_t, t)[0]
 
         t_start = 1.0 if self.config.prediction == "velocity" else 1.0 - sampler.sample_eps
+        shift = self.sampling_shift(sampler, shape)
         if sampler.solver == "euler_maruyama":
-            grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start, t_end=sampler.last_step)
+            grid = make_time_grid(sampler.num_steps, shift=shift, t_start=t_start, t_end=sampler.last_step)
             grid = torch.cat([grid, grid.new_zeros(1)]) if sampler.last_step > 0 else grid
 
             def drift(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -199,19 +197,31 @@ class RectifiedFlow:
                 return sampler.diffusion_norm * self.path.coefficients(t, 1)[1].flatten()
 
             return euler_maruyama_sample(drift, diffusion, x, grid, generator, progress)
-        grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start)
+        grid = make_time_grid(sampler.num_steps, shift=shift, t_start=t_start, t_end=getattr(sampler, "t_end", 0.0))
         if sampler.solver == "heun" and sampler.cfg_interval_at == "step_start":
             return heun_sample(velocity, x, grid, progress=progress, pass_step_start=True)
         return SOLVERS[sampler.solver](velocity, x, grid, progress=progress)
 
-    def evaluations_per_sample(self, sampler: FlowSamplerConfig) -> int:
+    def guided_output(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                      sampler: FlowSamplerConfig, interval_time: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's (guided) output at (x_t, t) under the sampler's guidance settings (classifier-free here;
+        subclasses add other kinds, e.g. RAE's autoguidance)."""
+        return guided_prediction(model, x_t, t, labels, self.num_classes, sampler.cfg_scale, sampler.cfg_interval,
+                                 sampler.cfg_channels, interval_time)
+
+    def sampling_shift(self, sampler: FlowSamplerConfig, shape: tuple[int, ...] | None = None) -> float:
+        """The time shift of the sampling grid (subclasses may derive it from the latent shape)."""
+        return sampler.time_shift
+
+    def evaluations_per_sample(self, sampler: FlowSamplerConfig, shift: float | None = None) -> int:
         """Network evaluations per image, counting two (conditional + unconditional) only where guidance applies."""
         t_start = 1.0 if self.config.prediction == "velocity" else 1.0 - sampler.sample_eps
+        shift = self.sampling_shift(sampler) if shift is None else shift
         if sampler.solver == "euler_maruyama":
-            grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start, t_end=sampler.last_step)
+            grid = make_time_grid(sampler.num_steps, shift=shift, t_start=t_start, t_end=sampler.last_step)
             grid = torch.cat([grid, grid.new_zeros(1)]) if sampler.last_step > 0 else grid
         else:
-            grid = make_time_grid(sampler.num_steps, shift=sampler.time_shift, t_start=t_start)
+            grid = make_time_grid(sampler.num_steps, shift=shift, t_start=t_start, t_end=getattr(sampler, "t_end", 0.0))
         times = grid.tolist()
         decisions = times[:-1]  # the predictor / Euler evaluation of each step
         if sampler.solver == "heun":  # the corrector, except on the last step to t = 0

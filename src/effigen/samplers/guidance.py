@@ -83,3 +83,29 @@ def guided_evaluations(decision_times, cfg_scale: float, interval: tuple[float, 
         return 2 * len(decision_times)
     low, high = interval
     return sum(2 if low <= float(t) <= high else 1 for t in decision_times)
+
+
+def autoguided_prediction(
+    model_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    guide_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    scale: float,
+    interval: tuple[float, float] | None = None,
+    interval_time: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Autoguidance (Karras et al. arXiv 2406.02507, as RAE uses it): a smaller or less trained `guide_fn` of the same
+    task stands in for the unconditional model, both conditioned on the same labels:
+        out = guide + s * (model - guide)     where t lies in the interval, else the model's output.
+    x: (B, C, H, W); t, labels: (B,). Outside the interval (or at s = 1) the guide is not evaluated."""
+    out = model_fn(x, t, labels)
+    if scale == 1.0:
+        return out
+    at = t if interval_time is None else interval_time
+    inside = torch.ones_like(at, dtype=torch.bool) if interval is None else (at >= interval[0]) & (at <= interval[1])
+    if not bool(inside.any()):
+        return out
+    weak = guide_fn(x, t, labels).to(out.dtype)
+    guided = weak + scale * (out - weak)
+    return torch.where(inside.view(-1, *([1] * (out.dim() - 1))), guided, out)

@@ -240,10 +240,14 @@ def _build_and_train(config: ExperimentConfig, context, dataset, quiet: bool) ->
     summary["trained_parameters"] = num_trainable
     ema_state = trainer.ema_state_dict()  # collective under FSDP: every process takes part
     ema_network = trainer.ema_network_for_sampling()
-    if context.is_main and hasattr(ema_network, "calibrate_latents"):  # KL-VAE: per-channel latent statistics
+    if context.is_main and hasattr(ema_network, "calibrate_latents"):  # KL-VAE, RAE: latent statistics
         stats = ema_network.calibrate_latents(calibration_batches(dataset))
-        for key in ("channel_mean", "channel_std", "scaling_factor", "shift_factor"):
-            setattr(network.config, key, getattr(ema_network.config, key))
+        for key in ("channel_mean", "channel_std", "scaling_factor", "shift_factor"):  # KL-VAE: in the config
+            if hasattr(network.config, key):
+                setattr(network.config, key, getattr(ema_network.config, key))
+        for name, buffer in ema_network.named_buffers():  # RAE: per-element statistics as buffers of the weights
+            if name in ema_state and "latent_" in name:
+                ema_state[name] = buffer.detach().to(ema_state[name].device, ema_state[name].dtype).clone()
         summary["latent_channel_std"] = [round(x, 4) for x in stats["channel_std"]]
     if context.is_main:
         final = output_dir / "final"
