@@ -152,4 +152,5 @@ class ResGen(nn.Module):
         x = self.word_embed(known_sum.float()) + self.kept_embed(kept) + self.pos_embed  # (B, L, C)
         for block in self.blocks:
             x = block(x, cond)  # bidirectional: no mask
-        return self.head(self.head_nm(x.float(), cond).float())
+        with torch.autocast(x.device.type, enabled=False):  # the mixture in fp32: bf16 means would blur small scales
+            return self.head(self.head_nm(x.float(), cond.float()))
