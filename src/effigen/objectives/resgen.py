@@ -104,7 +104,7 @@ class ResGenObjective(TokenizedObjective):
             entropy = -(used * used.clamp(min=1e-12).log()).sum()
         return {"loss": loss, "mask_ratio": masked.float().mean(),
                 "components_used": entropy.exp(),  # effective number of mixture components in use
-                "gaussian_entropy_floor": torch.tensor(0.5 * math.log(2 * math.pi * math.e)) + mixture.log_std.detach().mean()}
+                "component_entropy_per_dim": torch.tensor(0.5 * math.log(2 * math.pi * math.e)) + mixture.log_std.detach().mean()}
 
     def sample(self, network: nn.Module, labels: torch.Tensor, shape, settings: ResGenSamplerConfig,
                generator: torch.Generator | None = None, edit: ResidualEditSpec | None = None) -> torch.Tensor:
