@@ -25,6 +25,7 @@ from .models.hmar import HMAR, HMAR_PRESETS
 from .models.lamamba import LAMAMBA_PRESETS, LaMamba
 from .models.lowdiff import LOWDIFF_PRESETS, LowDiffNet
 from .models.quantized import QuantizedNetwork
+from .models.resgen import RESGEN_PRESETS, ResGen
 from .models.var import VAR, VAR_PRESETS
 from .objectives.alignment import Projectors
 from .objectives.ddpm import GaussianDiffusion
@@ -37,11 +38,13 @@ from .objectives.kl_vae import KLVAE_PRESETS, KLVAELoss
 from .objectives.next_scale import NextScalePrediction
 from .objectives.next_token import NextTokenPrediction
 from .objectives.rae import RAEDecoderLoss, RAEFlow
+from .objectives.resgen import ResGenObjective
 from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
 from .tokenizers.base import accepts as _accepts
 from .tokenizers.kl_vae import KLVAE
 from .tokenizers.msvq import MultiScaleVQ
 from .tokenizers.rae import RAE, RAE_PRESETS
+from .tokenizers.rvq import RVQ_PRESETS, ResidualVQ
 
 
 @dataclass(frozen=True)
@@ -94,12 +97,17 @@ METHODS: dict[str, Method] = {
     "rae": Method("rae", RAE, RAEDecoderLoss, RAE_PRESETS,
                   "RAE representation autoencoder (2510.11690): frozen teacher encoder + trained ViT decoder",
                   kind="tokenizer"),
+    "rvq": Method("rvq", ResidualVQ, VQTokenizerLoss, RVQ_PRESETS, "residual-VQ tokenizer (RQ-VAE 2203.01941) of ResGen",
+                  kind="tokenizer"),
     "var": Method("var", VAR, NextScalePrediction, VAR_PRESETS, "VAR next-scale prediction (2404.02905)",
                   accepts=("multiscale",)),
     "raster-ar": Method("raster-ar", GPT, NextTokenPrediction, GPT_PRESETS, "LlamaGen-style raster AR (2406.06525)",
                         accepts=("grid",)),
     "hmar": Method("hmar", HMAR, HMARObjective, HMAR_PRESETS, "HMAR Markovian next-scale + masked refinement (2506.04421)",
                    accepts=("multiscale",)),
+    "resgen": Method("resgen", ResGen, ResGenObjective, RESGEN_PRESETS,
+                     "ResGen masked position x depth prediction of summed RVQ embeddings (2412.10208)",
+                     accepts=("residual",)),
     "lowdiff": Method("lowdiff", LowDiffNet, LowDiffCascade, LOWDIFF_PRESETS,
                       "LowDiff one-network low-to-high resolution cascade (2509.15342), flow matching",
                       accepts=("continuous",), tokenizer_required=False),
@@ -118,9 +126,11 @@ METHODS: dict[str, Method] = {
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a
 # low-resolution stage, quantization parameters, ...), by the class name that model_index.json records. A component
 # class has `config_class` (a dataclass) and is built as `cls(config)`.
-COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, Projectors, QuantizedNetwork)}
+COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, ResidualVQ, Projectors,
+                                                              QuantizedNetwork)}
 COMPONENTS.update({m.network_class.__name__: m.network_class for m in METHODS.values()})
-TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE, "RAE": RAE}  # the tokenizer classes, for cache-latents
+TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE, "RAE": RAE,
+                               "ResidualVQ": ResidualVQ}  # the tokenizer classes, for cache-latents
 
 
 def generates_as(module: nn.Module) -> type:

@@ -1,5 +1,6 @@
-"""`effigen cache-latents`: encode a dataset once with a KL autoencoder (or an RAE) into a latent cache (sharded
-safetensors), for latent generators to train on.
+"""`effigen cache-latents`: encode a dataset once with a continuous-latent tokenizer (a KL autoencoder or an RAE)
+or a residual-VQ tokenizer (its quantized latents) into a latent cache (sharded safetensors), for latent
+generators to train on.
 
     effigen cache-latents --tokenizer runs/mnist-klvae/final --out cache/mnist-klvae --data.name=mnist --data.resolution=32
     effigen cache-latents --tokenizer sd-vae/ --out cache/imagenet --data.name=folder --data.root=/data/imagenet/train \
@@ -24,12 +25,16 @@ from ..pipeline import load_network
 from ..registry import TOKENIZERS
 from .main import check_output_folder, positive_int, select_device_flag
 
+# tokenizers whose `encode` gives a continuous latent to cache: the KL-VAE's (normalised) latents, the residual VQ's
+# quantized latents f_hat (the sum of each position's code vectors)
+CACHEABLE = ("KLVAE", "RAE", "ResidualVQ")
+
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="effigen cache-latents", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="a KL-VAE folder (tokenizer run's final/, a converted "
-                                                            "SD-VAE, or a pipeline folder with tokenizer/)")
+    parser.add_argument("--tokenizer", required=True, help="a KL-VAE or residual-VQ folder (tokenizer run's "
+                                                            "final/, a converted SD-VAE, or a pipeline folder with tokenizer/)")
     parser.add_argument("--out", required=True, help="cache folder to write")
     parser.add_argument("--split", default="train", choices=("train", "test"))
     parser.add_argument("--flip", action="store_true", help="also store the latents of mirrored images")
@@ -51,9 +56,9 @@ def run(argv: list[str]) -> int:
     from ..io import read_json
 
     kind = read_json(folder / "config.json").get("_class_name")
-    if kind not in ("KLVAE", "RAE"):
-        raise ConfigError(f"{folder} holds a {kind}; latent caches are made with a continuous-latent tokenizer "
-                          "(KLVAE, RAE)")
+    if kind not in CACHEABLE:
+        raise ConfigError(f"{folder} holds a {kind}; latent caches are made with a KL autoencoder (KLVAE), an RAE "
+                          "or a residual VQ (ResidualVQ: its quantized latents)")
     tokenizer = load_network(folder, TOKENIZERS[kind]).to(device).eval()
     if tokenizer.config.resolution != data_config.resolution:
         raise ConfigError(f"the tokenizer works at {tokenizer.config.resolution} px; use --data.resolution="

@@ -39,7 +39,7 @@ def read_image_flag(flag: str, load, path: str, *args) -> torch.Tensor:
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="effigen edit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--from", dest="source", required=True, help="pipeline folder of a token generator (var, hmar)")
+    parser.add_argument("--from", dest="source", required=True, help="pipeline folder of a token generator (var, hmar, resgen)")
     parser.add_argument("--image", required=True, help="the image to edit (resized to the model's resolution)")
     parser.add_argument("--mask", help="mask image: white = regenerate, black = keep")
     parser.add_argument("--box", help="regenerate a box instead of a mask file: x0,y0,x1,y1 as fractions of the side")
@@ -66,7 +66,7 @@ def run(argv: list[str]) -> int:
     pipeline = Pipeline.from_pretrained(folder, device=device)
     if not hasattr(pipeline.objective, "edit_spec"):
         raise UserError(f"--from {folder}: method {pipeline.method.name} does not support zero-shot editing; give the "
-                        "folder of a token generator (var, hmar)")
+                        "folder of a token generator (var, hmar, resgen)")
     out = Path(args.out)  # checked before the work: a folder must be empty (or --overwrite), and either writable
     grid = out.suffix.lower() in GRID_SUFFIXES
     old_images = [] if grid else prepare_image_folder(out, args.overwrite)

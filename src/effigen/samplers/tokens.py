@@ -57,6 +57,9 @@ class SampleNoise:
     def uniform(self, *shape: int) -> torch.Tensor:
         return torch.stack([torch.rand(*shape, generator=g) for g in self.generators]).to(self.device)
 
+    def normal(self, *shape: int) -> torch.Tensor:
+        return torch.stack([torch.randn(*shape, generator=g) for g in self.generators]).to(self.device)
+
     def gumbel(self, *shape: int) -> torch.Tensor:
         u = self.uniform(*shape).clamp_(1e-20, 1.0 - 1e-7)
         return -torch.log(-torch.log(u))

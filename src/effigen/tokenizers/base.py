@@ -82,8 +82,8 @@ class TokenSpace:
             derived["scales"] = list(self.scales)
         if self.layout == "sequence":
             derived["num_tokens"] = self.length
-        if self.layout == "residual":
-            derived["depth"] = self.depth
+        if self.layout == "residual":  # not "depth": generators use that name for their own size dial
+            derived["rvq_depth"] = self.depth
         return derived
 
     def describe(self) -> str:

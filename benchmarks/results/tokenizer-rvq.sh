@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Prerequisite tokenizer of resgen: a residual-VQ VAE (32 px -> 8x8 positions x DEPTH codes, 256 codes per depth; MSVQ-S/4's
+# encoder). Preset `mnist-rvq` with network preset RVQ-S/4-d$DEPTH (4 or 8: `mnist-rvq` / `mnist-rvq8`); trained for the
+# tokenizer budget of `effigen.report`, reported separately from the generators' budget.
+#   BUDGET_MINUTES, STEPS_PER_MINUTE (one core, batch 64), OUT (pipeline in $OUT/final), SEED, DEPTH
+set -euo pipefail
+BUDGET_MINUTES=${BUDGET_MINUTES:-6}
+STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-60}
+OUT=${OUT:-runs/results/tokenizer-rvq}
+SEED=${SEED:-0}
+DEPTH=${DEPTH:-4}
+EFFIGEN=${EFFIGEN:-effigen}
+MAX_STEPS=$(awk -v m="$BUDGET_MINUTES" -v r="$STEPS_PER_MINUTE" 'BEGIN { print int(m * r) + 1 }')
+WARMUP=$(( MAX_STEPS / 10 < 50 ? MAX_STEPS / 10 : 50 ))
+
+$EFFIGEN train --preset mnist-rvq --network_preset="RVQ-S/4-d$DEPTH" \
+  --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false
