@@ -296,3 +296,24 @@ def test_bugs_keep_their_traceback(monkeypatch, flow_folder, tmp_path):
     monkeypatch.setattr(sample_command.Pipeline, "__call__", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["sample", "--from", str(flow_folder), "--num", "2", "--out", str(tmp_path / "a.png")])
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_the_executable_exits_with_the_commands_code_and_flushed_output(world_size):
+    """`python -m effigen` goes through cli.main.entry: a torchrun worker (WORLD_SIZE > 1) leaves with os._exit after
+    flushing, so its output must be complete and its exit code the command's, as for a single process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "WORLD_SIZE": world_size, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    ok = subprocess.run([sys.executable, "-m", "effigen", "presets"], env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "mnist-dit" in ok.stdout and ok.stdout.rstrip().splitlines()[-1].strip()  # the whole listing, to its end
+    assert ok.stdout == subprocess.run([sys.executable, "-m", "effigen", "presets"], env={**env, "WORLD_SIZE": "1"},
+                                       capture_output=True, text=True, timeout=120).stdout
+    bad = subprocess.run([sys.executable, "-m", "effigen", "no-such-command"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown command 'no-such-command'" in bad.stderr
