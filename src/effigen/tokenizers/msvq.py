@@ -316,6 +316,25 @@ class MultiScaleQuantizer(nn.Module):
         return int(dead.numel())
 
 
+
+def attach_vq_autoencoder(module: nn.Module, config, quantizer_class: type) -> None:
+    """Give a VQ tokenizer `module` the parts VAR's VQ-VAE layout names (encoder, decoder, quantize, quant_conv,
+    post_quant_conv) from `config`'s autoencoder settings, built in that order (the same initialisation for a seed);
+    the multi-scale and the residual VQ differ only in `quantizer_class`."""
+    C = config.latent_channels
+    spec = ConvAutoencoderSpec(
+        in_channels=config.in_channels, out_channels=config.in_channels, base_channels=config.base_channels,
+        channel_multipliers=config.channel_multipliers, num_res_blocks=config.num_res_blocks,
+        encoder_out_channels=C, decoder_in_channels=C, attention_at_lowest=config.attention,
+        mid_attention=config.mid_attention, fused_qkv=True, resolution=config.resolution, dropout=config.dropout,
+    )
+    module.encoder = Encoder(spec)
+    module.decoder = Decoder(spec)
+    module.quantize = quantizer_class(config)
+    k = config.quant_conv_kernel
+    module.quant_conv = nn.Conv2d(C, C, k, padding=k // 2)
+    module.post_quant_conv = nn.Conv2d(C, C, k, padding=k // 2)
+
 class MultiScaleVQ(TokenizerOutput, nn.Module):
     """Encoder -> quant_conv -> multi-scale residual quantizer -> post_quant_conv -> decoder.
 
@@ -333,19 +352,7 @@ class MultiScaleVQ(TokenizerOutput, nn.Module):
     def __init__(self, config: MultiScaleVQConfig):
         super().__init__()
         self.config = config
-        C = config.latent_channels
-        spec = ConvAutoencoderSpec(
-            in_channels=config.in_channels, out_channels=config.in_channels, base_channels=config.base_channels,
-            channel_multipliers=config.channel_multipliers, num_res_blocks=config.num_res_blocks,
-            encoder_out_channels=C, decoder_in_channels=C, attention_at_lowest=config.attention,
-            mid_attention=config.mid_attention, fused_qkv=True, resolution=config.resolution, dropout=config.dropout,
-        )
-        self.encoder = Encoder(spec)
-        self.decoder = Decoder(spec)
-        self.quantize = MultiScaleQuantizer(config)
-        k = config.quant_conv_kernel
-        self.quant_conv = nn.Conv2d(C, C, k, padding=k // 2)
-        self.post_quant_conv = nn.Conv2d(C, C, k, padding=k // 2)
+        attach_vq_autoencoder(self, config, MultiScaleQuantizer)
 
     @property
     def scales(self) -> tuple[int, ...]:

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .autoencoder import ConvAutoencoderSpec, Decoder, Encoder
 from .base import TokenizerOutput, TokenSpace
+from .msvq import attach_vq_autoencoder
 
 
 @dataclass
@@ -260,19 +260,7 @@ class ResidualVQ(TokenizerOutput, nn.Module):
     def __init__(self, config: ResidualVQConfig):
         super().__init__()
         self.config = config
-        C = config.latent_channels
-        spec = ConvAutoencoderSpec(
-            in_channels=config.in_channels, out_channels=config.in_channels, base_channels=config.base_channels,
-            channel_multipliers=config.channel_multipliers, num_res_blocks=config.num_res_blocks,
-            encoder_out_channels=C, decoder_in_channels=C, attention_at_lowest=config.attention,
-            mid_attention=config.mid_attention, fused_qkv=True, resolution=config.resolution, dropout=config.dropout,
-        )
-        self.encoder = Encoder(spec)
-        self.decoder = Decoder(spec)
-        self.quantize = ResidualQuantizer(config)
-        k = config.quant_conv_kernel
-        self.quant_conv = nn.Conv2d(C, C, k, padding=k // 2)
-        self.post_quant_conv = nn.Conv2d(C, C, k, padding=k // 2)
+        attach_vq_autoencoder(self, config, ResidualQuantizer)
 
     @property
     def scales(self) -> tuple[int, ...]:
