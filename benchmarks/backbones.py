@@ -15,12 +15,19 @@ SS2D) are elementwise recurrences the counter cannot see: their FLOPs are added 
 formula of Mamba's / VMamba's FLOP helper (`flops_selective_scan_fn`: 9 B L D N + B D L for the D skip), from each
 module's `scan_flops(x)`. Peak memory of one forward (effigen.bench's measure_peak_memory: CUDA max allocated on a
 GPU; on CPU the RSS high-water mark after a reset, or 1 ms RSS polling, minus the RSS before the call).
+
+`--profile` adds, per model and precision, where the forward's time goes (torch.profiler, self CPU time of each op over
+the timed repeats): the ops grouped into convolution, matmul (linear / bmm / attention kernels), normalisation,
+elementwise and copies/layout, and the top ops, so a FLOP count can be read against the time the ops really take.
+
+    python benchmarks/backbones.py --profile --spaces pixels --model dico-ddpm:DiCo-Ti --model dit-ddpm:DiT-Ti/2
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import defaultdict
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -65,26 +72,78 @@ def measure(net, channels, size, batch, precision, repeats):
     return batch * repeats / seconds, flops, scan, memory["peak_memory_bytes"] / 2**20
 
 
+# op name -> group for the profile summary (first match wins; names are aten ops as the profiler reports them)
+OP_GROUPS = (
+    ("convolution", ("conv", "mkldnn_convolution")),
+    ("matmul", ("addmm", "mm", "bmm", "matmul", "linear", "scaled_dot_product", "baddbmm")),
+    ("normalisation", ("norm",)),
+    ("copies/layout", ("copy_", "contiguous", "clone", "permute", "transpose", "cat", "to_copy", "_to_copy", "view",
+                       "reshape", "index", "gather", "roll", "flip", "pad", "empty", "fill_", "zero_", "as_strided",
+                       "unfold", "select", "slice", "expand", "stack", "split", "chunk")),
+    ("elementwise", ("add", "mul", "sub", "div", "gelu", "silu", "sigmoid", "exp", "softplus", "softmax", "tanh",
+                     "mean", "sum", "pow", "rsqrt", "sqrt", "neg", "clamp", "cos", "sin", "where", "cumsum")),
+)
+
+
+def op_group(name: str) -> str:
+    short = name.split("::")[-1]
+    for group, keys in OP_GROUPS:
+        if any(short == k or short.startswith(k) or k in short for k in keys):
+            return group
+    return "other"
+
+
+def profile(net, channels, size, batch, precision, repeats, top: int = 8) -> str:
+    """Self CPU time per op group and the top ops of `repeats` forwards (after one warm-up call)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    x, t, y = torch.randn(batch, channels, size, size), torch.rand(batch), torch.randint(0, 10, (batch,))
+    ctx = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad(), ctx:
+        net(x, t, y)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeats):
+                net(x, t, y)
+    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    groups: dict[str, float] = defaultdict(float)
+    for e in events:
+        groups[op_group(e.key)] += e.self_cpu_time_total
+    lines = ["  time by op group (self CPU, % of aten time): " + ", ".join(
+        f"{g} {100 * v / total:.1f}%" for g, v in sorted(groups.items(), key=lambda kv: -kv[1]))]
+    lines.append(f"  aten self CPU per forward: {total / repeats / 1e3:.1f} ms; top ops:")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]:
+        lines.append(f"    {e.key:<44} {100 * e.self_cpu_time_total / total:5.1f}%  calls/forward {e.count / repeats:6.1f}"
+                     f"  [{op_group(e.key)}]")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="METHOD:PRESET[:k=v,...] (repeatable)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--spaces", default="pixels,latents", help="comma-separated: pixels (3x32x32), latents (4x32x32)")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--profile", action="store_true", help="also print where each forward's time goes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = args.model or DEFAULT_MODELS
     print("model | space | precision | params (M) | GFLOPs/img (matmul+conv+attention) | scan GFLOPs/img (formula) | "
           "img/s | peak memory of one forward (MiB)")
-    for channels, size, space in ((3, 32, "pixels 3x32x32"), (4, 32, "latents 4x32x32")):
+    spaces = {"pixels": (3, 32, "pixels 3x32x32"), "latents": (4, 32, "latents 4x32x32")}
+    for channels, size, space in (spaces[s] for s in args.spaces.split(",")):
         for spec in models:
-            for precision in ("fp32", "bf16"):
+            for precision in args.precisions.split(","):
                 try:
                     net = build(spec, channels, size)
                     params = sum(p.numel() for p in net.parameters()) / 1e6
                     ips, flops, scan, mem = measure(net, channels, size, args.batch_size, precision, args.repeats)
                     print(f"{spec} | {space} | {precision} | {params:.2f} | {flops / 1e9:.3f} | {scan / 1e9:.3f} | "
                           f"{ips:.1f} | {mem:.0f}")
+                    if args.profile:
+                        print(profile(net, channels, size, args.batch_size, precision, args.repeats))
                 except Exception as e:  # never skip silently: the failure is a row
                     print(f"{spec} | {space} | {precision} | FAILED: {type(e).__name__}: {e}")
 
