@@ -5,15 +5,17 @@
 # 64/128/128, window 4): about 5.16M parameters (VAR-d4: 5.05M; the DiT recipes: 5.03M; DiCo-Ti: 4.98M).
 #   BUDGET_MINUTES  training wall time (the trainer stops at max_minutes; max_steps = BUDGET_MINUTES x STEPS_PER_MINUTE
 #                   so that the cosine schedule ends near the budget)
-#   STEPS_PER_MINUTE  this network's training steps per minute on one core of the reference machine (batch 128);
-#                   default 8: a fwd+bwd step of the width-64 LaMamba-Ti/4 measured 12-29 s against DiT-Ti/4's
-#                   3.0-3.6 s in one process (docs/lamamba.md), ~5x the DiT recipes' 40 steps/minute
+#   STEPS_PER_MINUTE  this network's training steps per minute on one core of the reference machine; default 40
+#                   at this recipe's batch 32 in fp32 (docs/lamamba.md, run 3: 401 steps in 10 minutes on a loaded
+#                   core). Batch 32 and fp32 rather than the DiT recipes' 128 and bf16: a batch-128 step of LaMamba-Ti/4
+#                   takes 12-29 s (about 40 steps in the budget, too few to leave noise), and bf16 autocast does not
+#                   speed up its scan (it adds casts)
 #   OUT, SEED       the run folder (pipeline in $OUT/final) and the training seed
 #   PREDICTION      noise (LaMamba's eps, the default), velocity or data (see dit-ddpm.sh)
 # Further arguments go to `effigen train`.
 set -euo pipefail
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
-STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-8}
+STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-40}
 OUT=${OUT:-runs/results/lamamba}
 SEED=${SEED:-0}
 PREDICTION=${PREDICTION:-noise}
@@ -24,5 +26,6 @@ WARMUP=$(( MAX_STEPS / 10 < 50 ? MAX_STEPS / 10 : 50 ))
 $EFFIGEN train --preset mnist-lamamba \
   --objective.prediction="$PREDICTION" \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
+  --trainer.batch_size=32 --trainer.precision=fp32 \
   --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"
