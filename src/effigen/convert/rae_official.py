@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -38,6 +39,9 @@ from ..models.dit import DiT, DiTConfig
 from ..nn.embeddings import sincos_2d_positions
 from ..objectives.rae import SHIFT_BASE, RAEFlowConfig, RAESamplerConfig
 from .dit_official import extract_state_dict
+
+if TYPE_CHECKING:  # imported where used, as the function does
+    from ..tokenizers.rae import RAEConfig
 
 RENAMES = (("s_embedder.", "x_embedder."), ("x_embedder.", "head_embedder."), ("s_projector.", "head_projector."),
            ("enc_feat_rope.", "feat_rope."), ("dec_feat_rope.", "head_rope."))

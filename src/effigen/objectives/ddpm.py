@@ -32,9 +32,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..rng import BatchRandom

@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, config_to_dict
 from ..models.quantized import POLICIES, QuantizedNetwork, boundary_layers, quantizable_layers
-from ..nn.quant import QuantLayer, mse_activation_params
+from ..nn.quant import mse_activation_params
 from ..pipeline import Pipeline
 
 _BITS = re.compile(r"^w(\d+)a(\d+)$")
