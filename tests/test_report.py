@@ -92,6 +92,9 @@ def test_recipes_exist_and_name_their_presets():
         text = script.read_text()
         assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
         assert "BUDGET_MINUTES" in text and "OUT=" in text and "SEED" in text
+        if not recipe.base:  # every training call counts its minutes on the report's clock
+            assert text.count("--trainer.max_minutes=") == text.count('--trainer.budget_clock="${BUDGET_CLOCK:-wall}"'), \
+                recipe.name
         names = presets_in(script)
         if recipe.base:  # post-processing of another recipe's pipeline: no preset, its base must exist
             assert recipe.base in {r.name for r in RECIPES} and "$BASE" in text, recipe.name
@@ -154,6 +157,15 @@ def test_parse_training_log_sums_stages():
     assert parsed["train_seconds"] == pytest.approx(60.0) and parsed["train_calls"] == 2
     assert parsed["parameters_reported_m"] == [5.12, 5.12]
     assert parsed["final_loss"] != parsed["final_loss"]  # nan: the driver calls this diverged
+    assert "train_cpu_seconds" not in parsed
+    cpu = parse_training_log(text.replace("final loss 5.2\n", "final loss 5.2\nbudget clock: 40.0 CPU seconds this run "
+                                          "(trainer.budget_clock=cpu)\n") + "budget clock: 12.5 CPU seconds this run\n")
+    assert cpu["train_cpu_seconds"] == pytest.approx(52.5) and cpu["train_seconds"] == pytest.approx(60.0)
+
+
+def test_report_budgets_count_cpu_time_and_pass_the_clock(tmp_path):
+    report = Report(out=tmp_path, budget=BUDGETS["full"], recipes=selected_recipes("dit-flow", spread=False))
+    assert BUDGETS["full"].clock == "cpu" and report.env_for(RECIPES_BY_NAME["dit-flow"])["BUDGET_CLOCK"] == "cpu"
 
 
 @pytest.mark.slow

@@ -146,6 +146,26 @@ def test_time_schedule_follows_slower_steps(tmp_path):
         [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 3)) for s in (1, 2, 3)], abs=1e-15)
 
 
+@pytest.mark.parametrize("budget_clock", ["cpu", "wall"])
+def test_budget_clock_cpu_counts_the_process_cpu_time(tmp_path, monkeypatch, budget_clock):
+    # the process's CPU clock advances 1 s per step (as on a machine where this run has the core to itself), the wall
+    # clock runs at its own pace (a tiny run takes far less than the 6 s budget): only budget_clock=cpu stops at 6 s
+    import effigen.training.trainer as trainer_module
+
+    cpu = FakeClock()
+    monkeypatch.setattr(trainer_module.time, "process_time", cpu)
+    config = dict(max_steps=20, max_minutes=0.1, budget_clock=budget_clock)
+    trainer = make_trainer(tmp_path, None, **config)
+    trainer.objective.clock = cpu
+    summary = trainer.train()
+    assert summary["budget_clock"] == budget_clock
+    if budget_clock == "cpu":
+        assert summary["steps"] == 6 and summary["stopped_early"] and summary["budget_seconds_this_run"] == 6.0
+        assert summary["seconds"] < 6.0  # the logged and reported elapsed time stays wall time
+    else:
+        assert summary["steps"] == 20 and not summary["stopped_early"]
+
+
 def test_time_schedule_resumes_exactly(tmp_path):
     settings = dict(max_steps=1000, max_minutes=0.1, warmup_steps=2, schedule="cosine", min_learning_rate_ratio=0.1,
                     schedule_clock="time", checkpoint_every=3)

@@ -28,13 +28,13 @@ STAGE2_STEPS=$(awk -v m="$STAGE2_MINUTES" -v r="$FRA_STEPS_PER_MINUTE" 'BEGIN { 
 # stage 1: per-segment velocity + SemFeat alignment (the FRN is not trained)
 $EFFIGEN train --preset mnist-bfm \
   --trainer.output_dir="$OUT/stage1" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$STAGE1_MINUTES" --trainer.max_steps="$STAGE1_STEPS" \
+  --trainer.max_minutes="$STAGE1_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$STAGE1_STEPS" \
   --trainer.warmup_steps=$(( STAGE1_STEPS / 10 < 50 ? STAGE1_STEPS / 10 : 50 )) \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"
 
 # stage 2: feature residual approximation on the frozen stage-1 model
 $EFFIGEN train --preset mnist-bfm-fra --init_from="$OUT/stage1/final" \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$STAGE2_MINUTES" --trainer.max_steps="$STAGE2_STEPS" \
+  --trainer.max_minutes="$STAGE2_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$STAGE2_STEPS" \
   --trainer.warmup_steps=$(( STAGE2_STEPS / 10 < 40 ? STAGE2_STEPS / 10 : 40 )) \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"

@@ -20,13 +20,13 @@ STAGE2_STEPS=$(awk -v m="$STAGE2_MINUTES" -v r="$STEPS_PER_MINUTE" 'BEGIN { prin
 # stage 1: next-scale prediction (the mask branch is not trained)
 $EFFIGEN train --preset mnist-hmar --tokenizer="$TOKENIZER" \
   --trainer.output_dir="$OUT/stage1" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$STAGE1_MINUTES" --trainer.max_steps="$STAGE1_STEPS" \
+  --trainer.max_minutes="$STAGE1_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$STAGE1_STEPS" \
   --trainer.warmup_steps=$(( STAGE1_STEPS / 10 < 100 ? STAGE1_STEPS / 10 : 100 )) \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false
 
 # stage 2: masked refinement, initialised from stage 1
 $EFFIGEN train --preset mnist-hmar-mask --tokenizer="$TOKENIZER" --init_from="$OUT/stage1/final" \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$STAGE2_MINUTES" --trainer.max_steps="$STAGE2_STEPS" \
+  --trainer.max_minutes="$STAGE2_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$STAGE2_STEPS" \
   --trainer.warmup_steps=$(( STAGE2_STEPS / 10 < 50 ? STAGE2_STEPS / 10 : 50 )) \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false

@@ -27,5 +27,5 @@ $EFFIGEN train --preset mnist-lamamba \
   --objective.prediction="$PREDICTION" \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
   --trainer.batch_size=32 --trainer.precision=fp32 \
-  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"

@@ -19,5 +19,5 @@ WARMUP=$(( MAX_STEPS / 10 < 50 ? MAX_STEPS / 10 : 50 ))
 $EFFIGEN train --preset mnist-lowdiff \
   --network.backbone_config='{depth: 4, hidden_size: 256, num_heads: 4, patch_size: 4, rope: true, any_resolution: true}' \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"

@@ -18,5 +18,5 @@ WARMUP=$(( MAX_STEPS / 10 < 50 ? MAX_STEPS / 10 : 50 ))
 $EFFIGEN train --preset mnist-sit \
   --network.hidden_size=256 --network.depth=4 --network.num_heads=4 --network.patch_size=4 \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"

@@ -47,6 +47,9 @@ def run(argv: list[str]) -> int:
     if "grid" in summary:
         print(f"trained {summary['steps']} steps ({summary['steps_this_run']} this run) in {summary['seconds']:.1f}s: "
               f"{summary['images_per_second']:.1f} images/s, final loss {summary['final_loss']}")
+        if summary.get("budget_clock") == "cpu":
+            print(f"budget clock: {summary['budget_seconds_this_run']:.1f} CPU seconds this run "
+                  f"(trainer.budget_clock=cpu)")
         print(f"pipeline folder: {summary['pipeline']}")
         print(f"sample grid: {summary['grid']}")
         if "latent_channel_std" in summary:

@@ -53,7 +53,11 @@ from .distributed import (
 class TrainerConfig:
     output_dir: str = "runs/experiment"
     max_steps: int = 1000
-    max_minutes: float | None = None  # stop early (and checkpoint) once this wall time is spent
+    max_minutes: float | None = None  # stop early (and checkpoint) once this much training time is spent
+    # what max_minutes (and the "time" schedule) count: "wall" seconds, or "cpu" seconds of this process
+    # (time.process_time, all its threads): with a fixed thread count, equal CPU budgets are equal work on a machine
+    # whose cores are shared with other jobs, where equal wall time is not (effigen report uses it)
+    budget_clock: Literal["wall", "cpu"] = "wall"
     batch_size: int = 64  # global batch per optimizer step (all processes x accumulation)
     grad_accumulation: int = 1
     learning_rate: float = 1e-4
@@ -210,7 +214,9 @@ class Trainer:
         if config.max_minutes is not None and not config.max_minutes > 0:
             raise ConfigError(f"trainer.max_minutes={config.max_minutes} must be a positive number of minutes (or null)")
         self.config = config
-        self.clock = clock or time.perf_counter  # injectable: tests drive the time schedule with a fake clock
+        # the budget's clock, injectable: tests drive the time schedule with a fake clock; logs keep wall time
+        self.clock = clock or (time.process_time if config.budget_clock == "cpu" else time.perf_counter)
+        self.wall_clock = clock or time.perf_counter
         self.context = context or init_distributed(config.device)
         self.device = self.context.device
         self.objective = objective
@@ -598,9 +604,10 @@ class Trainer:
         bar = tqdm(total=config.max_steps, initial=self.step, desc="training", unit="step",
                    disable=not (is_main and config.progress), dynamic_ncols=True)
         start_time = self.clock()
+        wall_start = self.wall_clock()
         self._clock_origin = start_time - self.train_seconds
         start_step = self.step
-        window_time, window_images = start_time, 0
+        window_time, window_images = wall_start, 0
         last_checkpoint_step = self.step if resumed_from is not None else -1
         stopped_early = False
         logs: dict[str, Any] = {}
@@ -612,12 +619,12 @@ class Trainer:
                 logs = self.train_step(batches)
                 window_images += config.batch_size
                 if self.step % config.log_every == 0 or self.step == config.max_steps:
-                    now = self.clock()
+                    now = self.wall_clock()
                     values = {k: all_reduce_mean(v).item() for k, v in logs.items()}
                     record = {"step": self.step, "images_seen": self.images_seen, **values,
                               "learning_rate": self.scheduler.get_last_lr()[0],
                               "images_per_second": window_images / max(now - window_time, 1e-9),
-                              "elapsed_seconds": now - start_time, "train_seconds": self.train_seconds}
+                              "elapsed_seconds": now - wall_start, "train_seconds": self.train_seconds}
                     window_time, window_images = now, 0
                     if is_main:
                         metrics_file.write(json.dumps(record) + "\n")
@@ -649,12 +656,13 @@ class Trainer:
                 metrics_file.close()
         if last_checkpoint_step != self.step:
             self.save_checkpoint()
-        elapsed = self.clock() - start_time
+        elapsed = self.wall_clock() - wall_start
         checkpoints = list_checkpoints(self.output_dir)
         summary = {
             "steps": self.step, "steps_this_run": self.step - start_step, "images_seen": self.images_seen,
             "seconds": elapsed, "images_per_second": (self.step - start_step) * config.batch_size / max(elapsed, 1e-9),
-            "train_seconds": self.train_seconds,
+            "train_seconds": self.train_seconds, "budget_clock": config.budget_clock,
+            "budget_seconds_this_run": self.clock() - start_time,
             "stopped_early": stopped_early, "final_loss": float(logs["loss"]) if logs else None,
             "checkpoint": str(checkpoints[-1]) if checkpoints else None,
         }
