@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # dit-dh: RAE's DiT^DH (2510.11690) in the RAE latent of the built-in mnist-vit teacher (preset `mnist-dit-dh`, method
 # dit-dh): a LightningDiT encoder 192 wide x 4 deep on the 8x8x128 latent (patch 1: 64 tokens) with a 320-wide DDT head
-# block (5.03M parameters, the report's size), logit-normal t with the dimension-dependent shift sqrt(8192 / 4096),
+# block (5.03M parameters, the report's size), logit-normal t with the dimension-dependent shift sqrt(8192 / 256) = 5.66 (base: the 8x8x4 KL latent),
 # Euler 50 steps on the same shifted grid, CFG 2.0.
 # Needs the tokenizer first: benchmarks/results/tokenizer-rae.sh (TOKENIZER = its $OUT/final).
 #   BUDGET_MINUTES, STEPS_PER_MINUTE (one core, the preset's batch), OUT (pipeline in $OUT/final), SEED, TOKENIZER
