@@ -101,7 +101,7 @@ class DetailFlowTokenizerLoss(AutoencoderLoss):
             loss = loss + self.adversarial_terms(model, target, reconstruction, rec_loss, random.key[1], logs)
         elif self.discriminator is not None:  # every parameter gets a gradient (DDP), as at the GAN's start
             loss = loss + sum(p.sum() for p in self.discriminator.parameters()) * 0.0
-        logs["usage"] = indices.flatten().unique().numel() / c.vocab_size * 100
+        logs["usage"] = torch.tensor(indices.flatten().unique().numel() / c.vocab_size * 100)
         logs["loss"] = loss
         return logs
 
@@ -116,6 +116,9 @@ class DetailFlowARConfig:
 class DetailFlowARObjective(TokenizedObjective):
     config_class = DetailFlowARConfig
     sampler_config_class = NextDetailSamplerConfig
+    # why `effigen edit` refuses (no `edit_spec`): a spatial mask has nothing to select in a 1D coarse-to-fine sequence
+    no_edit_reason = ("DetailFlow's 1D tokens each describe the whole image, coarse to fine, so no token belongs to a "
+                      "region that a mask could keep or regenerate")
 
     def __init__(self, config, num_classes: int, tokenizer: nn.Module | None = None):
         super().__init__(config, num_classes, tokenizer)
@@ -154,8 +157,7 @@ class DetailFlowARObjective(TokenizedObjective):
     def sample(self, network: nn.Module, labels: torch.Tensor, shape, settings: NextDetailSamplerConfig,
                generator: torch.Generator | None = None, edit=None) -> torch.Tensor:
         if edit is not None:
-            raise ValueError("DetailFlow has no zero-shot editing: its 1D tokens each describe the whole image (coarse "
-                             "to fine), so no token belongs to a region that a mask could keep or regenerate")
+            raise ValueError(f"DetailFlow has no zero-shot editing: {self.no_edit_reason}")
         return sample_next_detail(unwrap(network), self._tokenizer_on(labels.device), labels, settings, generator)
 
     def evaluations_per_sample(self, settings: NextDetailSamplerConfig) -> int:

@@ -233,6 +233,7 @@ class Quantizer(nn.Module):
         super().__init__()
         self.l2_norm, self.beta = l2_norm, beta
         self.embedding = nn.Embedding(vocab_size, dim)
+        self.register_buffer("hit_ema", torch.zeros(vocab_size), persistent=False)  # code usage, for the logs
         with torch.no_grad():  # the official init: U(-1/V, 1/V), then normalised
             self.embedding.weight.uniform_(-1.0 / vocab_size, 1.0 / vocab_size)
             if l2_norm:
@@ -260,7 +261,19 @@ class Quantizer(nn.Module):
         z_q = self.embed(indices)
         zs, qs = z[:, loss_from:], z_q[:, loss_from:]
         loss = (qs - zs.detach()).square().mean() + self.beta * (qs.detach() - zs).square().mean() if zs.numel() else z.sum() * 0
+        if self.training:
+            with torch.no_grad():
+                hits = indices.flatten().bincount(minlength=self.hit_ema.numel()).float()
+                if self.hit_ema.sum() > 0:
+                    self.hit_ema.mul_(0.99).add_(hits, alpha=0.01)
+                else:
+                    self.hit_ema.copy_(hits)
         return z + (z_q - z).detach(), loss, indices
+
+    def usage(self) -> list[float]:
+        """% of codes whose hit EMA exceeds 8% of a uniform share (one entry: a single codebook)."""
+        total = float(self.hit_ema.sum())
+        return [100.0 * float((self.hit_ema > total / self.hit_ema.numel() * 0.08).float().mean()) if total else 0.0]
 
 
 # ---------------------------------------------------------------------------------------------- the tokenizer
@@ -276,7 +289,8 @@ class DetailFlowTokenizer(TokenizerOutput, nn.Module):
     @classmethod
     def output_of(cls, config: DetailFlowConfig) -> TokenSpace:
         return TokenSpace(config.vocab_size, "sequence", config.resolution, length=config.num_tokens,
-                          embed_dim=config.code_dim, image_channels=config.in_channels)
+                          embed_dim=config.code_dim, image_channels=config.in_channels, group_size=config.group_size,
+                          causal_num=config.causal_num)
 
     def __init__(self, config: DetailFlowConfig):
         super().__init__()
