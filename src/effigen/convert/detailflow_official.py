@@ -194,8 +194,9 @@ def convert_detailflow_official(tokenizer_ckpt: str | Path, gpt_ckpt: str | Path
         raise CheckpointError(f"{gpt_ckpt} models {g.num_tokens} tokens (groups of {g.group_size}, vocabulary "
                               f"{g.vocab_size}); {tokenizer_ckpt} makes {t.num_tokens} (groups of {t.group_size}, "
                               f"vocabulary {t.vocab_size})")
-    _, yaml_config = read_run_configs(gpt_ckpt)
-    objective = DetailFlowARConfig(label_dropout=0.1, correction_prob=float(yaml_config.get("correction_prob", 0.3)))
+    config, yaml_config = read_run_configs(gpt_ckpt)
+    objective = DetailFlowARConfig(label_dropout=float(config.get("class_dropout_prob", 0.1)),
+                                   correction_prob=float(yaml_config.get("correction_prob", 0.3)))
     sampler = NextDetailSamplerConfig(cfg_scale=cfg_scale or OFFICIAL_CFG.get(t.num_tokens, 1.45), top_k=0, top_p=0.0)
     info = {"source": "ByteFlow-AI/DetailFlow", "tokenizer": str(tokenizer_ckpt), "gpt": str(gpt_ckpt),
             "licence": "Apache-2.0", "resolution": t.resolution}

@@ -470,4 +470,7 @@ class DetailFlowTokenizer(TokenizerOutput, nn.Module):
             total = 2 * N - end
             vq_loss = vq_loss * N / total + refined_loss * (N - end) / total
             codes = torch.cat((codes, torch.cat((prefix, refined[:, end:]), dim=1)), dim=0)
+        elif self.training:  # the re-encoder sits out this batch: keep it in the graph (DDP wants every gradient)
+            unused = (self.refine_conv.weight, self.refine_conv.bias, self.encoder.refined_tokens)
+            vq_loss = vq_loss + sum(p.sum() for p in unused) * 0.0
         return self.decode_codes(codes[:, :t]), vq_loss, indices
