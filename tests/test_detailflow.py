@@ -263,3 +263,20 @@ def test_cli_end_to_end(tmp_path, run_cli, capsys):
     code, out, err = run_cli(["edit", "--from", folder, "--image", tmp_path / "samples.png", "--box",
                               "0.25,0.25,0.75,0.75", "--out", tmp_path / "edit.png"], capsys)
     assert code != 0 and "1D tokens each describe the whole image" in err
+
+
+def test_continuous_warmup_and_dead_code_restarts():
+    tokenizer = tiny_tokenizer().train()
+    x = images()
+    out, vq_loss, ids = tokenizer(x, t=4, quantize=False)
+    assert out.shape == (2, 3, tokenizer.decoder_resolution(4), tokenizer.decoder_resolution(4))
+    with pytest.raises(ValueError, match="needs the codes"):
+        tokenizer(x, noise_idx=2, quantize=False)
+    quantizer = tokenizer.quantize
+    dead = quantizer.hit_ema < 0.03
+    assert dead.any()  # 16 tokens of one batch cannot hit all 16 codes
+    before = quantizer.embedding.weight.clone()
+    moved = quantizer.restart_dead_codes(0.03, torch.Generator().manual_seed(0))
+    assert moved == int(dead.sum()) and torch.equal(quantizer.embedding.weight[~dead], before[~dead])
+    pool = quantizer.restart_pool
+    assert all((pool == row).all(-1).any() for row in quantizer.embedding.weight[dead])

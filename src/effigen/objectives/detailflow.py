@@ -10,6 +10,9 @@ Tokenizer (`DetailFlowTokenizerLoss`, method `detailflow-tokenizer`), per batch 
   probability argument is 1). The batch then decodes twice: the clean codes and [clean prefix, noisy token(s),
   codes re-encoded after them], both against the same target, so later tokens learn to repair earlier errors;
 - loss = l2_weight * MSE + l1_weight * L1 + vq_weight * VQ loss (codebook + beta * commitment, l2-normalised),
+  with the VQ tokenizers' dead-code restarts every `restart_every` steps (ours: the codebook of a from-scratch
+  tokenizer collapses on MNIST without them; the official encoder starts from pretrained SigLIP2), and optionally
+  (`continuous_steps`, ours, for the same reason) a first phase that decodes the unquantised normalised latents,
   plus the trainer's perceptual / patch-GAN terms at full resolution only (the official code likewise turns its
   LPIPS and GAN terms off below `degradation_loss_res`). The random near code of each noisy token is one of the 50
   nearest.
@@ -34,8 +37,8 @@ from torch import nn
 
 from ..rng import BatchRandom
 from ..samplers.detailflow import NextDetailSamplerConfig, detail_schedule, sample_next_detail
-from .autoencoder import AutoencoderLoss
 from .next_scale import TokenizedObjective, unwrap
+from .vq_tokenizer import VQTokenizerLoss
 
 
 def draw_prefix(num_tokens: int, group_size: int, causal_num: int, u: float) -> int:
@@ -65,9 +68,14 @@ class DetailFlowTokenizerLossConfig:
     gan_start_step: int = 0
     discriminator_channels: int = 64
     discriminator_layers: int = 2
+    restart_every: int = 25  # dead-code restarts (ours, see Quantizer.restart_dead_codes); 0 disables
+    restart_threshold: float = 0.03  # hit EMA (hits per batch) below which a code is dead
+    continuous_steps: int = 0  # ours: decode unquantised latents for this many first steps (no self-correction yet)
 
 
-class DetailFlowTokenizerLoss(AutoencoderLoss):
+class DetailFlowTokenizerLoss(VQTokenizerLoss):
+    """VQ tokenizer loss (with its dead-code restarts, `after_step`) on degraded prefixes and self-corrected codes."""
+
     config_class = DetailFlowTokenizerLossConfig
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], random: BatchRandom) -> dict[str, torch.Tensor]:
@@ -78,13 +86,15 @@ class DetailFlowTokenizerLoss(AutoencoderLoss):
         t = c.num_tokens
         if draws[0] < c.degradation_prob:
             t = draw_prefix(c.num_tokens, c.group_size, c.causal_num, draws[1])
-        noise_idx = draw_noise_index(t, c.group_size, c.causal_num, draws[2]) if c.correction_training else None
+        quantized = random.key[1] >= self.config.continuous_steps  # key[1]: the step
+        noise_idx = (draw_noise_index(t, c.group_size, c.causal_num, draws[2])
+                     if c.correction_training and quantized else None)
         choice = None
         if noise_idx is not None:
             span = tokenizer.noise_span(noise_idx) - noise_idx
             choice = random.rand(span)  # per sample: which near code replaces each noisy token
         target = tokenizer.degraded_target(images, t) if t < c.num_tokens else images
-        reconstruction, vq_loss, indices = model(images, t, noise_idx, choice)
+        reconstruction, vq_loss, indices = model(images, t, noise_idx, choice, quantized)
         reconstruction = reconstruction.float()
         if noise_idx is not None:
             target = torch.cat((target, target))

@@ -233,7 +233,8 @@ class Quantizer(nn.Module):
         super().__init__()
         self.l2_norm, self.beta = l2_norm, beta
         self.embedding = nn.Embedding(vocab_size, dim)
-        self.register_buffer("hit_ema", torch.zeros(vocab_size), persistent=False)  # code usage, for the logs
+        self.register_buffer("hit_ema", torch.zeros(vocab_size), persistent=False)  # code usage (logs, restarts)
+        self.restart_pool: torch.Tensor | None = None  # latents of the last training batch
         with torch.no_grad():  # the official init: U(-1/V, 1/V), then normalised
             self.embedding.weight.uniform_(-1.0 / vocab_size, 1.0 / vocab_size)
             if l2_norm:
@@ -264,11 +265,36 @@ class Quantizer(nn.Module):
         if self.training:
             with torch.no_grad():
                 hits = indices.flatten().bincount(minlength=self.hit_ema.numel()).float()
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(hits)
+                # restart candidates: up to 4 fixed token positions per sample (independent of the batch split)
+                positions = torch.linspace(0, z.shape[1] - 1, min(4, z.shape[1]), device=z.device).long()
+                self.restart_pool = z[:, positions].reshape(-1, z.shape[-1]).detach()
                 if self.hit_ema.sum() > 0:
                     self.hit_ema.mul_(0.99).add_(hits, alpha=0.01)
                 else:
                     self.hit_ema.copy_(hits)
         return z + (z_q - z).detach(), loss, indices
+
+    @torch.no_grad()
+    def restart_dead_codes(self, threshold: float, generator: torch.Generator) -> int:
+        """Move codes whose hit EMA is below `threshold` onto latents of the last training batch (gathered over
+        processes, so every process restarts alike). Ours, not the official code's: without it the codebook of a
+        from-scratch tokenizer collapses to a handful of codes on MNIST. Returns how many moved."""
+        pool = self.restart_pool
+        if pool is None:
+            return 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [torch.empty_like(pool) for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(gathered, pool)
+            pool = torch.cat(gathered)
+        dead = (self.hit_ema < threshold).nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        choice = torch.randint(pool.shape[0], (dead.numel(),), generator=generator).to(pool.device)
+        self.embedding.weight[dead] = pool[choice].to(self.embedding.weight.dtype)
+        self.hit_ema[dead] = self.hit_ema.mean()
+        return int(dead.numel())
 
     def usage(self) -> list[float]:
         """% of codes whose hit EMA exceeds 8% of a uniform share (one entry: a single codebook)."""
@@ -451,15 +477,26 @@ class DetailFlowTokenizer(TokenizerOutput, nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(self, images: torch.Tensor, t: int | None = None, noise_idx: int | None = None,
-                choice: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                choice: torch.Tensor | None = None, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass (the official `VQModel.forward`): encode all N tokens, decode the first t (default N) at
         the decoder resolution of t. With `noise_idx`, the batch doubles: [clean reconstructions; reconstructions
         from the noisy prefix + re-encoded rest], and the VQ loss mixes the clean and the re-encoded terms by their
-        token counts. Returns (reconstructions (unclamped), VQ loss, indices (B, N) of the clean pass)."""
+        token counts. `quantize=False` (ours: a continuous warm-up) decodes the normalised latents themselves and
+        keeps only the codebook term of the VQ loss, so the encoder learns image-dependent latents before the codes
+        take over (from scratch, they otherwise collapse onto one code). Returns (reconstructions (unclamped), VQ loss,
+        indices (B, N) of the clean pass)."""
         N = self.config.num_tokens
         t = N if t is None else self.check_prefix(t)
         z = self.latents(images)
         codes, vq_loss, indices = self.quantize(z)
+        if not quantize:
+            if noise_idx is not None:
+                raise ValueError("self-correction needs the codes: no noise_idx with quantize=False")
+            continuous = self.quantize.prepare(z.float())
+            vq_loss = (self.quantize.embed(indices) - continuous.detach()).square().mean()
+            unused = (self.refine_conv.weight, self.refine_conv.bias, self.encoder.refined_tokens)
+            vq_loss = vq_loss + sum(p.sum() for p in unused) * 0.0
+            return self.decode_codes(continuous[:, :t]), vq_loss, indices
         if noise_idx is not None:
             end = self.noise_span(noise_idx)
             if choice is None:
