@@ -78,6 +78,15 @@ class DetailFlowTokenizerLoss(VQTokenizerLoss):
 
     config_class = DetailFlowTokenizerLossConfig
 
+    @torch.no_grad()
+    def after_step(self, network: nn.Module, step: int, seed: int) -> dict[str, float]:
+        """The VQ tokenizers' dead-code restarts; at the end of the continuous warm-up, every code restarts onto the
+        latents of the last batch (the codebook starts from the encoder's own latents, like a k-means init)."""
+        if self.config.continuous_steps and step == self.config.continuous_steps:
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            self.restarted += unwrap(network).quantize.restart_dead_codes(float("inf"), generator)
+        return super().after_step(network, step, seed)
+
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], random: BatchRandom) -> dict[str, torch.Tensor]:
         images = batch["images"]
         tokenizer = unwrap(model)

@@ -267,11 +267,9 @@ class Quantizer(nn.Module):
                 hits = indices.flatten().bincount(minlength=self.hit_ema.numel()).float()
                 if torch.distributed.is_available() and torch.distributed.is_initialized():
                     torch.distributed.all_reduce(hits)
-                # restart candidates: up to 4 fixed token positions per sample (independent of the batch split)
-                positions = torch.linspace(0, z.shape[1] - 1, min(4, z.shape[1]), device=z.device).long()
-                self.restart_pool = z[:, positions].reshape(-1, z.shape[-1]).detach()
-                if self.hit_ema.sum() > 0:
-                    self.hit_ema.mul_(0.99).add_(hits, alpha=0.01)
+                self.restart_pool = z.reshape(-1, z.shape[-1]).detach()  # restart candidates: every latent
+                if self.hit_ema.sum() > 0:  # a short memory (about 10 batches), so unused codes restart soon
+                    self.hit_ema.mul_(0.9).add_(hits, alpha=0.1)
                 else:
                     self.hit_ema.copy_(hits)
         return z + (z_q - z).detach(), loss, indices
