@@ -271,7 +271,9 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "method": "detailflow-tokenizer",
         "data": {"name": "mnist", "resolution": 32},
         "network_preset": "DetailFlow-S",
-        "objective": {"l2_weight": 1.0, "l1_weight": 0.2, "perceptual_weight": 0.1, "perceptual_net": "mnist-net"},
+        # continuous_steps / restarts: ours (docs/detailflow.md): from scratch the codebook otherwise collapses
+        "objective": {"l2_weight": 1.0, "l1_weight": 0.2, "perceptual_weight": 0.1, "perceptual_net": "mnist-net",
+                      "continuous_steps": 150, "restart_every": 25},
         "trainer": {**_TOKENIZER_TRAINER, "output_dir": "runs/mnist-detailflow-tokenizer", "learning_rate": 5e-4,
                     "betas": [0.9, 0.95]},
     },
