@@ -23,7 +23,8 @@ from conftest import randomize
 
 def tiny_tokenizer(**overrides) -> DetailFlowTokenizer:
     torch.manual_seed(0)
-    return randomize(DetailFlowTokenizer(DetailFlowConfig(**{**DETAILFLOW_PRESETS["DetailFlow-Test"], **overrides}))).eval()
+    config = DetailFlowConfig(**{**DETAILFLOW_PRESETS["DetailFlow-Test"], **overrides})
+    return randomize(DetailFlowTokenizer(config)).eval()
 
 
 def tiny_gpt(num_tokens=8, group_size=2, causal_num=None, vocab_size=16) -> DetailFlowGPT:
@@ -51,11 +52,10 @@ def test_resolution_map_endpoints_and_formula():
 
 def test_prefix_to_resolution_mapping_of_a_tokenizer():
     # the official ResolutionDegradation at max size 64, 32 tokens, groups of 4, decoder patch 8 (the parity folder's)
+    vit = {"width": 8, "depth": 1, "heads": 2, "mlp": 8, "patch": 8, "positions": 8}
+    sizes = {f"{part}_{key}": value for part in ("encoder", "decoder") for key, value in vit.items()}
     tokenizer = DetailFlowTokenizer(DetailFlowConfig(resolution=64, num_tokens=32, group_size=4, vocab_size=8,
-                                                     code_dim=4, encoder_width=8, encoder_depth=1, encoder_heads=2,
-                                                     encoder_mlp=8, encoder_patch=8, encoder_positions=8, decoder_width=8,
-                                                     decoder_depth=1, decoder_heads=2, decoder_mlp=8, decoder_patch=8,
-                                                     decoder_positions=8))
+                                                     code_dim=4, **sizes))
     assert tokenizer.prefixes == [1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32]
     assert [tokenizer.target_resolution(t) for t in tokenizer.prefixes] == [1, 4, 6, 9, 21, 31, 40, 48, 55, 61, 64]
     assert [tokenizer.decoder_resolution(t) for t in tokenizer.prefixes] == [8, 8, 8, 16, 24, 32, 40, 48, 56, 64, 64]
@@ -120,7 +120,7 @@ def test_encoder_latents_are_group_causal():
     x = images()
     with torch.no_grad():
         before = tokenizer.latents(x)
-        tokenizer.encoder.latent_tokens[:, 4:] += torch.randn(1, 4, 16)  # change the queries of tokens 4.. (groups 4-5 and 6-7)
+        tokenizer.encoder.latent_tokens[:, 4:] += torch.randn(1, 4, 16)  # the queries of tokens 4.. (groups 4-5, 6-7)
         after = tokenizer.latents(x)
     assert torch.allclose(before[:, :4], after[:, :4], atol=1e-6)  # earlier tokens never see later queries
     assert not torch.allclose(before[:, 4:6], after[:, 4:6])

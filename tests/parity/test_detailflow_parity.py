@@ -129,7 +129,8 @@ def test_convert_command(case, tmp_path):
     spec, vectors, pipeline, path = case
     files = spec["files"]
     assert main(["convert", "detailflow-official", "--tokenizer-ckpt", str(path / files["tokenizer_checkpoint"]),
-                 "--gpt-ckpt", str(path / files["gpt_checkpoint"]), "--siglip-config", str(path / files["siglip2_config"]),
+                 "--gpt-ckpt", str(path / files["gpt_checkpoint"]),
+                 "--siglip-config", str(path / files["siglip2_config"]),
                  "--out", str(tmp_path / "cli")]) == 0
     converted = Pipeline.from_pretrained(tmp_path / "cli")
     assert converted.method.name == "detailflow" and converted.sampler_config.top_k == 0

@@ -168,8 +168,8 @@ def gpt_config(state: dict, config: dict, yaml_config: dict) -> DetailFlowGPTCon
         rope_base=float(config.get("rope_base", 10000)), token_dropout=float(config.get("token_dropout_p", 0.1)),
         resid_dropout=float(config.get("resid_dropout_p", 0.1)), ffn_dropout=float(config.get("ffn_dropout_p", 0.1)),
         drop_path_rate=float(config.get("drop_path_rate", 0.0)), num_classes=int(config["num_classes"]),
-        vocab_size=int(config["vocab_size"]), num_tokens=int(config["block_size"]), group_size=int(config["group_size"]),
-        causal_num=config.get("causal_num"))
+        vocab_size=int(config["vocab_size"]), num_tokens=int(config["block_size"]),
+        group_size=int(config["group_size"]), causal_num=config.get("causal_num"))
 
 
 def load_official_gpt(checkpoint: str | Path) -> DetailFlowGPT:
@@ -190,7 +190,8 @@ def convert_detailflow_official(tokenizer_ckpt: str | Path, gpt_ckpt: str | Path
     tokenizer = load_official_tokenizer(tokenizer_ckpt, siglip_config)
     network = load_official_gpt(gpt_ckpt)
     t, g = tokenizer.config, network.config
-    if (t.num_tokens, t.group_size, t.causal_num, t.vocab_size) != (g.num_tokens, g.group_size, g.causal_num, g.vocab_size):
+    layout = ("num_tokens", "group_size", "causal_num", "vocab_size")
+    if any(getattr(t, key) != getattr(g, key) for key in layout):
         raise CheckpointError(f"{gpt_ckpt} models {g.num_tokens} tokens (groups of {g.group_size}, vocabulary "
                               f"{g.vocab_size}); {tokenizer_ckpt} makes {t.num_tokens} (groups of {t.group_size}, "
                               f"vocabulary {t.vocab_size})")

@@ -115,7 +115,8 @@ DETAILFLOW_PRESETS: dict[str, dict] = {
     **{name: {"resolution": 32, "num_tokens": n, "group_size": 4, "vocab_size": 512, "code_dim": 8,
               "encoder_width": 128, "encoder_depth": 3, "encoder_heads": 4, "encoder_mlp": 512, "encoder_patch": 4,
               "encoder_positions": 8, "decoder_width": 128, "decoder_depth": 3, "decoder_heads": 4, "decoder_mlp": 512,
-              "decoder_patch": 4, "decoder_positions": 8} for name, n in (("DetailFlow-S", 32), ("DetailFlow-S-64", 64))},
+              "decoder_patch": 4, "decoder_positions": 8}
+       for name, n in (("DetailFlow-S", 32), ("DetailFlow-S-64", 64))},
     "DetailFlow-Test": {"resolution": 16, "num_tokens": 8, "group_size": 2, "vocab_size": 16, "code_dim": 4,
                         "encoder_width": 16, "encoder_depth": 1, "encoder_heads": 2, "encoder_mlp": 32,
                         "encoder_patch": 4, "encoder_positions": 4, "decoder_width": 16, "decoder_depth": 1,
@@ -203,7 +204,7 @@ class LatentViT(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps)
 
     @property
-    def last_layer(self) -> torch.Tensor:  # the decoder's pixel head (the GAN's adaptive weight balances gradients here)
+    def last_layer(self) -> torch.Tensor:  # the decoder's pixel head (the GAN's adaptive weight balances it)
         return self.to_pixel.weight
 
     def grid_positions(self, side: int) -> torch.Tensor:
@@ -249,6 +250,10 @@ class Quantizer(nn.Module):
         e = self.codebook()
         return z.square().sum(-1, keepdim=True) + e.square().sum(-1) - 2 * torch.einsum("bnc,vc->bnv", z, e)
 
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Ids (B, n) of the nearest codes to raw latents z (B, n, C)."""
+        return self.distances(self.prepare(z.float())).argmin(-1)
+
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         return F.embedding(indices, self.codebook())
 
@@ -258,7 +263,10 @@ class Quantizer(nn.Module):
         indices = self.distances(z).argmin(-1)
         z_q = self.embed(indices)
         zs, qs = z[:, loss_from:], z_q[:, loss_from:]
-        loss = (qs - zs.detach()).square().mean() + self.beta * (qs.detach() - zs).square().mean() if zs.numel() else z.sum() * 0
+        if zs.numel():  # codebook term + beta * commitment
+            loss = (qs - zs.detach()).square().mean() + self.beta * (qs.detach() - zs).square().mean()
+        else:
+            loss = z.sum() * 0
         if self.training:
             with torch.no_grad():
                 hits = indices.flatten().bincount(minlength=self.hit_ema.numel()).float()
@@ -392,12 +400,13 @@ class DetailFlowTokenizer(TokenizerOutput, nn.Module):
     @torch.no_grad()
     def indices_from_images(self, images: torch.Tensor) -> torch.Tensor:
         """Token ids (B, N) int64, coarse to fine."""
-        return self.quantize.distances(self.quantize.prepare(self.latents(images).float())).argmin(-1)
+        return self.quantize.nearest(self.latents(images))
 
     def latent_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """ids (B, n) -> code vectors (B, n, code_dim) (normalised codebook rows)."""
         if indices.ndim != 2 or indices.shape[1] > self.config.num_tokens:
-            raise ValueError(f"expected token ids (B, n) with n <= {self.config.num_tokens}, got {tuple(indices.shape)}")
+            raise ValueError(f"expected token ids (B, n) with n <= {self.config.num_tokens}, "
+                             f"got {tuple(indices.shape)}")
         return self.quantize.embed(indices)
 
     @torch.no_grad()
@@ -431,15 +440,17 @@ class DetailFlowTokenizer(TokenizerOutput, nn.Module):
         (B, span)); the corrected target keeps the clean ids before noise_end and re-encodes the rest."""
         end = self.noise_span(noise_idx)
         z = self.latents(images)
-        clean = self.quantize.distances(self.quantize.prepare(z.float())).argmin(-1)
+        clean = self.quantize.nearest(z)
         if noisy is None:
             if choice is None:
                 choice = torch.rand(z.shape[0], end - noise_idx)
             noisy = self.near_codes(z[:, noise_idx:end], choice.to(z.device))
         noisy_input = torch.cat((clean[:, :noise_idx], noisy), dim=1)  # (B, end)
         refined = self.latents(images, self.quantize.embed(noisy_input))
-        again = self.quantize.distances(self.quantize.prepare(refined.float())).argmin(-1)
-        return torch.stack((clean, torch.cat((noisy_input, again[:, end:]), 1), torch.cat((clean[:, :end], again[:, end:]), 1)), -1)
+        again = self.quantize.nearest(refined)
+        noisy_stream = torch.cat((noisy_input, again[:, end:]), dim=1)
+        corrected = torch.cat((clean[:, :end], again[:, end:]), dim=1)
+        return torch.stack((clean, noisy_stream, corrected), dim=-1)  # (B, N, 3)
 
     # ------------------------------------------------------------------ decoder
     def decode_codes(self, codes: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
@@ -472,7 +483,8 @@ class DetailFlowTokenizer(TokenizerOutput, nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(self, images: torch.Tensor, t: int | None = None, noise_idx: int | None = None,
-                choice: torch.Tensor | None = None, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                choice: torch.Tensor | None = None,
+                quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training pass (the official `VQModel.forward`): encode all N tokens, decode the first t (default N) at
         the decoder resolution of t. With `noise_idx`, the batch doubles: [clean reconstructions; reconstructions
         from the noisy prefix + re-encoded rest], and the VQ loss mixes the clean and the re-encoded terms by their
