@@ -316,7 +316,9 @@ class Pipeline:
         (inpainting: a box; outpainting: everything outside a box). labels: class per image (the target class for
         class-conditional editing); None or `num_classes` = unconditional (the null class)."""
         if not hasattr(self.objective, "edit_spec"):
-            raise ValueError(f"method {self.method.name} does not support zero-shot editing (token generators do: var, hmar, resgen)")
+            why = getattr(self.objective, "no_edit_reason", "")
+            raise ValueError(f"method {self.method.name} does not support zero-shot editing{': ' + why if why else ''} "
+                             "(token generators do: var, hmar, resgen)")
         device = self.device
         images = torch.as_tensor(images, dtype=torch.float32).to(device)
         if images.ndim != 4 or tuple(images.shape[1:]) != tuple(self.sample_shape):

@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from .models.detailflow import DETAILFLOW_GPT_PRESETS, DetailFlowGPT
 from .models.dit import DIT_PRESETS, DiT
 from .models.bfm import BFM, BFM_PRESETS
 from .models.dico import DICO_PRESETS, DiCo
@@ -29,6 +30,7 @@ from .models.resgen import RESGEN_PRESETS, ResGen
 from .models.var import VAR, VAR_PRESETS
 from .objectives.alignment import Projectors
 from .objectives.ddpm import GaussianDiffusion
+from .objectives.detailflow import DetailFlowARObjective, DetailFlowTokenizerLoss
 from .objectives.distilled import DistilledGenerator
 from .objectives.flow_matching import RectifiedFlow
 from .objectives.hmar import HMARObjective
@@ -41,6 +43,7 @@ from .objectives.rae import RAEDecoderLoss, RAEFlow
 from .objectives.resgen import ResGenObjective
 from .objectives.vq_tokenizer import MSVQ_PRESETS, VQTokenizerLoss
 from .tokenizers.base import accepts as _accepts
+from .tokenizers.detailflow import DETAILFLOW_PRESETS, DetailFlowTokenizer
 from .tokenizers.kl_vae import KLVAE
 from .tokenizers.msvq import MultiScaleVQ
 from .tokenizers.rae import RAE, RAE_PRESETS
@@ -99,6 +102,9 @@ METHODS: dict[str, Method] = {
                   kind="tokenizer"),
     "rvq": Method("rvq", ResidualVQ, VQTokenizerLoss, RVQ_PRESETS, "residual-VQ tokenizer (RQ-VAE 2203.01941) of ResGen",
                   kind="tokenizer"),
+    "detailflow-tokenizer": Method("detailflow-tokenizer", DetailFlowTokenizer, DetailFlowTokenizerLoss,
+                                   DETAILFLOW_PRESETS, "DetailFlow's 1D coarse-to-fine tokenizer (2505.21473)",
+                                   kind="tokenizer"),
     "var": Method("var", VAR, NextScalePrediction, VAR_PRESETS, "VAR next-scale prediction (2404.02905)",
                   accepts=("multiscale",)),
     "raster-ar": Method("raster-ar", GPT, NextTokenPrediction, GPT_PRESETS, "LlamaGen-style raster AR (2406.06525)",
@@ -108,6 +114,9 @@ METHODS: dict[str, Method] = {
     "resgen": Method("resgen", ResGen, ResGenObjective, RESGEN_PRESETS,
                      "ResGen masked position x depth prediction of summed RVQ embeddings (2412.10208)",
                      accepts=("residual",)),
+    "detailflow": Method("detailflow", DetailFlowGPT, DetailFlowARObjective, DETAILFLOW_GPT_PRESETS,
+                         "DetailFlow next-detail prediction with group-parallel decoding and self-correction (2505.21473)",
+                         accepts=("sequence",)),
     "lowdiff": Method("lowdiff", LowDiffNet, LowDiffCascade, LOWDIFF_PRESETS,
                       "LowDiff one-network low-to-high resolution cascade (2509.15342), flow matching",
                       accepts=("continuous",), tokenizer_required=False),
@@ -126,8 +135,8 @@ METHODS: dict[str, Method] = {
 # Every class a pipeline folder may hold as a component (generator, tokenizer, guidance model, teacher, a
 # low-resolution stage, quantization parameters, ...), by the class name that model_index.json records. A component
 # class has `config_class` (a dataclass) and is built as `cls(config)`.
-COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, ResidualVQ, Projectors,
-                                                              QuantizedNetwork)}
+COMPONENTS: dict[str, type] = {cls.__name__: cls for cls in (KLVAE, MultiScaleVQ, ResidualVQ, DetailFlowTokenizer,
+                                                              Projectors, QuantizedNetwork)}
 COMPONENTS.update({m.network_class.__name__: m.network_class for m in METHODS.values()})
 TOKENIZERS: dict[str, type] = {"MultiScaleVQ": MultiScaleVQ, "KLVAE": KLVAE, "RAE": RAE,
                                "ResidualVQ": ResidualVQ}  # the tokenizer classes, for cache-latents

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO_ROOT / "benchmarks" / "results"
-PARAMETER_TARGET = 5.05e6  # VAR-d4 on mnist-msvq; GPT-S 5.09M, HMAR-d4 5.12M, ResGen-d4 4.93M
+PARAMETER_TARGET = 5.05e6  # VAR-d4 on mnist-msvq; GPT-S 5.09M, HMAR-d4 5.12M, ResGen-d4 4.93M, DetailFlow-GPT-S 5.09M
 PARAMETER_TOLERANCE = 0.10
 MAIN_SEED = 0
 
@@ -69,6 +69,10 @@ RECIPES: list[Recipe] = [
     Recipe("tokenizer-rae", "tokenizer-rae.sh", "RAE (frozen mnist-vit + ViT decoder)", kind="tokenizer"),
     Recipe("tokenizer-rvq", "tokenizer-rvq.sh", "residual-VQ VAE, depth 4", kind="tokenizer", settings=(("DEPTH", "4"),)),
     Recipe("tokenizer-rvq8", "tokenizer-rvq.sh", "residual-VQ VAE, depth 8", kind="tokenizer", settings=(("DEPTH", "8"),)),
+    Recipe("tokenizer-detailflow", "tokenizer-detailflow.sh", "DetailFlow 1D coarse-to-fine tokenizer, 32 tokens",
+           kind="tokenizer", settings=(("TOKENS", "32"),)),
+    Recipe("tokenizer-detailflow-64", "tokenizer-detailflow.sh", "DetailFlow 1D coarse-to-fine tokenizer, 64 tokens",
+           kind="tokenizer", settings=(("TOKENS", "64"),)),
     Recipe("dit-flow", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003"),
     Recipe("dit-ddpm", "dit-ddpm.sh", "DiT 2212.09748 (DDPM, learned variance)"),
     Recipe("sit", "sit.sh", "SiT 2401.08740"),
@@ -92,6 +96,9 @@ RECIPES: list[Recipe] = [
     Recipe("dit-flow-seed1", "dit-flow.sh", "DiT 2212.09748 + rectified flow 2209.03003", seed=1, replicate_of="dit-flow"),
     Recipe("resgen", "resgen.sh", "ResGen 2412.10208 (RVQ depth 4)", tokenizer="tokenizer-rvq"),
     Recipe("resgen-rvq8", "resgen.sh", "ResGen 2412.10208 (RVQ depth 8)", tokenizer="tokenizer-rvq8"),
+    Recipe("detailflow", "detailflow.sh", "DetailFlow 2505.21473 (32 tokens, groups of 4)", tokenizer="tokenizer-detailflow"),
+    Recipe("detailflow-64", "detailflow.sh", "DetailFlow 2505.21473 (64 tokens, groups of 4)",
+           tokenizer="tokenizer-detailflow-64"),
     Recipe("bfm", "bfm.sh", "BFM 2510.21167 (segment velocity blocks + SemFeat, then FRA)"),
     Recipe("lamamba", "lamamba.sh", "LaMamba-Diff 2408.02615 (DDPM, learned variance)"),
     Recipe("dit-dh", "dit-dh.sh", "RAE 2510.11690: DiT^DH + RAE latent of mnist-vit", tokenizer="tokenizer-rae"),

@@ -57,3 +57,7 @@ class BatchRandom:
 
     def randint(self, high: int, *shape: int) -> torch.Tensor:
         return self._slice(torch.randint(high, (self.global_size, *shape), generator=self._generator()))
+
+    def shared_rand(self, *shape: int) -> torch.Tensor:
+        """Uniform [0, 1) of `shape`, the same on every process: batch-wide decisions (DetailFlow's prefix length)."""
+        return torch.rand(*shape, generator=self._generator()).to(self.device)

@@ -14,6 +14,8 @@
     effigen convert rae-decoder --ckpt decoders/dinov2/wReg_base/ViTXL_n08/model.pt --stats stat.pt \
         --encoder dinov2-vitb14-reg=/w/dinov2-with-registers-base --out rae-dinov2-b   # an `rae` tokenizer folder
     effigen convert sd-vae --vae sd-vae-ft-mse/ --out sd-vae          # diffusers folder or a single weights file
+    effigen convert detailflow-official --tokenizer-ckpt DetailFlow-16/checkpoints/128.pt \
+        --gpt-ckpt DetailFlow-16-GPT-L/checkpoints/128.pt --out detailflow-128
     effigen convert dit-official --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-mse/ --out dit-xl-2-256
     effigen convert lightningdit-official --ckpt lightningdit-xl-imagenet256-800ep.pt \
         --vae vavae-imagenet256-f16d32-dinov2.pt --latent-stats latents_stats.pt --out lightningdit-xl-1
@@ -30,7 +32,9 @@ rae-official (bytetriper/RAE stage-2 DiT^DH training checkpoints or released sta
 DDT head, the official Euler grid and dimension-dependent shift; with --guidance-ckpt the autoguidance model becomes
 the folder's `guidance_model` and the default sampler is the paper's autoguidance at 1.42); rae-decoder (an RAE
 stage-1 ViT-MAE decoder + its stat.pt, with the frozen encoder named by --encoder, as an `rae` tokenizer folder;
-checked against the official layout only, see docs/rae.md).
+checked against the official layout only, see docs/rae.md); detailflow-official (ByteFlow-AI/DetailFlow's released
+<run>/checkpoints/<tokens>.pt of the tokenizer ('model') and the GPT ('ema'), with the run's config.json / config.yaml
+two levels up, as the official loaders read them; Apache-2.0).
 sd-vae: a KL autoencoder (SD-VAE in diffusers or LDM layout, LightningDiT's VA-VAE) -> a tokenizer folder.
 With `--vae`, the DiT-family converters put the autoencoder into the folder so that it decodes to images;
 without it they sample latents (`output_type="latent"`).
@@ -41,7 +45,8 @@ from __future__ import annotations
 import argparse
 
 CONVERTERS = ("dit-official", "lightningdit-official", "sit-official", "repa-official", "var-official", "hmar-official",
-              "sd-vae", "dico-official", "bfm-official", "lamamba-official", "rae-official", "rae-decoder")
+              "sd-vae", "dico-official", "bfm-official", "lamamba-official", "rae-official", "rae-decoder",
+              "detailflow-official")
 
 
 def run(argv: list[str]) -> int:
@@ -79,6 +84,12 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--encoder", help="rae-decoder: the frozen encoder's teacher spec (dinov2-vitb14-reg=PATH)")
     parser.add_argument("--stats", help="rae-decoder: the latent statistics file (stat.pt: mean and var)")
     parser.add_argument("--shift-base", type=float, help="rae-official: time_dist_shift_base (default 4096)")
+    parser.add_argument("--tokenizer-ckpt", help="detailflow-official: the tokenizer's <run>/checkpoints/<tokens>.pt "
+                                                 "(config.json and config.yaml two levels up)")
+    parser.add_argument("--gpt-ckpt", help="detailflow-official: the AR model's <run>/checkpoints/<tokens>.pt")
+    parser.add_argument("--siglip-config", help="detailflow-official: the SigLIP2 config.json the tokenizer was built "
+                                                "from (default: $CACHE_DATA_PATH/siglip2-so400m-patch16-naflex, else "
+                                                "so400m's head count)")
     parser.add_argument("--out", required=True, help="output pipeline folder")
     parser.add_argument("--num-heads", type=int, help="attention heads (not stored in DiT checkpoints; default: official sizes)")
     parser.add_argument("--steps", type=int, default=250,
@@ -119,6 +130,19 @@ def run(argv: list[str]) -> int:
         parser.error(f"only lamamba-official takes {', '.join(lamamba_only)}")
     if args.heun and args.mode != "ode":
         parser.error("--heun is the ODE's corrector: give --mode ode with it")
+    detailflow_only = [flag for flag, value in (("--tokenizer-ckpt", args.tokenizer_ckpt), ("--gpt-ckpt", args.gpt_ckpt),
+                                                ("--siglip-config", args.siglip_config)) if value is not None]
+    if detailflow_only and args.source != "detailflow-official":
+        parser.error(f"only detailflow-official takes {', '.join(detailflow_only)}")
+    if args.source == "detailflow-official":
+        if not (args.tokenizer_ckpt and args.gpt_ckpt):
+            parser.error("detailflow-official needs --tokenizer-ckpt and --gpt-ckpt (<run>/checkpoints/<tokens>.pt)")
+        from ..convert.detailflow_official import convert_detailflow_official
+
+        path = convert_detailflow_official(args.tokenizer_ckpt, args.gpt_ckpt, args.out, args.siglip_config,
+                                           args.cfg_scale)
+        print(f"converted {args.tokenizer_ckpt} + {args.gpt_ckpt} -> {path}\nlicence of the DetailFlow weights: Apache-2.0")
+        return 0
     if args.source in ("var-official", "hmar-official"):  # VAR's VQVAE + a next-scale transformer
         kind = args.source.split("-")[0]
         weights = getattr(args, kind)

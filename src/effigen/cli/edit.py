@@ -65,8 +65,9 @@ def run(argv: list[str]) -> int:
     folder = args.source  # a local pipeline folder; nothing is downloaded (from_pretrained fails if it is missing)
     pipeline = Pipeline.from_pretrained(folder, device=device)
     if not hasattr(pipeline.objective, "edit_spec"):
-        raise UserError(f"--from {folder}: method {pipeline.method.name} does not support zero-shot editing; give the "
-                        "folder of a token generator (var, hmar, resgen)")
+        why = getattr(pipeline.objective, "no_edit_reason", "")
+        raise UserError(f"--from {folder}: method {pipeline.method.name} does not support zero-shot editing"
+                        f"{' (' + why + ')' if why else ''}; give the folder of a token generator (var, hmar, resgen)")
     out = Path(args.out)  # checked before the work: a folder must be empty (or --overwrite), and either writable
     grid = out.suffix.lower() in GRID_SUFFIXES
     old_images = [] if grid else prepare_image_folder(out, args.overwrite)

@@ -18,17 +18,22 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 class VisionRoPE2D(nn.Module):
-    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0, persistent: bool = True):
+    def __init__(self, head_dim: int, grid_size: int, theta: float = 10000.0, persistent: bool = True,
+                 rows: int | None = None):
+        """A `rows` x `grid_size` grid (default square), read in raster order."""
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE needs a head dimension divisible by 4, got {head_dim}")
         half = head_dim // 2
         inv_freq = 1.0 / theta ** (torch.arange(0, half, 2)[: half // 2].float() / half)  # (half / 2,)
-        positions = torch.arange(grid_size).float()
-        angles = torch.einsum("p,f->pf", positions, inv_freq).repeat_interleave(2, dim=-1)  # (grid, half)
-        rows = angles[:, None, :].expand(grid_size, grid_size, half)
-        cols = angles[None, :, :].expand(grid_size, grid_size, half)
-        table = torch.cat([rows, cols], dim=-1).reshape(grid_size * grid_size, head_dim)  # (L, head_dim)
+        rows = grid_size if rows is None else rows
+
+        def angles(n: int) -> torch.Tensor:  # (n, half)
+            return torch.einsum("p,f->pf", torch.arange(n).float(), inv_freq).repeat_interleave(2, dim=-1)
+
+        row_angles = angles(rows)[:, None, :].expand(rows, grid_size, half)
+        col_angles = angles(grid_size)[None, :, :].expand(rows, grid_size, half)
+        table = torch.cat([row_angles, col_angles], dim=-1).reshape(rows * grid_size, head_dim)  # (L, head_dim)
         self.register_buffer("freqs_cos", table.cos(), persistent=persistent)
         self.register_buffer("freqs_sin", table.sin(), persistent=persistent)
 

@@ -66,6 +66,8 @@ class TokenSpace:
     depth: int = 1  # residual: codes per position
     embed_dim: int = 0  # width of a code's embedding
     image_channels: int = 3
+    group_size: int = 0  # sequence: tokens a generator predicts together after the causal prefix (DetailFlow; 0: none)
+    causal_num: int = 0  # sequence: the strictly causal prefix before the groups
     kind: Literal["tokens"] = field(default="tokens", init=False)
 
     @property
@@ -82,6 +84,8 @@ class TokenSpace:
             derived["scales"] = list(self.scales)
         if self.layout == "sequence":
             derived["num_tokens"] = self.length
+            if self.group_size:
+                derived.update(group_size=self.group_size, causal_num=self.causal_num)
         if self.layout == "residual":  # not "depth": generators use that name for their own size dial
             derived["rvq_depth"] = self.depth
         return derived

@@ -266,6 +266,29 @@ EXPERIMENT_PRESETS: dict[str, dict[str, Any]] = {
         "sampler": {"num_steps": 8, "cfg_scale": 2.0, "temperature": 0.5, "gumbel_temperature": 1.0},
         "trainer": {**_TOKEN_TRAINER, "output_dir": "runs/mnist-resgen", "max_steps": 1400, "max_minutes": 22.0},
     },
+    # DetailFlow (2505.21473) on built-in MNIST (docs/detailflow.md), in two runs: the 1D coarse-to-fine tokenizer
+    # (32 px, 4 px patches, 32 tokens in groups of 4, 512 codes of dim 8; degraded prefixes with probability 0.2 and
+    # power 1.5, self-correction on, as the official yaml), then the group-parallel GPT of VAR-d4's parameter count
+    # with self-correction on 30% of the samples and the official constant guidance. The -64 pair: 64 tokens.
+    "mnist-detailflow-tokenizer": {
+        "method": "detailflow-tokenizer",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "DetailFlow-S",
+        # continuous_steps / restarts: ours (docs/detailflow.md): from scratch the codebook otherwise collapses
+        "objective": {"l2_weight": 1.0, "l1_weight": 0.2, "perceptual_weight": 0.1, "perceptual_net": "mnist-net",
+                      "continuous_steps": 150, "restart_every": 25},
+        "trainer": {**_TOKENIZER_TRAINER, "output_dir": "runs/mnist-detailflow-tokenizer", "learning_rate": 5e-4,
+                    "betas": [0.9, 0.95]},
+    },
+    "mnist-detailflow": {
+        "method": "detailflow",
+        "tokenizer": "runs/mnist-detailflow-tokenizer/final",
+        "data": {"name": "mnist", "resolution": 32},
+        "network_preset": "DetailFlow-GPT-S",
+        "objective": {"label_dropout": 0.1, "correction_prob": 0.3},
+        "sampler": {"cfg_scale": 1.5, "top_k": 0, "top_p": 0.0},
+        "trainer": {**_TOKEN_TRAINER, "output_dir": "runs/mnist-detailflow", "max_steps": 1400, "max_minutes": 22.0},
+    },
     # Seconds on a CPU: for tests and for checking that a recipe runs end to end.
     "smoke": {
         "method": "dit-flow",
@@ -288,6 +311,12 @@ EXPERIMENT_PRESETS["mnist-rvq8"] = {**EXPERIMENT_PRESETS["mnist-rvq"], "network_
 EXPERIMENT_PRESETS["mnist-resgen-rvq8"] = {**EXPERIMENT_PRESETS["mnist-resgen"], "tokenizer": "runs/mnist-rvq8/final",
                                            "trainer": {**EXPERIMENT_PRESETS["mnist-resgen"]["trainer"],
                                                        "output_dir": "runs/mnist-resgen-rvq8"}}
+EXPERIMENT_PRESETS["mnist-detailflow-tokenizer-64"] = {
+    **EXPERIMENT_PRESETS["mnist-detailflow-tokenizer"], "network_preset": "DetailFlow-S-64",
+    "trainer": {**EXPERIMENT_PRESETS["mnist-detailflow-tokenizer"]["trainer"], "output_dir": "runs/mnist-detailflow-tokenizer-64"}}
+EXPERIMENT_PRESETS["mnist-detailflow-64"] = {
+    **EXPERIMENT_PRESETS["mnist-detailflow"], "tokenizer": "runs/mnist-detailflow-tokenizer-64/final",
+    "trainer": {**EXPERIMENT_PRESETS["mnist-detailflow"]["trainer"], "output_dir": "runs/mnist-detailflow-64"}}
 EXPERIMENT_PRESETS["mnist-sit-repa"] = {**EXPERIMENT_PRESETS["mnist-sit"], "align": _REPA,
                                         "trainer": {**_DIT_TRAINER, "output_dir": "runs/mnist-sit-repa"}}
 EXPERIMENT_PRESETS["mnist-sit-haste"] = {**EXPERIMENT_PRESETS["mnist-sit"],
