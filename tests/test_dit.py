@@ -188,3 +188,20 @@ def test_flop_counter_counts_the_fused_linears_like_plain_ones():
             finally:
                 set_fused_inference(True)
         assert fused == eager and any("linear_pointwise" in op for op in by_op)
+
+
+def test_fused_path_leaves_replaced_linear_layers_alone():
+    from effigen.nn.layers import Mlp, fused_dtype
+
+    mlp = Mlp(8, 16).eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_dtype(x, mlp) == torch.bfloat16
+
+        class Replaced(torch.nn.Linear):  # e.g. a quantized layer with its own forward
+            pass
+
+        replaced = Replaced(8, 16)
+        replaced.load_state_dict(mlp.fc1.state_dict())
+        mlp.fc1 = replaced
+        assert fused_dtype(x, mlp) is None

@@ -33,6 +33,9 @@ def fused_dtype(x: torch.Tensor, *modules: nn.Module) -> torch.dtype | None:
         return None
     if any(m.training for m in modules):
         return None
+    if any(type(child) is not nn.Linear and isinstance(child, nn.Module) and child_name in ("fc1", "w12")
+           for m in modules for child_name, child in m.named_children()):
+        return None  # a quantized (nn/quant.py) or otherwise replaced linear layer keeps its own forward
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     if autocast or x.dtype == torch.bfloat16:
         return torch.bfloat16
