@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from effigen.bench.throughput import environment
+from effigen.bench.throughput import count_flops, environment, measure_matmul_peak
 from effigen.convert.dit_official import OFFICIAL_HEADS, convert_dit_official
 from effigen.models.dit import DIT_PRESETS, DiT, DiTConfig
 from effigen.objectives import ddpm as ddpm_module
@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-bf16", action="store_true")
+    parser.add_argument("--skip-fp32", action="store_true", help="time the bf16 pair only (the fp32 check still runs)")
+    parser.add_argument("--peak-size", type=int, default=4096, help="square GEMM of the matmul peak measurement")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one call per row")
     args = parser.parse_args()
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
@@ -267,7 +269,8 @@ def main() -> None:
             raise SystemExit("effigen and diffusers disagree: not timing")
 
         # --- 2. speed
-        rows = {"effigen fp32": lambda: effigen("fp32"), "diffusers fp32": lambda: diffusers_call("fp32")}
+        rows = {} if args.skip_fp32 else {"effigen fp32": lambda: effigen("fp32"),
+                                            "diffusers fp32": lambda: diffusers_call("fp32")}
         if not args.skip_bf16:
             bf16_error = relative_error(effigen("bf16"), diffusers_call("bf16"))
             print(f"bf16 autocast: max|effigen - diffusers| / max|diffusers| = {bf16_error:.2e} (rounding only; "
@@ -276,6 +279,9 @@ def main() -> None:
         if args.profile:
             for name, fn in rows.items():
                 profile(name, fn)
+        # useful FLOPs: matrix products and attention of effigen's fp32 call (the same network on both sides)
+        flops, _ = count_flops(lambda: effigen("bf16" if args.skip_fp32 else "fp32"))  # fused linears counted too
+        peaks = {p: measure_matmul_peak(p, "cpu", args.peak_size, 2.0) for p in {n.split()[1] for n in rows}}
         times: dict[str, list[float]] = {name: [] for name in rows}
         for fn in rows.values():  # warm-up
             fn()
@@ -289,14 +295,17 @@ def main() -> None:
     print(f"torch {env['torch_version']}, {env['threads']} threads, {env.get('cpu_name', '?')}; {args.repeats} repeats "
           f"(median), 1 warm-up, rows interleaved")
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"{'run':<18}{'images/s':>10}{'s/batch':>10}{'min..max s':>16}{'x diffusers':>13}{'x fp32':>9}")
+    print(f"useful FLOPs {flops / B / 1e9:.1f} GFLOP/image (counted on one effigen call); matmul peak "
+          + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in sorted(peaks.items())) + f" ({args.peak_size}^3 GEMM)")
+    print(f"{'run':<18}{'images/s':>10}{'s/batch':>10}{'min..max s':>16}{'% of peak':>11}{'x diffusers':>13}{'x fp32':>9}")
     for name, seconds in median.items():
         side, precision = name.split()
-        other = median.get(f"{'diffusers' if side == 'effigen' else 'effigen'} {precision}")
-        versus = f"{median[f'diffusers {precision}'] / seconds:.2f}" if other else "-"
-        fp32 = f"{median[f'{side} fp32'] / seconds:.2f}"
+        theirs = median.get(f"diffusers {precision}")
+        versus = f"{theirs / seconds:.2f}" if theirs else "-"
+        fp32 = f"{median[f'{side} fp32'] / seconds:.2f}" if f"{side} fp32" in median else "-"
         spread = f"{min(times[name]):.2f}..{max(times[name]):.2f}"
-        print(f"{name:<18}{B / seconds:>10.3f}{seconds:>10.2f}{spread:>16}{versus:>13}{fp32:>9}")
+        fraction = 100 * flops / seconds / peaks[precision]
+        print(f"{name:<18}{B / seconds:>10.3f}{seconds:>10.2f}{spread:>16}{fraction:>10.1f}%{versus:>13}{fp32:>9}")
 
 
 if __name__ == "__main__":

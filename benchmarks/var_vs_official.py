@@ -18,7 +18,9 @@ values), perturbed so that greedy choices have clear margins, saves their state 
    (up to 4 times), a mismatch with clear margins is a failure;
 2. times official fp32, effigen fp32, official under torch.autocast(bf16) (if it runs), effigen precision='bf16'
    with --cfg/--top-k/--top-p (VAR's README FID setting by default), one warm-up each, the repeats interleaved
-   so that load changes hit every row alike, and prints images/s, seconds/image and the ratio to official fp32.
+   so that load changes hit every row alike, and prints images/s, seconds/image, the fraction of this machine's
+   matmul peak in the row's precision (useful FLOPs: matrix products and attention of effigen's call, the same
+   count for both sides) and the ratio effigen / official in the same precision. --precision times one pair only.
 
 Guidance: --cfg is VAR's w (logits (1 + w) cond - w uncond, ramped over the scales); effigen's cfg_scale is 1 + w.
 A top-k at or above the vocabulary size (e.g. 900 with --small's 512 codes) disables the filter in both.
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from effigen.bench.throughput import environment
+from effigen.bench.throughput import count_flops, environment, measure_matmul_peak
 from effigen.convert.var_official import convert_var_official
 from effigen.pipeline import Pipeline
 from effigen.tokenizers.msvq import VAR_SCALES
@@ -122,6 +124,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logit-std", type=float, default=40.0, help="scale of the random head (check margins)")
+    parser.add_argument("--precision", choices=["both", "fp32", "bf16"], default="both", help="which rows to time")
+    parser.add_argument("--peak-size", type=int, default=4096, help="square GEMM of the matmul peak measurement")
     args = parser.parse_args()
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
     if args.threads:
@@ -205,6 +209,12 @@ def main() -> None:
             "effigen fp32": lambda: effigen(top_k, args.top_p, "fp32"),
             "official bf16 autocast": lambda: official(top_k, args.top_p, True),
             "effigen bf16": lambda: effigen(top_k, args.top_p, "bf16")}
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    rows = {name: fn for name, fn in rows.items() if any(p in name for p in precisions)}
+    # useful FLOPs: those of effigen's call (matrix products and attention, fused ones included; the same network
+    # and token counts on both sides, whatever tokens are drawn)
+    flops, _ = count_flops(lambda: effigen(top_k, args.top_p, precisions[-1]))
+    peaks = {p: measure_matmul_peak(p, device, args.peak_size, 2.0) for p in precisions}
     times: dict[str, list[float]] = {}
     failed: dict[str, str] = {}
     for name, fn in rows.items():  # warm-up
@@ -219,16 +229,22 @@ def main() -> None:
 
     env = environment(device)
     print(f"torch {env['torch_version']}, {env['threads']} threads, {env.get('cpu_name', '?')}"
-          f"{', ' + env['device_name'] if 'device_name' in env else ''}; {args.repeats} repeats (median), 1 warm-up")
-    base = statistics.median(times["official fp32"]) if "official fp32" in times else None
-    print(f"{'run':<24}{'images/s':>10}{'s/image':>10}{'x official fp32':>17}")
+          f"{', ' + env['device_name'] if 'device_name' in env else ''}; {args.repeats} repeats (median), 1 warm-up, "
+          f"rows interleaved")
+    print(f"useful FLOPs {flops / B / 1e9:.1f} GFLOP/image (counted on effigen's {precisions[-1]} call); matmul peak "
+          + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in peaks.items()) + f" ({args.peak_size}^3 GEMM)")
+    print(f"{'run':<24}{'images/s':>10}{'s/image':>10}{'min..max s':>14}{'% of peak':>11}{'x official':>12}")
     for name in rows:
         if name in failed:
             print(f"{name:<24}{'did not run: ' + failed[name]}")
             continue
         seconds = statistics.median(times[name])
-        ratio = f"{base / seconds:.2f}" if base else "-"
-        print(f"{name:<24}{B / seconds:>10.3f}{seconds / B:>10.4f}{ratio:>17}")
+        precision = name.split()[-1] if name.split()[-1] in peaks else name.split()[1]
+        other = f"official {precision}{' autocast' if precision == 'bf16' else ''}"
+        ratio = f"{statistics.median(times[other]) / seconds:.2f}" if other in times else "-"
+        spread = f"{min(times[name]):.1f}..{max(times[name]):.1f}"
+        print(f"{name:<24}{B / seconds:>10.3f}{seconds / B:>10.4f}{spread:>14}"
+              f"{100 * flops / seconds / peaks[precision]:>10.1f}%{ratio:>12}")
 
 
 if __name__ == "__main__":

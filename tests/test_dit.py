@@ -106,3 +106,102 @@ def test_rope_is_a_rotation_with_relative_positions():
     # the score depends only on the offset: (0,0)-(1,1) equals (2,2)-(3,3)
     torch.testing.assert_close(dots[0, 5], dots[10, 15])
     torch.testing.assert_close(dots[1, 4], dots[11, 14])
+
+
+# ------------------------------------------------------------------------------- bf16 inference fast paths vs eager
+def _randomized_dit(preset: str) -> "DiT":
+    from effigen.models.dit import DIT_PRESETS, DiT, DiTConfig
+
+    torch.manual_seed(0)
+    network = DiT(DiTConfig(input_size=16, in_channels=4, num_classes=10, **DIT_PRESETS[preset])).eval()
+    with torch.no_grad():  # adaLN-Zero would make every block the identity
+        for p in network.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return network
+
+
+@pytest.mark.parametrize("preset", ["DiT-Test", "LightningDiT-Test"])
+def test_fused_bf16_inference_agrees_with_eager_and_fp32(preset):
+    """oneDNN-fused fc1+GELU / SwiGLU, the one-reduction RMSNorm and the sign-folded RoPE (bf16 inference) against
+    the eager bf16 ops and the fp32 forward."""
+    from effigen.nn.layers import set_fused_inference
+
+    network = _randomized_dit(preset)
+    x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3), torch.tensor([1, 2, 10])
+    with torch.no_grad():
+        reference = network(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = network(x, t, y).float()
+            set_fused_inference(False)
+            try:
+                eager = network(x, t, y).float()
+            finally:
+                set_fused_inference(True)
+    scale = reference.abs().max()
+    assert float((fused - reference).abs().max() / scale) < 2e-2
+    assert float((fused - eager).abs().max() / scale) < 2e-2
+    with torch.no_grad():  # fp32 never takes a fused path: bit-identical with the switch on or off
+        set_fused_inference(False)
+        try:
+            unfused = network(x, t, y)
+        finally:
+            set_fused_inference(True)
+    assert torch.equal(reference, unfused)
+
+
+def test_fused_weights_are_recast_after_an_update_and_stay_out_of_the_state_dict():
+    from effigen.nn.layers import Mlp
+
+    mlp = Mlp(8, 16).eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = mlp(x)
+        mlp.fc1.weight.mul_(2.0)  # in place: the cached bf16 copy must follow
+        after = mlp(x)
+        expected = mlp.fc2(torch.nn.functional.gelu(mlp.fc1(x), approximate="tanh"))
+    assert not torch.equal(before, after)
+    assert torch.allclose(after.float(), expected.float(), atol=3e-2, rtol=3e-2)
+    assert set(mlp.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
+
+
+def test_rope_pair_swap_is_bit_identical_to_rotate_pairs():
+    from effigen.nn.rope import VisionRoPE2D, rotate_pairs
+
+    rope = VisionRoPE2D(16, 4)
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(rope(x), x * rope.freqs_cos + rotate_pairs(x) * rope.freqs_sin)
+    xb = x.bfloat16()
+    assert torch.equal(rope(xb), xb * rope.freqs_cos.bfloat16() + rotate_pairs(xb) * rope.freqs_sin.bfloat16())
+
+
+def test_flop_counter_counts_the_fused_linears_like_plain_ones():
+    from effigen.bench.throughput import count_flops
+    from effigen.nn.layers import Mlp, SwiGLU, set_fused_inference
+
+    x = torch.randn(2, 10, 64)
+    for module in (Mlp(64, 256).eval(), SwiGLU(64, 170).eval()):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            fused, by_op = count_flops(lambda: module(x))
+            set_fused_inference(False)
+            try:
+                eager, _ = count_flops(lambda: module(x))
+            finally:
+                set_fused_inference(True)
+        assert fused == eager and any("linear_pointwise" in op for op in by_op)
+
+
+def test_fused_path_leaves_replaced_linear_layers_alone():
+    from effigen.nn.layers import Mlp, fused_dtype
+
+    mlp = Mlp(8, 16).eval()
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_dtype(x, mlp) == torch.bfloat16
+
+        class Replaced(torch.nn.Linear):  # e.g. a quantized layer with its own forward
+            pass
+
+        replaced = Replaced(8, 16)
+        replaced.load_state_dict(mlp.fc1.state_dict())
+        mlp.fc1 = replaced
+        assert fused_dtype(x, mlp) is None

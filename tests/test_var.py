@@ -531,3 +531,75 @@ def test_converter_rejects_non_zero_k_bias_and_mismatched_pairs(tmp_path):
         convert_var_official(tmp_path / "vae.pth", tmp_path / "var_no_levels.pth", tmp_path / "out", scales=(1, 2, 3))
     out = convert_var_official(tmp_path / "vae.pth", tmp_path / "var_no_levels.pth", tmp_path / "out", scales=(1, 2, 4))
     assert Pipeline.from_pretrained(out).generator.config == network.config
+
+
+# ------------------------------------------------------------------------------------------- fast paths vs the eager ones
+def test_preallocated_kv_cache_holds_the_same_values_as_concatenation():
+    from effigen.nn.attention import LayerKVCache
+
+    generator = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(2, 3, n, 4, generator=generator) for n in (1, 4, 9)]
+    grown, preallocated = LayerKVCache(), LayerKVCache(capacity=14)
+    for chunk in chunks:
+        k_a, v_a = grown.append(chunk, chunk * 2)
+        k_b, v_b = preallocated.append(chunk, chunk * 2)
+        assert torch.equal(k_a, k_b) and torch.equal(v_a, v_b)
+    assert preallocated._buffers is not None  # written in place, not concatenated
+    k_a, _ = grown.append(chunks[0], chunks[0])
+    k_b, _ = preallocated.append(chunks[0], chunks[0])  # past the capacity: concatenation takes over
+    assert torch.equal(k_a, k_b) and k_b.shape[2] == 15
+
+
+def test_sampling_with_the_preallocated_cache_is_bit_identical_to_concatenation(monkeypatch):
+    from effigen.nn.attention import LayerKVCache
+
+    tokenizer, network = tiny_models()
+    labels = torch.tensor([0, 3, 1])
+    settings = NextScaleSamplerConfig(cfg_scale=2.0, top_k=10, top_p=0.9)
+    fast = sample_next_scale(network, tokenizer, labels, settings, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(network, "new_cache", lambda: [LayerKVCache() for _ in network.blocks])
+    eager = sample_next_scale(network, tokenizer, labels, settings, torch.Generator().manual_seed(0))
+    assert torch.equal(fast, eager)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(900, 0.96), (100, 0.5), (5, 0.99), (900, 0.0), (0, 0.9)])
+def test_top_k_first_filter_equals_the_full_sort_reference(top_k, top_p):
+    from effigen.samplers.tokens import filter_logits_reference
+
+    generator = torch.Generator().manual_seed(top_k)
+    for scale in (1.0, 5.0, 40.0):
+        logits = torch.randn(3, 17, 4096, generator=generator) * scale
+        assert torch.equal(filter_logits(logits, top_k, top_p), filter_logits_reference(logits, top_k, top_p))
+    # bf16-rounded logits: many values tie with the k-th largest; they all survive top-k, and top-p keeps the same
+    # number of entries with the same values (which of several equal values go is the sort's choice in both)
+    rounded = (torch.randn(4, 9, 4096, generator=generator) * 3).bfloat16().float()
+    rounded[0, 0, :50] = rounded[0, 0, :50].max()  # a tie at the very top as well
+    for k, p in ((top_k or 900, top_p or 0.96), (64, 0.3)):
+        fast, reference = filter_logits(rounded, k, p), filter_logits_reference(rounded, k, p)
+        assert torch.equal(torch.isfinite(fast).sum(-1), torch.isfinite(reference).sum(-1))
+        assert torch.equal(fast.sort(dim=-1).values, reference.sort(dim=-1).values)
+
+
+def test_bf16_inference_fast_path_agrees_with_fp32_eager():
+    """Sampling under bf16 autocast keeps the residual stream, q and k in bf16 (models/var.py `inference_dtype`);
+    its logits stay within bf16 rounding of the fp32 pass, and training under autocast keeps the fp32 stream."""
+    tokenizer, network = tiny_models()
+    labels = torch.tensor([0, 3, 1])
+    indices = tokenizer.indices_from_images(images(3))
+    teacher = tokenizer.quantize.teacher_forcing_input(indices)
+    with torch.no_grad():
+        reference = network(labels, teacher)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = network(labels, teacher)
+    error = float((fast.float() - reference).abs().max() / reference.abs().max())
+    assert error < 3e-2, error
+    seen = []
+    hook = network.blocks[-1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    network.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        network(labels, teacher)
+    network.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        network(labels, teacher)
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]

@@ -191,7 +191,20 @@ def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def _linear_pointwise_flops(x_shape, second_shape, third_shape=None, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's fused linear + activation (nn/layers.py `fused_dtype`): 2 M K N, as the plain linear it replaces.
+    `_linear_pointwise(x, w, b, ...)` or `_linear_pointwise.binary(x, other, w, b, ...)` (w is then the third)."""
+    binary = third_shape is not None and not isinstance(third_shape, str) and len(third_shape) == 2
+    weight_shape = third_shape if binary else second_shape
+    rows = 1
+    for n in x_shape[:-1]:
+        rows *= n
+    return 2 * rows * x_shape[-1] * weight_shape[0]
+
+
 CPU_SDPA_FLOPS = {}
+if hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    CPU_SDPA_FLOPS[torch.ops.mkldnn._linear_pointwise] = _linear_pointwise_flops
 if hasattr(torch.ops.aten, "_int_mm"):
     CPU_SDPA_FLOPS[torch.ops.aten._int_mm] = _int_mm_flops
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):

@@ -221,7 +221,7 @@ class GPT(nn.Module):
         return self.tok_embeddings(ids)
 
     def new_cache(self) -> list[LayerKVCache]:
-        return [LayerKVCache() for _ in self.layers]
+        return [LayerKVCache(self.rope_cos.shape[0]) for _ in self.layers]  # preallocated: 1 + num_tokens positions
 
     def trunk(self, x: torch.Tensor, start: int = 0, mask: torch.Tensor | None = None,
               cache: list[LayerKVCache] | None = None, recorder: TapRecorder = NO_TAPS) -> torch.Tensor:

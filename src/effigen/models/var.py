@@ -150,8 +150,13 @@ class VARAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
         if self.l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
-            q = F.normalize(q, dim=-1) * scale_mul
-            k = F.normalize(k, dim=-1)
+            if q.dtype == torch.float32:  # the official arithmetic: normalize, then scale
+                q = F.normalize(q, dim=-1) * scale_mul
+                k = F.normalize(k, dim=-1)
+            else:  # bf16/fp16 inference: one multiply by a (B, heads, L, 1) factor computed in fp32, q and k stay in
+                # their dtype (F.normalize then the fp32 scale would take 4 passes and promote q to fp32 and back)
+                q = q * (scale_mul / _l2_norm(q)).to(q.dtype)
+                k = k * (1.0 / _l2_norm(k)).to(k.dtype)
             scale = 1.0
         else:
             scale = 0.25 / math.sqrt(self.head_dim)
@@ -162,6 +167,20 @@ class VARAttention(nn.Module):
             logits_tap(attention_logits(q, k, scale))  # (B, heads, L, L_keys)
         out = attention(q, k, v, mask, scale=scale)
         return self.proj(out.transpose(1, 2).reshape(B, L, D))
+
+
+def _l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """max(||x||_2, 1e-12) over the last dim, in fp32, (..., 1) (F.normalize's denominator)."""
+    return torch.linalg.vector_norm(x.float(), dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def inference_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when `module` runs inference under autocast, else x unchanged. Sampling then keeps the
+    residual stream in bf16 (norm statistics still accumulate in fp32 inside the kernels), so norms, modulations and
+    residual adds move half the bytes and no linear layer re-casts its input; training keeps the official fp32 stream."""
+    if module.training or not torch.is_autocast_enabled(x.device.type) or x.dtype != torch.float32:
+        return x
+    return x.to(torch.get_autocast_dtype(x.device.type))
 
 
 class AdaLNSelfAttn(nn.Module):
@@ -181,10 +200,12 @@ class AdaLNSelfAttn(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: LayerKVCache | None = None,
                 logits_tap=None) -> torch.Tensor:
         C = x.shape[-1]
+        x = inference_dtype(self, x)
         if self.shared_aln:
             ada = self.ada_gss + cond  # cond: (B, 1, 6, C) from the shared projection
         else:
             ada = self.ada_lin(cond).view(-1, 1, 6, C)
+        ada = ada.to(x.dtype)  # every (B, L, C) op below in one dtype
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, mask, cache, logits_tap) * gamma1)
         x = x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2) * gamma2)
@@ -288,7 +309,7 @@ class VAR(ScalePyramidInputs, nn.Module):
         return self.word_embed(features.float()) + self.level_position(si)
 
     def new_cache(self) -> list[LayerKVCache]:
-        return [LayerKVCache() for _ in self.blocks]
+        return [LayerKVCache(self.config.num_tokens) for _ in self.blocks]  # preallocated for the whole pyramid
 
     def trunk(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: list[LayerKVCache] | None = None,
               recorder: TapRecorder = NO_TAPS) -> torch.Tensor:

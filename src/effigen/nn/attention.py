@@ -150,15 +150,38 @@ def attention_logits(q: torch.Tensor, k: torch.Tensor, scale: float | None = Non
 
 class LayerKVCache:
     """Keys and values of the tokens seen so far by one attention layer, (B, heads, L_seen, head_dim), grown
-    along the sequence by `append` (the KV cache of the autoregressive samplers: VAR, raster AR)."""
+    along the sequence by `append` (the KV cache of the autoregressive samplers: VAR, raster AR).
 
-    def __init__(self):
+    With `capacity` (the most tokens the sequence will hold, e.g. VAR's 680), the first `append` allocates
+    (B, heads, capacity, head_dim) buffers and every append writes its keys and values in place and returns views of
+    the filled part: each token's keys are copied once, where concatenation copies the whole cache at every step
+    (sum over steps of L_seen). Without it (or past it), the cache grows by concatenation. The values are the same
+    either way."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._length = 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self._length + k.shape[2]
+        if self.capacity is not None and end <= self.capacity and (self.k is None or self._buffers is not None):
+            if self._buffers is None:
+                shape = (k.shape[0], k.shape[1], self.capacity, k.shape[3])
+                self._buffers = (k.new_empty(shape), v.new_empty(shape[:3] + v.shape[3:]))
+            key_buffer, value_buffer = self._buffers
+            if key_buffer.dtype == k.dtype and value_buffer.dtype == v.dtype and key_buffer.shape[:2] == k.shape[:2]:
+                key_buffer[:, :, self._length : end].copy_(k)
+                value_buffer[:, :, self._length : end].copy_(v)
+                self._length = end
+                self.k, self.v = key_buffer[:, :, :end], value_buffer[:, :, :end]
+                return self.k, self.v
+            self._buffers = None  # another dtype or batch than the buffers': concatenate from here on
         self.k = k if self.k is None else torch.cat((self.k, k), dim=2)
         self.v = v if self.v is None else torch.cat((self.v, v), dim=2)
+        self._length = end
         return self.k, self.v
 
 

@@ -14,8 +14,61 @@ def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -
     return x if shift is None else x + shift.unsqueeze(1)
 
 
+# ------------------------------------------------------------------ fused CPU inference (oneDNN post-ops, bf16)
+_FUSED = {"enabled": True}
+
+
+def set_fused_inference(enabled: bool) -> None:
+    """Switch the fused bf16 CPU inference kernels (`fused_dtype`) on or off globally (off = the eager ops; for A/B
+    timing and the tests that compare the two)."""
+    _FUSED["enabled"] = bool(enabled)
+
+
+def fused_dtype(x: torch.Tensor, *modules: nn.Module) -> torch.dtype | None:
+    """The dtype in which `modules`' linear layers may run fused with their activation through oneDNN's post-ops
+    (`torch.ops.mkldnn._linear_pointwise`, the kernels inductor uses on a CPU), or None for the eager path. Fused only
+    where it changes nothing but speed and rounding: bf16 inference on a CPU (no gradients; under bf16 autocast, or
+    with bf16 weights), never fp32 (whose outputs stay bit-identical to the eager ops) and never in training."""
+    if not _FUSED["enabled"] or x.device.type != "cpu" or torch.is_grad_enabled() or not torch.backends.mkldnn.is_available():
+        return None
+    if any(m.training for m in modules):
+        return None
+    if any(type(child) is not nn.Linear and isinstance(child, nn.Module) and child_name in ("fc1", "w12")
+           for m in modules for child_name, child in m.named_children()):
+        return None  # a quantized (nn/quant.py) or otherwise replaced linear layer keeps its own forward
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if autocast or x.dtype == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
+def lowp_weights(linear: nn.Linear, dtype: torch.dtype, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`linear`'s weight and bias (optionally a slice of output rows) in `dtype`, contiguous, cast once and kept on the
+    module (not in its state dict) until the parameter changes (new storage or an in-place update): the weights are
+    held in bf16 for sampling instead of being cast at every call."""
+    key = (dtype, rows.start if rows else None, rows.stop if rows else None)
+    weight, bias = linear.weight, linear.bias
+    stamp = (weight.data_ptr(), weight._version, None if bias is None else (bias.data_ptr(), bias._version))
+    cache = linear.__dict__.setdefault("_lowp_weights", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] != stamp:
+        w = weight.detach() if rows is None else weight.detach()[rows]
+        b = None if bias is None else (bias.detach() if rows is None else bias.detach()[rows])
+        hit = (stamp, w.to(dtype).contiguous(), None if b is None else b.to(dtype).contiguous())
+        cache[key] = hit
+    return hit[1], hit[2]
+
+
+def _fused_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, attr: str, algorithm: str = "",
+                  rows: slice | None = None) -> torch.Tensor:
+    weight, bias = lowp_weights(linear, dtype, rows)
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, attr, [], algorithm)
+
+
 class Mlp(nn.Module):
-    """Linear-GELU(tanh)-Linear, names `fc1`/`fc2` as timm's Mlp (DiT's checkpoints use them)."""
+    """Linear-GELU(tanh)-Linear, names `fc1`/`fc2` as timm's Mlp (DiT's checkpoints use them). In bf16 CPU inference
+    (`fused_dtype`) fc1 and the GELU are one oneDNN call (the GELU applied in the GEMM's epilogue, no extra pass over
+    the (B, L, 4D) activations)."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -24,6 +77,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = fused_dtype(x, self)
+        if dtype is not None:
+            return self.fc2(_fused_linear(x, self.fc1, dtype, "gelu", "tanh"))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -38,6 +94,12 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = fused_dtype(x, self)
+        if dtype is not None:  # bf16 CPU inference: silu(x W1) and (x W2) * gate each in one oneDNN call, no extra pass
+            hidden = self.w12.weight.shape[0] // 2
+            gate = _fused_linear(x, self.w12, dtype, "swish", rows=slice(0, hidden))
+            w2, b2 = lowp_weights(self.w12, dtype, slice(hidden, 2 * hidden))
+            return self.w3(torch.ops.mkldnn._linear_pointwise.binary(x.to(dtype), gate, w2, b2, "mul"))
         gate, value = self.w12(x).chunk(2, dim=-1)
         return self.w3(F.silu(gate) * value)
 

@@ -36,9 +36,22 @@ class VisionRoPE2D(nn.Module):
         table = torch.cat([row_angles, col_angles], dim=-1).reshape(rows * grid_size, head_dim)  # (L, head_dim)
         self.register_buffer("freqs_cos", table.cos(), persistent=persistent)
         self.register_buffer("freqs_sin", table.sin(), persistent=persistent)
+        self._tables: dict = {}  # (dtype, device, buffer versions) -> (cos, signed sin), not saved
+
+    def _signed_tables(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin in x's dtype, sin with the sign of `rotate_pairs` folded in: (-sin, +sin) on each pair."""
+        key = (x.dtype, x.device, self.freqs_cos.data_ptr(), self.freqs_cos._version, self.freqs_sin.data_ptr(),
+               self.freqs_sin._version)
+        if key not in self._tables:
+            sin = self.freqs_sin.unflatten(-1, (-1, 2)) * torch.tensor([-1.0, 1.0], device=self.freqs_sin.device)
+            self._tables.clear()
+            self._tables[key] = (self.freqs_cos.to(x.dtype), sin.flatten(-2).to(x.dtype))
+        return self._tables[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, heads, L, head_dim)."""
-        # the tables in x's dtype: under bf16 autocast q and k stay bf16 instead of promoting to fp32 and back
-        cos, sin = self.freqs_cos.to(x.dtype), self.freqs_sin.to(x.dtype)
-        return x * cos + rotate_pairs(x) * sin
+        # the tables in x's dtype: under bf16 autocast q and k stay bf16 instead of promoting to fp32 and back.
+        # rotate_pairs(x) * sin = swap_pairs(x) * (-sin, +sin): one pair swap instead of a negation and a stack, the
+        # same numbers bit for bit (x * -s == -(x * s) in floating point)
+        cos, signed_sin = self._signed_tables(x)
+        return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * signed_sin
