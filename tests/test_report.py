@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,6 +96,9 @@ def test_recipes_exist_and_name_their_presets():
         if not recipe.base:  # every training call counts its minutes on the report's clock
             assert text.count("--trainer.max_minutes=") == text.count('--trainer.budget_clock="${BUDGET_CLOCK:-wall}"'), \
                 recipe.name
+            # and runs its learning-rate schedule on the report's schedule clock, with the step count only a cap
+            assert text.count("--trainer.max_minutes=") == text.count(
+                '--trainer.schedule_clock="${SCHEDULE_CLOCK:-steps}" --trainer.max_steps="$(( STEP_CAP * '), recipe.name
         names = presets_in(script)
         if recipe.base:  # post-processing of another recipe's pipeline: no preset, its base must exist
             assert recipe.base in {r.name for r in RECIPES} and "$BASE" in text, recipe.name
@@ -166,6 +170,23 @@ def test_parse_training_log_sums_stages():
 def test_report_budgets_count_cpu_time_and_pass_the_clock(tmp_path):
     report = Report(out=tmp_path, budget=BUDGETS["full"], recipes=selected_recipes("dit-flow", spread=False))
     assert BUDGETS["full"].clock == "cpu" and report.env_for(RECIPES_BY_NAME["dit-flow"])["BUDGET_CLOCK"] == "cpu"
+    env = report.env_for(RECIPES_BY_NAME["dit-flow"])
+    assert env["SCHEDULE_CLOCK"] == "time"
+    # the page's exact command carries both clocks, so a user's rerun trains the same way
+    command = recipe_command(RECIPES_BY_NAME["dit-flow"], env)
+    assert "BUDGET_CLOCK=cpu" in command and "SCHEDULE_CLOCK=time" in command
+
+
+@pytest.mark.parametrize("schedule,cap", [("steps", 1), ("time", 4)])
+def test_recipes_schedule_clock_sets_the_trainer_and_the_step_cap(tmp_path, schedule, cap):
+    """Run a recipe with `echo` as effigen: the trainer gets the schedule clock, and max_steps is the estimate (steps)
+    or 4x it (time: the budget ends the run, the cosine spans the budget)."""
+    env = {**os.environ, "EFFIGEN": "echo", "SCHEDULE_CLOCK": schedule, "BUDGET_MINUTES": "10",
+           "STEPS_PER_MINUTE": "57", "BUDGET_CLOCK": "cpu", "OUT": str(tmp_path / "var")}
+    done = subprocess.run(["bash", str(RECIPES_DIR / "var.sh")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"--trainer.schedule_clock={schedule}" in done.stdout
+    assert f"--trainer.max_steps={cap * 571}" in done.stdout and "--trainer.warmup_steps=57" in done.stdout
 
 
 @pytest.mark.slow

@@ -13,6 +13,9 @@
 #   OUT, SEED, STAGE1_FRACTION
 # Further arguments go to both `effigen train` commands.
 set -euo pipefail
+# SCHEDULE_CLOCK=time (what `effigen report` uses): the cosine spans the time budget, so every method trains for
+# all of it, and the step count from STEPS_PER_MINUTE is only a cap at 4x (it still sets warm-up and stage splits)
+STEP_CAP=$([ "${SCHEDULE_CLOCK:-steps}" = time ] && echo 4 || echo 1)
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
 STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-37}
 FRA_STEPS_PER_MINUTE=${FRA_STEPS_PER_MINUTE:-100}
@@ -28,13 +31,13 @@ STAGE2_STEPS=$(awk -v m="$STAGE2_MINUTES" -v r="$FRA_STEPS_PER_MINUTE" 'BEGIN { 
 # stage 1: per-segment velocity + SemFeat alignment (the FRN is not trained)
 $EFFIGEN train --preset mnist-bfm \
   --trainer.output_dir="$OUT/stage1" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$STAGE1_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$STAGE1_STEPS" \
+  --trainer.max_minutes="$STAGE1_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.schedule_clock="${SCHEDULE_CLOCK:-steps}" --trainer.max_steps="$(( STEP_CAP * STAGE1_STEPS ))" \
   --trainer.warmup_steps=$(( STAGE1_STEPS / 10 < 50 ? STAGE1_STEPS / 10 : 50 )) \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"
 
 # stage 2: feature residual approximation on the frozen stage-1 model
 $EFFIGEN train --preset mnist-bfm-fra --init_from="$OUT/stage1/final" \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$STAGE2_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$STAGE2_STEPS" \
+  --trainer.max_minutes="$STAGE2_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.schedule_clock="${SCHEDULE_CLOCK:-steps}" --trainer.max_steps="$(( STEP_CAP * STAGE2_STEPS ))" \
   --trainer.warmup_steps=$(( STAGE2_STEPS / 10 < 40 ? STAGE2_STEPS / 10 : 40 )) \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"

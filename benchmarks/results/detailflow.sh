@@ -6,6 +6,9 @@
 # the detailflow-64 row; the generator reads the token count off the tokenizer).
 #   BUDGET_MINUTES, STEPS_PER_MINUTE (one core, batch 32), OUT, SEED, TOKENIZER
 set -euo pipefail
+# SCHEDULE_CLOCK=time (what `effigen report` uses): the cosine spans the time budget, so every method trains for
+# all of it, and the step count from STEPS_PER_MINUTE is only a cap at 4x (it still sets warm-up and stage splits)
+STEP_CAP=$([ "${SCHEDULE_CLOCK:-steps}" = time ] && echo 4 || echo 1)
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
 STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-110}
 OUT=${OUT:-runs/results/detailflow}
@@ -17,5 +20,5 @@ WARMUP=$(( MAX_STEPS / 10 < 100 ? MAX_STEPS / 10 : 100 ))
 
 $EFFIGEN train --preset mnist-detailflow --tokenizer="$TOKENIZER" \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.schedule_clock="${SCHEDULE_CLOCK:-steps}" --trainer.max_steps="$(( STEP_CAP * MAX_STEPS ))" --trainer.warmup_steps="$WARMUP" \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false

@@ -14,6 +14,9 @@
 #   PREDICTION      noise (LaMamba's eps, the default), velocity or data (see dit-ddpm.sh)
 # Further arguments go to `effigen train`.
 set -euo pipefail
+# SCHEDULE_CLOCK=time (what `effigen report` uses): the cosine spans the time budget, so every method trains for
+# all of it, and the step count from STEPS_PER_MINUTE is only a cap at 4x (it still sets warm-up and stage splits)
+STEP_CAP=$([ "${SCHEDULE_CLOCK:-steps}" = time ] && echo 4 || echo 1)
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
 STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-40}
 OUT=${OUT:-runs/results/lamamba}
@@ -27,5 +30,5 @@ $EFFIGEN train --preset mnist-lamamba \
   --objective.prediction="$PREDICTION" \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
   --trainer.batch_size=32 --trainer.precision=fp32 \
-  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.schedule_clock="${SCHEDULE_CLOCK:-steps}" --trainer.max_steps="$(( STEP_CAP * MAX_STEPS ))" --trainer.warmup_steps="$WARMUP" \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"

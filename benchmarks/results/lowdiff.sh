@@ -8,6 +8,9 @@
 #   OUT, SEED       the run folder (pipeline in $OUT/final) and the training seed
 # Further arguments go to `effigen train`.
 set -euo pipefail
+# SCHEDULE_CLOCK=time (what `effigen report` uses): the cosine spans the time budget, so every method trains for
+# all of it, and the step count from STEPS_PER_MINUTE is only a cap at 4x (it still sets warm-up and stage splits)
+STEP_CAP=$([ "${SCHEDULE_CLOCK:-steps}" = time ] && echo 4 || echo 1)
 BUDGET_MINUTES=${BUDGET_MINUTES:-10}
 STEPS_PER_MINUTE=${STEPS_PER_MINUTE:-30}
 OUT=${OUT:-runs/results/lowdiff}
@@ -19,5 +22,5 @@ WARMUP=$(( MAX_STEPS / 10 < 50 ? MAX_STEPS / 10 : 50 ))
 $EFFIGEN train --preset mnist-lowdiff \
   --network.backbone_config='{depth: 4, hidden_size: 256, num_heads: 4, patch_size: 4, rope: true, any_resolution: true}' \
   --trainer.output_dir="$OUT" --trainer.seed="$SEED" \
-  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.max_steps="$MAX_STEPS" --trainer.warmup_steps="$WARMUP" \
+  --trainer.max_minutes="$BUDGET_MINUTES" --trainer.budget_clock="${BUDGET_CLOCK:-wall}" --trainer.schedule_clock="${SCHEDULE_CLOCK:-steps}" --trainer.max_steps="$(( STEP_CAP * MAX_STEPS ))" --trainer.warmup_steps="$WARMUP" \
   --trainer.sample_every=0 --trainer.checkpoint_every=100 --trainer.progress=false "$@"

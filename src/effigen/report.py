@@ -115,6 +115,10 @@ class Budget:
     bench_batch_size: int
     bench_repeats: int
     clock: str = "cpu"  # what the minutes count: "cpu" seconds of the training process, or "wall" seconds
+    # the recipes' learning-rate clock (env SCHEDULE_CLOCK): "time" runs each cosine over the whole budget, so every
+    # method trains for all of it whatever its speed on this machine; "steps" runs it over STEPS_PER_MINUTE x minutes
+    # (a fixed step count that a fast machine reaches before the budget ends)
+    schedule: str = "time"
 
 
 BUDGETS = {
@@ -206,7 +210,7 @@ def selected_recipes(methods: str | None, spread: bool = True) -> list[Recipe]:
 
 def recipe_command(recipe: Recipe, env: dict[str, str]) -> str:
     """The exact command line of a recipe, as a user would type it from the repository root."""
-    keys = ("BUDGET_MINUTES", "OUT", "SEED", "TOKENIZER", "BASE", *(k for k, _ in recipe.settings))
+    keys = ("BUDGET_MINUTES", "BUDGET_CLOCK", "SCHEDULE_CLOCK", "OUT", "SEED", "TOKENIZER", "BASE", *(k for k, _ in recipe.settings))
     assignments = " ".join(f"{k}={shlex.quote(env[k])}" for k in keys if k in env)
     return f"OMP_NUM_THREADS=1 {assignments} bash benchmarks/results/{recipe.script}"
 
@@ -292,7 +296,8 @@ class Report:
 
     def env_for(self, recipe: Recipe) -> dict[str, str]:
         minutes = self.budget.tokenizer_minutes if recipe.kind == "tokenizer" else self.budget.train_minutes
-        env = {"BUDGET_MINUTES": f"{minutes:g}", "BUDGET_CLOCK": self.budget.clock, "OUT": str(self.run_dir(recipe)),
+        env = {"BUDGET_MINUTES": f"{minutes:g}", "BUDGET_CLOCK": self.budget.clock,
+               "SCHEDULE_CLOCK": self.budget.schedule, "OUT": str(self.run_dir(recipe)),
                "SEED": str(recipe.seed)}
         if recipe.tokenizer:
             env["TOKENIZER"] = str(self.run_dir(RECIPES_BY_NAME[recipe.tokenizer]) / "final")
@@ -610,9 +615,12 @@ def write_page(results: list[dict], speed: dict[str, Any], page: Path, images_di
         + ("CPU time of its training process (`trainer.budget_clock=cpu`, one thread: equal work whatever else the "
            "machine runs; the *train min* column is CPU minutes, *wall min* the elapsed time)" if budget.clock == "cpu"
            else "wall time")
-        + f" (the trainer's `max_minutes`; "
-        f"`max_steps` is set from the recipe's measured steps per minute so the cosine schedule ends near the budget), "
-        f"two recipes at a time with `OMP_NUM_THREADS=1` (one core each). Prerequisite tokenizers: "
+        + (" (the trainer's `max_minutes`, with `schedule_clock=time`: the cosine learning-rate schedule spans the "
+           "whole budget, so every method trains for all of it; the recipe's steps per minute only set warm-up and a "
+           "cap at 4x), " if budget.schedule == "time" else
+           " (the trainer's `max_minutes`; `max_steps` is set from the recipe's measured steps per minute so the "
+           "cosine schedule ends near the budget), ")
+        + f"two recipes at a time with `OMP_NUM_THREADS=1` (one core each). Prerequisite tokenizers: "
         f"{budget.tokenizer_minutes:g} minutes each, not counted in the generators' budget.",
         f"- **Parameters**: every recipe's network is sized to VAR-d4's {PARAMETER_TARGET / 1e6:.2f}M generator parameters "
         f"(within ±{PARAMETER_TOLERANCE:.0%}); tokenizer parameters are listed apart.",

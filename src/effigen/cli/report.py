@@ -34,17 +34,20 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--num-images", type=int, help="override the budget's evaluation samples per method")
     parser.add_argument("--clock", choices=("cpu", "wall"), help="what the training minutes count (default cpu: CPU "
                         "time of each training process, equal work on a shared machine; wall: elapsed time)")
+    parser.add_argument("--schedule", choices=("time", "steps"), help="the recipes' learning-rate clock (default "
+                        "time: each cosine spans the whole budget; steps: it spans the recipe's estimated step count)")
     args = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)  # evaluation and the speed benchmark: one core, as every training run
     budget = BUDGETS[args.budget]
-    if args.train_minutes is not None or args.num_images is not None or args.clock is not None:
+    if any(v is not None for v in (args.train_minutes, args.num_images, args.clock, args.schedule)):
         import dataclasses
 
         budget = dataclasses.replace(budget, train_minutes=args.train_minutes or budget.train_minutes,
-                                     num_images=args.num_images or budget.num_images, clock=args.clock or budget.clock)
+                                     num_images=args.num_images or budget.num_images, clock=args.clock or budget.clock,
+                                     schedule=args.schedule or budget.schedule)
     try:
         recipes = selected_recipes(args.methods, spread=not args.no_spread)
     except ValueError as e:
