@@ -217,7 +217,7 @@ def load_feature_net(name: str) -> FeatureNet:
 # --- Training ----------------------------------------------------------------------------------
 
 
-def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Light, label-preserving jitter: scale 0.9-1.1, rotation +-8 degrees, shifts of +-2/32 of the
     image (edge pixels extend the border). Deliberately no blur, resampling or noise augmentation:
     invariance to those would hide exactly the defects FID must see (a resolution round trip made
@@ -311,7 +311,7 @@ def train_feature_net(
         loss_sum, epoch_start = 0.0, time.perf_counter()
         for start in range(0, images.shape[0], batch_size):
             index = order[start : start + batch_size]
-            batch = _augment(images[index], generator)
+            batch = augment(images[index], generator)
             loss = F.cross_entropy(net(batch)["logits"], labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

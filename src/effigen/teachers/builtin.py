@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..eval.feature_nets import FeatureNet, _augment, load_split
+from ..eval.feature_nets import FeatureNet, augment, load_split
 from ..io import CheckpointError, load_state_dict_strict, load_weights
 from ..nn.embeddings import sincos_2d_positions
 from .base import Teacher, TeacherError
@@ -209,7 +209,7 @@ def train_vit_teacher(name: str = "mnist-vit", epochs: int | None = None, seed: 
         loss_sum, epoch_start = 0.0, time.perf_counter()
         for start in range(0, images.shape[0], train["batch_size"]):
             index = order[start: start + train["batch_size"]]
-            logits = model(_augment(images[index], generator))
+            logits = model(augment(images[index], generator))
             loss = F.cross_entropy(logits, labels[index], label_smoothing=train["label_smoothing"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
