@@ -172,6 +172,10 @@ def test_report_budgets_count_cpu_time_and_pass_the_clock(tmp_path):
     assert BUDGETS["full"].clock == "cpu" and report.env_for(RECIPES_BY_NAME["dit-flow"])["BUDGET_CLOCK"] == "cpu"
     env = report.env_for(RECIPES_BY_NAME["dit-flow"])
     assert env["SCHEDULE_CLOCK"] == "time"
+    # every generator gets the common budget; a tokenizer may get a stated multiple of the tokenizer budget
+    assert all(r.minutes_scale == 1.0 for r in RECIPES if r.kind == "generator")
+    assert report.env_for(RECIPES_BY_NAME["tokenizer-detailflow"])["BUDGET_MINUTES"] == "18"
+    assert report.env_for(RECIPES_BY_NAME["tokenizer-msvq"])["BUDGET_MINUTES"] == "6"
     # the page's exact command carries both clocks, so a user's rerun trains the same way
     command = recipe_command(RECIPES_BY_NAME["dit-flow"], env)
     assert "BUDGET_CLOCK=cpu" in command and "SCHEDULE_CLOCK=time" in command
