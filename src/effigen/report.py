@@ -517,7 +517,8 @@ class Report:
         self.log(f"[report] all phases in {time.perf_counter() - started:.0f}s")
         docs = self.docs or self.out
         return write_page([self.results[r.name] for r in RECIPES if r.name in self.results], speed,
-                          docs / "results.md", docs / "images" / "results", self.budget, self.page_commands())
+                          docs / "results.md", docs / "images" / "results", self.budget, self.page_commands(),
+                          jobs=self.jobs)
 
     def page_commands(self) -> list[str]:
         argv = ["effigen", "report", "--budget", self.budget.name, "--out", str(self.out)]
@@ -598,7 +599,7 @@ def plot_fid_vs_time(rows: list[dict], path: Path) -> Path:
 
 
 def write_page(results: list[dict], speed: dict[str, Any], page: Path, images_dir: Path, budget: Budget,
-               commands: list[str]) -> Path:
+               commands: list[str], jobs: int = 2) -> Path:
     """results.md from the per-method records and the one-process speed record; copies the grids, draws the plot."""
     page.parent.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -625,7 +626,7 @@ def write_page(results: list[dict], speed: dict[str, Any], page: Path, images_di
            "cap at 4x), " if budget.schedule == "time" else
            " (the trainer's `max_minutes`; `max_steps` is set from the recipe's measured steps per minute so the "
            "cosine schedule ends near the budget), ")
-        + f"two recipes at a time with `OMP_NUM_THREADS=1` (one core each). Prerequisite tokenizers: "
+        + f"{jobs} recipe{'s' if jobs > 1 else ''} at a time with `OMP_NUM_THREADS=1` (one thread each). Prerequisite tokenizers: "
         f"{budget.tokenizer_minutes:g} minutes each, not counted in the generators' budget.",
         f"- **Parameters**: every recipe's network is sized to VAR-d4's {PARAMETER_TARGET / 1e6:.2f}M generator parameters "
         f"(within ±{PARAMETER_TOLERANCE:.0%}); tokenizer parameters are listed apart.",
