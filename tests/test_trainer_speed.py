@@ -1,5 +1,6 @@
 """The Trainer's CPU fast paths change no numbers that matter: the fused AdamW kernel takes torch's reference AdamW step
-(within fp32 rounding) and is restored on resume from a checkpoint written without it."""
+(within fp32 rounding) and is restored on resume from a checkpoint written without it; the tokenizer's in-place SiLU
+(frozen encoders) gives the same features as the out-of-place one and leaves autoencoder training differentiable."""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from torch import nn
 
 from effigen.io import atomic_directory, save_weights
 
+from effigen.tokenizers.autoencoder import ConvAutoencoderSpec, Decoder, Encoder
 from effigen.training.trainer import Trainer, TrainerConfig
 
 
@@ -65,3 +67,17 @@ def test_resume_from_a_checkpoint_without_the_fused_kernel_uses_it(tmp_path):
     assert reader.step == 1 and all(group["fused"] for group in reader.optimizer.param_groups)
     reader.train_step(batches())  # the fused kernel continues from the for-loop's moments
     assert reader.optimizer.state[next(reader.network.parameters())]["step"] == 2
+
+
+def test_in_place_silu_keeps_features_and_gradients():
+    spec = ConvAutoencoderSpec(in_channels=3, out_channels=3, base_channels=8, channel_multipliers=(1, 2),
+                               num_res_blocks=1, encoder_out_channels=4, decoder_in_channels=4, resolution=8)
+    torch.manual_seed(0)
+    encoder, decoder = Encoder(spec), Decoder(spec)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # frozen: the in-place path
+        frozen = decoder(encoder(x))
+    trained = decoder(encoder(x))  # parameters require grad: out of place
+    torch.testing.assert_close(frozen, trained, rtol=0, atol=0)
+    trained.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in encoder.parameters())
