@@ -453,8 +453,9 @@ class Trainer:
                                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
             else:
                 self.optimizer.load_state_dict(saved["optimizer"])
-                for group in self.optimizer.param_groups:  # the saved groups carry the writer's kernel choice
-                    group["fused"], group["foreach"] = (True, False) if self._fused_adamw else (None, group.get("foreach"))
+                if self._fused_adamw:  # the saved groups carry the writer's kernel choice
+                    for group in self.optimizer.param_groups:
+                        group["fused"], group["foreach"] = True, False
             self.scheduler.load_state_dict(saved["scheduler"])
             self.scaler.load_state_dict(saved["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
