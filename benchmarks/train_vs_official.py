@@ -7,8 +7,8 @@ step of VAR (FoundationVision/VAR) and DiT (facebookresearch/DiT), same model, s
 The official code is not part of effigen: pass checkouts of https://github.com/FoundationVision/VAR (--official-repo)
 and https://github.com/facebookresearch/DiT (--dit-repo); each is put on sys.path. For each model the script builds
 the official network with random weights (perturbed so that no layer is trivially zero), saves its state dict,
-converts it with effigen's converter (`convert.var_official.load_official_var`, `convert.dit_official.load_official_dit`)
-so both sides start from identical weights, then
+converts it with effigen's converters (`convert.var_official.load_official_var`,
+`convert.dit_official.load_official_dit`) so both sides start from identical weights, then
 
 1. checks agreement in fp32 (label dropout and drop path switched off for the check only): the same batch, noise,
    timesteps and labels give the same loss (relative error < 1e-4) and, after one optimizer step of each side, the
@@ -19,9 +19,10 @@ so both sides start from identical weights, then
 2. times effigen's `Trainer.train_step` (objective under the Trainer's autocast, backward, clipping, AdamW, LR
    schedule, EMA) against the official step in fp32 and bf16 autocast, one warm-up step each, the repeats interleaved
    (effigen, official, effigen, ...) so that load changes hit every row alike; prints images/s (median), the ratio
-   effigen / official in the same precision, and the fraction of this machine's matmul peak (useful FLOPs: the
-   matrix products and attention of one effigen fp32 step, forward and backward, counted by torch's FlopCounterMode
-   as `effigen.bench` does; the same count for both sides).
+   effigen / official in the same precision (of the medians, and of the fastest steps), and the fraction of this
+   machine's matmul peak (useful FLOPs: the matrix products, convolutions and attention of one effigen fp32 step,
+   forward and backward, counted by torch's FlopCounterMode as `effigen.bench` does; the same count for both sides;
+   the backward of CPU flash attention is not counted).
 
 What is timed of the official step:
 
@@ -172,16 +173,22 @@ def time_rows(rows: dict, repeats: int, batch_size: int, flops: int, peaks: dict
             fn()
             times[name].append(time.perf_counter() - started)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"{title}: {repeats} repeats (median), 1 warm-up step, rows interleaved; useful FLOPs "
-          f"{flops / batch_size / 1e9:.1f} GFLOP/image per step")
-    print(f"{'run':<26}{'images/s':>10}{'s/step':>9}{'min..max s':>14}{'% of peak':>11}{'x official':>12}")
+    best = {name: min(t) for name, t in times.items()}
+    print(f"{title}: {repeats} repeats, 1 warm-up step, rows interleaved; useful FLOPs "
+          f"{flops / batch_size / 1e9:.1f} GFLOP/image per step; images/s, s/step and % of peak from the median step; "
+          f"x official from the medians and (on a loaded machine, where other jobs only ever slow a step down) from "
+          f"the fastest steps")
+    print(f"{'run':<26}{'images/s':>10}{'s/step':>9}{'min..max s':>14}{'% of peak':>11}{'x official':>12}"
+          f"{'(fastest)':>11}")
     for name, seconds in median.items():
         side, precision = name.split()[:2]
-        other = next((median[n] for n in median if n.split()[:2] == ["official", precision]), None)
-        ratio = f"{other / seconds:.2f}" if other and side == "effigen" else "-"
+        other = next((n for n in median if n.split()[:2] == ["official", precision]), None)
+        mine = side == "effigen" and other is not None
+        ratio = f"{median[other] / seconds:.2f}" if mine else "-"
+        fastest = f"{best[other] / best[name]:.2f}" if mine else "-"
         spread = f"{min(times[name]):.2f}..{max(times[name]):.2f}"
         print(f"{name:<26}{batch_size / seconds:>10.2f}{seconds:>9.2f}{spread:>14}"
-              f"{100 * flops / seconds / peaks[precision]:>10.1f}%{ratio:>12}", flush=True)
+              f"{100 * flops / seconds / peaks[precision]:>10.1f}%{ratio:>12}{fastest:>11}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- VAR
