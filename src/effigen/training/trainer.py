@@ -257,10 +257,15 @@ class Trainer:
         for param in self._trainable_parameters():
             if param.requires_grad:
                 (decay if param.dim() >= 2 else no_decay).append(param)
+        # On CPU torch's default AdamW is its per-tensor for-loop (~10 passes over every parameter); the fused kernel
+        # makes one (3x faster on a 48 M-parameter model, one core). Not under FSDP (DTensor parameters) nor on GPUs,
+        # where torch's default (foreach) stays.
+        self._fused_adamw = self.device.type == "cpu" and not (self.context.enabled and config.parallel == "fsdp")
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.learning_rate,
             betas=config.betas,
+            fused=self._fused_adamw or None,
         )
         self.step = 0
         self.images_seen = 0
@@ -448,6 +453,9 @@ class Trainer:
                                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
             else:
                 self.optimizer.load_state_dict(saved["optimizer"])
+                if self._fused_adamw:  # the saved groups carry the writer's kernel choice
+                    for group in self.optimizer.param_groups:
+                        group["fused"], group["foreach"] = True, False
             self.scheduler.load_state_dict(saved["scheduler"])
             self.scaler.load_state_dict(saved["scaler"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
