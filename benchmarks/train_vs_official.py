@@ -163,6 +163,15 @@ def profile(name: str, fn, rows: int = 20) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+
+def profile_and_time(rows, args, batch, flops, peaks, model: str, title: str) -> None:
+    """With --profile, one profiled call of every row first; then the interleaved timing of all rows."""
+    if args.profile:
+        for name, fn in rows.items():
+            fn()
+            profile(f"{model} {name}", fn)
+    time_rows(rows, args.repeats, batch, flops, peaks, title)
+
 def time_rows(rows: dict, repeats: int, batch_size: int, flops: int, peaks: dict[str, float], title: str) -> None:
     times: dict[str, list[float]] = {name: [] for name in rows}
     for fn in rows.values():  # warm-up
@@ -325,11 +334,7 @@ def run_var(args, peaks: dict[str, float], precisions: list[str]) -> None:
                 flops_trainer = ours
         counting, _ = effigen_side("fp32", folder) if "fp32" not in precisions else (flops_trainer, None)
         flops, _ = count_flops(lambda: counting.train_step(repeat_batch(images, labels)))
-        if args.profile:
-            for name, fn in rows.items():
-                fn()
-                profile(f"VAR {name}", fn)
-        time_rows(rows, args.repeats, B, flops, peaks, f"VAR-d{depth} batch {B}")
+        profile_and_time(rows, args, B, flops, peaks, "VAR", f"VAR-d{depth} batch {B}")
 
 
 # ------------------------------------------------------------------------------------------------------- DiT
@@ -504,11 +509,7 @@ def run_dit(args, peaks: dict[str, float], precisions: list[str]) -> None:
                 flops_trainer = ours
         counting = flops_trainer if "fp32" in precisions else effigen_side("fp32", folder)[0]
         flops, _ = count_flops(lambda: counting.train_step(repeat_batch(x, y)))
-        if args.profile:
-            for name, fn in rows.items():
-                fn()
-                profile(f"DiT {name}", fn)
-        time_rows(rows, args.repeats, B, flops, peaks, f"{args.size} batch {B}")
+        profile_and_time(rows, args, B, flops, peaks, "DiT", f"{args.size} batch {B}")
 
 
 def main() -> None:

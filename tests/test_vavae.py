@@ -272,15 +272,7 @@ def test_vf_settings_are_checked():
         vf_objective().loss(tiny_vae(), {"images": images()}, BatchRandom(0, 0, 0, 2, 0, 2))
 
 
-def needs_load_teacher():
-    import effigen.teachers
-
-    if not hasattr(effigen.teachers, "load_teacher"):
-        pytest.skip("effigen.teachers.load_teacher is not there yet")
-
-
 def test_an_unknown_teacher_is_a_config_error():
-    needs_load_teacher()
     objective = KLVAELoss(KLVAELossConfig(vf_weight=0.1, vf_teacher="no-such-teacher"))  # loads nothing yet
     with pytest.raises(ConfigError, match="objective.vf_teacher='no-such-teacher'"):
         objective.prepare_network(tiny_vae())
@@ -369,7 +361,6 @@ def test_two_processes_equal_one_process_with_vf_and_a_waiting_gan(tmp_path):
     import sys
     from pathlib import Path
 
-    needs_load_teacher()
     args = ["--preset", "mnist-vavae", "--network_preset=KL-Test", "--network.latent_channels=8", "--data.resolution=16",
             "--trainer.max_steps=4", "--trainer.checkpoint_every=4", "--trainer.batch_size=8", "--trainer.device=cpu",
             "--trainer.precision=fp32", "--trainer.sample_every=0", "--trainer.warmup_steps=1",
