@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from effigen.bench.throughput import count_flops, environment, measure_matmul_peak
+from effigen.runtime import tune_cpu_allocator
 from effigen.convert.dit_official import OFFICIAL_HEADS, convert_dit_official
 from effigen.models.dit import DIT_PRESETS, DiT, DiTConfig
 from effigen.objectives import ddpm as ddpm_module
@@ -175,6 +176,7 @@ def profile(name: str, fn, rows: int = 15) -> None:
 
 
 def main() -> None:
+    tune_cpu_allocator()  # as the effigen CLI; EFFIGEN_CPU_ALLOCATOR=default keeps glibc's thresholds (both sides share it)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="DiT-B/2", choices=[k for k in DIT_PRESETS if k.startswith("DiT-")
                                                               and DIT_PRESETS[k]["hidden_size"] in OFFICIAL_HEADS])
@@ -292,7 +294,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
 
     env = environment("cpu")
-    print(f"torch {env['torch_version']}, {env['threads']} threads, {env.get('cpu_name', '?')}; {args.repeats} repeats "
+    print(f"torch {env['torch_version']}, {env['threads']} threads, {env.get('cpu_name', '?')}, allocator {env['cpu_allocator']}; {args.repeats} repeats "
           f"(median), 1 warm-up, rows interleaved")
     median = {name: statistics.median(t) for name, t in times.items()}
     print(f"useful FLOPs {flops / B / 1e9:.1f} GFLOP/image (counted on one effigen call); matmul peak "

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from effigen.bench.throughput import benchmark_runs, count_flops, environment, measure_peak_memory
+from effigen.runtime import tune_cpu_allocator
 from effigen.models.hmar import HMAR, HMARConfig
 from effigen.models.var import VAR, VARConfig
 from effigen.objectives.hmar import HMARObjectiveConfig
@@ -141,6 +142,7 @@ def sample_latents(runs: dict, args) -> list[dict]:
 
 
 def main() -> None:
+    tune_cpu_allocator()  # as the effigen CLI; EFFIGEN_CPU_ALLOCATOR=default keeps glibc's thresholds (both sides share it)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=16)
     parser.add_argument("--n-layers-train", type=int, default=0, help="HMAR branch depth (default: depth / 2)")

@@ -28,6 +28,7 @@ import time
 import torch
 
 from effigen.bench.throughput import count_flops, environment, measure_matmul_peak
+from effigen.runtime import tune_cpu_allocator
 from effigen.models.dit import DIT_PRESETS, DiT, DiTConfig
 from effigen.objectives.flow_matching import FlowSamplerConfig, RectifiedFlowConfig
 from effigen.pipeline import Pipeline
@@ -77,6 +78,7 @@ def build(name: str, steps: int) -> tuple[Pipeline, dict]:
 
 
 def main() -> None:
+    tune_cpu_allocator()  # as the effigen CLI; EFFIGEN_CPU_ALLOCATOR=default keeps glibc's thresholds (both sides share it)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="VAR-d16", help=f"one of {', '.join(MODELS)}, or all")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
@@ -92,7 +94,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment("cpu")
-    print(f"{env['cpu_name']}, {env['threads']} threads, torch {env['torch_version']}")
+    print(f"{env['cpu_name']}, {env['threads']} threads, torch {env['torch_version']}, allocator {env['cpu_allocator']}")
     peak = measure_matmul_peak(args.precision, "cpu", args.peak_size, 2.0)
     print(f"matmul peak {args.precision} ({args.peak_size}^3 GEMM, {env['threads']} threads): {peak / 1e12:.3f} TFLOP/s")
     B = args.batch_size

@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from effigen.bench.throughput import count_flops, environment, measure_matmul_peak
+from effigen.runtime import tune_cpu_allocator
 from effigen.convert.dit_official import OFFICIAL_HEADS, load_official_dit
 from effigen.convert.var_official import load_official_var
 from effigen.models.dit import DIT_PRESETS
@@ -513,6 +514,7 @@ def run_dit(args, peaks: dict[str, float], precisions: list[str]) -> None:
 
 
 def main() -> None:
+    tune_cpu_allocator()  # as the effigen CLI; EFFIGEN_CPU_ALLOCATOR=default keeps glibc's thresholds (both sides share it)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["var", "dit", "both"], default="both")
     parser.add_argument("--official-repo", help="checkout of FoundationVision/VAR (not part of effigen)")
@@ -544,7 +546,7 @@ def main() -> None:
     precisions = list(PRECISIONS) if args.precision == "both" else [args.precision]
     env = environment("cpu")
     peaks = {p: measure_matmul_peak(p, "cpu", args.peak_size, 2.0) for p in precisions}
-    print(f"torch {env['torch_version']}, {env['threads']} threads, {env.get('cpu_name', '?')}; matmul peak "
+    print(f"torch {env['torch_version']}, {env['threads']} threads, {env.get('cpu_name', '?')}, allocator {env['cpu_allocator']}; matmul peak "
           + ", ".join(f"{p} {v / 1e12:.3f} TFLOP/s" for p, v in peaks.items()) + f" ({args.peak_size}^3 GEMM)",
           flush=True)
     if args.model in ("var", "both"):

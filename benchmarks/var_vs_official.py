@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from effigen.bench.throughput import count_flops, environment, measure_matmul_peak
+from effigen.runtime import tune_cpu_allocator
 from effigen.convert.var_official import convert_var_official
 from effigen.pipeline import Pipeline
 from effigen.tokenizers.msvq import VAR_SCALES
@@ -108,6 +109,7 @@ def timed(fn, device: torch.device) -> float:
 
 
 def main() -> None:
+    tune_cpu_allocator()  # as the effigen CLI; EFFIGEN_CPU_ALLOCATOR=default keeps glibc's thresholds (both sides share it)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official-repo", required=True, help="checkout of FoundationVision/VAR (not part of effigen)")
     parser.add_argument("--depth", type=int, default=16)
@@ -228,7 +230,7 @@ def main() -> None:
             times[name].append(timed(rows[name], device))
 
     env = environment(device)
-    print(f"torch {env['torch_version']}, {env['threads']} threads, {env.get('cpu_name', '?')}"
+    print(f"torch {env['torch_version']}, {env['threads']} threads, {env.get('cpu_name', '?')}, allocator {env['cpu_allocator']}"
           f"{', ' + env['device_name'] if 'device_name' in env else ''}; {args.repeats} repeats (median), 1 warm-up, "
           f"rows interleaved")
     print(f"useful FLOPs {flops / B / 1e9:.1f} GFLOP/image (counted on effigen's {precisions[-1]} call); matmul peak "

@@ -164,6 +164,33 @@ def test_fused_weights_are_recast_after_an_update_and_stay_out_of_the_state_dict
     assert set(mlp.state_dict()) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}
 
 
+def test_effigen_linear_is_nn_linear_in_fp32_and_training_and_one_onednn_call_in_bf16_inference():
+    from effigen.nn.layers import Linear, set_fused_inference
+
+    torch.manual_seed(0)
+    layer, plain = Linear(24, 40), torch.nn.Linear(24, 40)
+    plain.load_state_dict(layer.state_dict())
+    assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(3, 5, 24)
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain(x))  # fp32: the same kernel
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused, eager = layer(x), plain(x)
+            set_fused_inference(False)
+            try:
+                unfused = layer(x)
+            finally:
+                set_fused_inference(True)
+    assert fused.dtype == eager.dtype == torch.bfloat16 and torch.equal(unfused, eager)
+    assert torch.allclose(fused.float(), eager.float(), atol=2e-2, rtol=2e-2)
+    assert "_lowp_weights" in layer.__dict__  # bf16 weights held on the module for the next call
+    layer.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training: autograd's path, gradients reach the fp32 weights
+        layer(x).float().square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.dtype == torch.float32
+
+
 def test_rope_pair_swap_is_bit_identical_to_rotate_pairs():
     from effigen.nn.rope import VisionRoPE2D, rotate_pairs
 

@@ -574,6 +574,7 @@ def test_top_k_first_filter_equals_the_full_sort_reference(top_k, top_p):
     # number of entries with the same values (which of several equal values go is the sort's choice in both)
     rounded = (torch.randn(4, 9, 4096, generator=generator) * 3).bfloat16().float()
     rounded[0, 0, :50] = rounded[0, 0, :50].max()  # a tie at the very top as well
+    rounded[1, 2, :400] = rounded[1, 2].max()  # 400 ties: past the first topk's margin for k = 64 (the second topk)
     for k, p in ((top_k or 900, top_p or 0.96), (64, 0.3)):
         fast, reference = filter_logits(rounded, k, p), filter_logits_reference(rounded, k, p)
         assert torch.equal(torch.isfinite(fast).sum(-1), torch.isfinite(reference).sum(-1))

@@ -59,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module = importlib.import_module(COMMANDS[name][0])
+    from ..runtime import tune_cpu_allocator
+
+    try:  # large tensors recycled by malloc instead of page-faulted at every use (effigen.runtime)
+        tune_cpu_allocator()
+    except ValueError as e:
+        print(f"effigen {name}: error: {e}", file=sys.stderr)
+        return 2
     try:
         return int(module.run(rest) or 0)
     except (UserError, FileNotFoundError) as e:

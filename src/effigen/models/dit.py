@@ -49,7 +49,7 @@ from typing import Literal
 
 from ..nn.attention import SelfAttention
 from ..nn.embeddings import FourierTimeEmbedder, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_positions
-from ..nn.layers import Mlp, SwiGLU, modulate
+from ..nn.layers import Linear, Mlp, SwiGLU, modulate
 from ..nn.norms import make_norm
 from ..nn.rope import VisionRoPE2D
 from ..nn.taps import Features, Taps, record_taps
@@ -180,7 +180,7 @@ class DiTBlock(nn.Module):
             self.mlp = SwiGLU(D, int(2 / 3 * config.mlp_ratio * D))
         else:
             self.mlp = Mlp(D, int(D * config.mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, (6 if config.adaln_shift else 4) * D))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(D, (6 if config.adaln_shift else 4) * D))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, rope: nn.Module | None = None, logits_tap=None) -> torch.Tensor:
         # Speed (CPU, bf16 autocast): the small (B, 1, k*D) conditioning is cast once to the residual's dtype, so every
@@ -214,8 +214,8 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
         self.norm_final = make_norm(norm, hidden_size, affine=False)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """c: (B, D), or (B, L, D) per token (DDT head)."""

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import BlockMask
+from ..nn.layers import Linear
 from ..nn.taps import NO_TAPS, Features, TapRecorder, Taps, record_taps
 from .var import (AdaLNBeforeHead, AdaLNSelfAttn, ScalePyramidInputs, VAR_PRESETS, VARConfig, init_next_scale_weights,
                   scale_blocks)
@@ -92,9 +93,9 @@ class HMAR(ScalePyramidInputs, nn.Module):
         self.ns_blocks = nn.ModuleList([AdaLNSelfAttn(config, rates[depth - n + i]) for i in range(n)])
         self.mask_blocks = nn.ModuleList([AdaLNSelfAttn(config, rates[depth - n + i]) for i in range(n)])
         self.ns_head_nm = AdaLNBeforeHead(C, config.norm_eps)
-        self.ns_head = nn.Linear(C, config.vocab_size)
+        self.ns_head = Linear(C, config.vocab_size)
         self.mask_head_nm = AdaLNBeforeHead(C, config.norm_eps)
-        self.mask_head = nn.Linear(C, config.vocab_size)
+        self.mask_head = Linear(C, config.vocab_size)
         self.word_embed = nn.Linear(config.latent_channels, C, bias=False)
         self.word_embed_bias = nn.Parameter(torch.zeros(C))
         self.mask_embed = nn.Embedding(1, C)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.attention import BlockMask, LayerKVCache, attention, attention_logits  # LayerKVCache re-exported
-from ..nn.layers import DropPath, Mlp
+from ..nn.layers import DropPath, Linear, Mlp, fused_dtype, fused_linear
 from ..nn.taps import NO_TAPS, Features, TapRecorder, Taps, record_taps
 from ..tokenizers.msvq import VAR_SCALES
 
@@ -139,14 +139,19 @@ class VARAttention(nn.Module):
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: LayerKVCache | None = None,
                 logits_tap=None) -> torch.Tensor:
         """`logits_tap`: a callback given this layer's `attention_logits` over its keys (cached ones too), or None."""
         B, L, D = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        dtype = fused_dtype(x, self)
+        if dtype is not None:  # bf16 CPU inference: the weight held in bf16, the bias in the GEMM's epilogue
+            qkv = fused_linear(x, self.mat_qkv, dtype, bias=bias)
+        else:
+            qkv = F.linear(x, self.mat_qkv.weight, bias)
+        qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
         if self.l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
@@ -195,7 +200,7 @@ class AdaLNSelfAttn(nn.Module):
         if config.shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, C) / C**0.5)
         else:
-            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
+            self.ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 6 * C))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask=None, cache: LayerKVCache | None = None,
                 logits_tap=None) -> torch.Tensor:
@@ -216,14 +221,14 @@ class AdaLNBeforeHead(nn.Module):
     def __init__(self, C: int, eps: float):
         super().__init__()
         self.ln_wo_grad = nn.LayerNorm(C, eps=eps, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        self.ada_lin = nn.Sequential(nn.SiLU(), Linear(C, 2 * C))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         scale, shift = self.ada_lin(cond).view(-1, 1, 2, x.shape[-1]).unbind(2)
         return self.ln_wo_grad(x) * (1 + scale) + shift
 
 
-class SharedAdaLin(nn.Linear):
+class SharedAdaLin(Linear):
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         return super().forward(cond).view(-1, 1, 6, self.weight.shape[0] // 6)
 
@@ -294,7 +299,7 @@ class VAR(ScalePyramidInputs, nn.Module):
         rates = torch.linspace(0, config.drop_path_rate, config.depth).tolist()
         self.blocks = nn.ModuleList([AdaLNSelfAttn(config, rates[i]) for i in range(config.depth)])
         self.head_nm = AdaLNBeforeHead(C, config.norm_eps)
-        self.head = nn.Linear(C, config.vocab_size)
+        self.head = Linear(C, config.vocab_size)
         # block-causal attention, computed block by block (effigen.nn.attention.BlockMask): no L x L mask
         self.attention_blocks = scale_blocks(config.scales, "block_causal")
         self.init_weights(math.sqrt(1 / C / 3))

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Linear
+
 BACKENDS = ("sdpa", "manual")
 _backend = "sdpa"
 
@@ -195,12 +197,12 @@ class SelfAttention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         from .norms import make_norm
 
         self.q_norm = make_norm(norm, self.head_dim, affine=True) if qk_norm else nn.Identity()
         self.k_norm = make_norm(norm, self.head_dim, affine=True) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rope=None, logits_tap=None) -> torch.Tensor:
         """`logits_tap`: a callback given this layer's `attention_logits` (a feature tap), or None."""

@@ -31,9 +31,11 @@ def fused_dtype(x: torch.Tensor, *modules: nn.Module) -> torch.dtype | None:
     with bf16 weights), never fp32 (whose outputs stay bit-identical to the eager ops) and never in training."""
     if not _FUSED["enabled"] or x.device.type != "cpu" or torch.is_grad_enabled() or not torch.backends.mkldnn.is_available():
         return None
+    if torch.compiler.is_compiling():
+        return None  # under torch.compile inductor makes its own fusions (and cannot lower these direct calls)
     if any(m.training for m in modules):
         return None
-    if any(type(child) is not nn.Linear and isinstance(child, nn.Module) and child_name in ("fc1", "w12")
+    if any(type(child) not in (nn.Linear, Linear) and child_name in ("fc1", "w12")
            for m in modules for child_name, child in m.named_children()):
         return None  # a quantized (nn/quant.py) or otherwise replaced linear layer keeps its own forward
     autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -59,10 +61,26 @@ def lowp_weights(linear: nn.Linear, dtype: torch.dtype, rows: slice | None = Non
     return hit[1], hit[2]
 
 
-def _fused_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, attr: str, algorithm: str = "",
-                  rows: slice | None = None) -> torch.Tensor:
-    weight, bias = lowp_weights(linear, dtype, rows)
+def fused_linear(x: torch.Tensor, linear: nn.Linear, dtype: torch.dtype, attr: str = "none", algorithm: str = "",
+                 rows: slice | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear(x)` followed by the oneDNN post-op `attr` (`none`, `gelu`, `swish`, ...), as one call on `linear`'s
+    weights held in `dtype`; `bias` replaces the module's own (VAR's qkv bias is assembled from q and v biases)."""
+    weight, own_bias = lowp_weights(linear, dtype, rows)
+    bias = own_bias if bias is None else bias.to(dtype)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, attr, [], algorithm)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (the same parameters, state dict and training arithmetic) whose bf16 CPU inference (`fused_dtype`)
+    is one oneDNN call on weights held in bf16 (`lowp_weights`): no cast of the fp32 weight per sampling call (autocast
+    casts again in every autocast region) and the bias added in the GEMM's epilogue instead of broadcast into the
+    output first (~1.1x on the GEMMs of DiT-B/2 and VAR-d16, `benchmarks/profile_sampling.py`). fp32 is unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = fused_dtype(x, self)
+        if dtype is not None:
+            return fused_linear(x, self, dtype, "none")
+        return F.linear(x, self.weight, self.bias)
 
 
 class Mlp(nn.Module):
@@ -74,12 +92,12 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fused_dtype(x, self)
         if dtype is not None:
-            return self.fc2(_fused_linear(x, self.fc1, dtype, "gelu", "tanh"))
+            return self.fc2(fused_linear(x, self.fc1, dtype, "gelu", "tanh"))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -91,13 +109,13 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.w12 = nn.Linear(dim, 2 * hidden_dim)
-        self.w3 = nn.Linear(hidden_dim, dim)
+        self.w3 = Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fused_dtype(x, self)
         if dtype is not None:  # bf16 CPU inference: silu(x W1) and (x W2) * gate each in one oneDNN call, no extra pass
             hidden = self.w12.weight.shape[0] // 2
-            gate = _fused_linear(x, self.w12, dtype, "swish", rows=slice(0, hidden))
+            gate = fused_linear(x, self.w12, dtype, "swish", rows=slice(0, hidden))
             w2, b2 = lowp_weights(self.w12, dtype, slice(hidden, 2 * hidden))
             return self.w3(torch.ops.mkldnn._linear_pointwise.binary(x.to(dtype), gate, w2, b2, "mul"))
         gate, value = self.w12(x).chunk(2, dim=-1)

@@ -35,16 +35,21 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
     With both filters, top-p only ever sees the survivors of top-k, so it sorts and sums those (the values of
     `topk(sorted=True)`) instead of sorting all V: the same kept set as `filter_logits_reference` (the filtered
     entries add exactly 0 to the softmax's sum and to every cumulative sum), at a fraction of the cost for VAR's
-    k = 900 of V = 4096. Values tied with the k-th largest survive top-k in both (the topk then takes the largest
-    survivor count of the batch); where top-p's cut falls inside a group of equal values, which of them go is up to
+    k = 900 of V = 4096. Values tied with the k-th largest survive top-k in both (one topk of k plus a margin finds
+    them; a second one of the batch's largest survivor count only where they run past the margin); where top-p's cut falls inside a group of equal values, which of them go is up to
     the sort order in both (torch's sort is not stable either)."""
     V = logits.shape[-1]
     if 0 < top_k < V and 0 < top_p < 1:
-        values, indices = logits.topk(top_k, dim=-1, largest=True, sorted=True)  # (..., k), descending
-        kth = values[..., -1:]
-        survivors = int((logits >= kth).sum(dim=-1).max())  # > k where the k-th value is tied (bf16 logits)
-        if survivors > top_k:
+        # one topk a little wider than k: bf16 logits often tie at the k-th value, and every tie survives top-k
+        wide = min(V, top_k + max(16, top_k // 8))
+        values, indices = logits.topk(wide, dim=-1, largest=True, sorted=True)  # (..., wide), descending
+        kth = values[..., top_k - 1:top_k]
+        survivors = int((values >= kth).sum(dim=-1).max())  # > k where the k-th value is tied
+        if survivors == wide < V:  # the ties run past the margin: count them in the whole row
+            survivors = int((logits >= kth).sum(dim=-1).max())
             values, indices = logits.topk(survivors, dim=-1, largest=True, sorted=True)
+        values, indices = values[..., :survivors], indices[..., :survivors]
+        if survivors > top_k:
             values = values.masked_fill(values < kth, float("-inf"))  # rows with fewer ties: beyond their survivors
         ascending = values.flip(-1)
         remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
