@@ -100,7 +100,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice); on a busy machine "
                         "fewer threads than cores can be much faster")
-    parser.add_argument("--peak-size", type=positive_int, default=2048, help="matrix size of the matmul peak measurement")
+    parser.add_argument("--peak-size", type=positive_int, default=4096,
+                        help="matrix size of the matmul peak measurement (a square GEMM on all threads)")
     parser.add_argument("--peak-seconds", type=finite_float, default=1.0,
                         help="duration of each matmul peak measurement")
     parser.add_argument("--json", help="write every figure, the settings and the environment to this file")

@@ -52,6 +52,9 @@ class VisionRoPE2D(nn.Module):
         """x: (B, heads, L, head_dim)."""
         # the tables in x's dtype: under bf16 autocast q and k stay bf16 instead of promoting to fp32 and back.
         # rotate_pairs(x) * sin = swap_pairs(x) * (-sin, +sin): one pair swap instead of a negation and a stack, the
-        # same numbers bit for bit (x * -s == -(x * s) in floating point)
+        # same numbers bit for bit (x * -s == -(x * s) in floating point). q and k arrive as strided views of the qkv
+        # projection: one contiguous copy first, then the swap as a stack of the two strided halves, makes the four
+        # passes 1.6x faster than on the views with `flip` (DiT-B/2 shapes, bf16, 2 threads; bit-identical)
         cos, signed_sin = self._signed_tables(x)
-        return x * cos + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * signed_sin
+        x = x.contiguous()
+        return x * cos + torch.stack((x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2) * signed_sin
