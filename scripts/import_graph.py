@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("nn",),
     ("eval",),
     ("data",),
-    ("config", "io", "images", "rng", "__init__"),
+    ("config", "io", "images", "rng", "runtime", "__init__"),
 ]
 
 

@@ -199,6 +199,31 @@ def test_rope_pair_swap_is_bit_identical_to_rotate_pairs():
     assert torch.equal(rope(x), x * rope.freqs_cos + rotate_pairs(x) * rope.freqs_sin)
     xb = x.bfloat16()
     assert torch.equal(rope(xb), xb * rope.freqs_cos.bfloat16() + rotate_pairs(xb) * rope.freqs_sin.bfloat16())
+    # tokens-major (B, L, 2, heads, head_dim), the q/k slice of a fused qkv projection: the same numbers
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(2, 16, 3, 3, 16).to(dtype)
+        q, k = rope.rotate_tokens_major(qkv[:, :, :2]).permute(2, 0, 3, 1, 4).unbind(0)
+        assert torch.equal(q, rope(qkv[:, :, 0].transpose(1, 2))) and torch.equal(k, rope(qkv[:, :, 1].transpose(1, 2)))
+
+
+def test_attention_with_rope_takes_the_tokens_major_path_only_without_qk_norm():
+    from effigen.nn.attention import SelfAttention
+    from effigen.nn.rope import VisionRoPE2D
+
+    rope, x = VisionRoPE2D(8, 4), torch.randn(2, 16, 16)
+    for qk_norm in (False, True):
+        torch.manual_seed(0)
+        attention = SelfAttention(16, 2, qk_norm=qk_norm).eval()
+        calls = []
+        rope.rotate_tokens_major = lambda t, f=rope.rotate_tokens_major: calls.append(1) or f(t)
+        fast = attention(x, rope=rope)
+        del rope.rotate_tokens_major
+        qkv = attention.qkv(x).reshape(2, 16, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        q, k, v = attention.q_norm(qkv[0]), attention.k_norm(qkv[1]), qkv[2]
+        q, k = rope(q), rope(k)
+        reference = attention.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 16, 16))
+        assert bool(calls) is not qk_norm
+        assert torch.allclose(fast, reference, atol=1e-6)
 
 
 def test_flop_counter_counts_the_fused_linears_like_plain_ones():

@@ -50,7 +50,7 @@ from typing import Literal
 from ..nn.attention import SelfAttention
 from ..nn.embeddings import FourierTimeEmbedder, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_positions
 from ..nn.layers import Linear, Mlp, SwiGLU, modulate
-from ..nn.norms import make_norm
+from ..nn.norms import RMSNorm, make_norm
 from ..nn.rope import VisionRoPE2D
 from ..nn.taps import Features, Taps, record_taps
 
@@ -193,10 +193,21 @@ class DiTBlock(nn.Module):
         else:
             scale_msa, gate_msa, scale_mlp, gate_mlp = modulation.chunk(4, dim=-1)
             shift_msa = shift_mlp = None
-        out = self.attn(_modulate(self.norm1(x), shift_msa, scale_msa), rope=rope, logits_tap=logits_tap)
+        out = self.attn(_norm_modulate(self.norm1, x, shift_msa, scale_msa), rope=rope, logits_tap=logits_tap)
         x = _multiply_add(x, gate_msa, out.to(x.dtype))  # x + gate * attn, (B, L, D)
-        out = self.mlp(_modulate(self.norm2(x), shift_mlp, scale_mlp))
+        out = self.mlp(_norm_modulate(self.norm2, x, shift_mlp, scale_mlp))
         return _multiply_add(x, gate_mlp, out.to(x.dtype))  # x + gate * mlp, (B, L, D)
+
+
+def _norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """`_modulate(norm(x), shift, scale)`; in bf16 inference an RMSNorm's gain is folded into the small (B, 1, D)
+    factor (1 + scale) * gain, one pass over (B, L, D) fewer."""
+    if isinstance(norm, RMSNorm):
+        normalized = norm.normalize_without_gain(x)
+        if normalized is not None:
+            gain = (1 + scale) * norm.weight.to(scale.dtype)
+            return normalized * gain if shift is None else _multiply_add(shift, normalized, gain)
+    return _modulate(norm(x), shift, scale)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
