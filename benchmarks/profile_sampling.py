@@ -5,7 +5,7 @@
     python benchmarks/profile_sampling.py --model all --precision bf16 --no-table      # fraction of peak of every model
 
 For each model: the matmul peak of this machine in the precision (`measure_matmul_peak`, all torch threads, a
---peak-size square GEMM), the FLOPs of one call (`count_flops`: matrix products and attention only), the median
+--peak-size square GEMM; with --model all re-measured before every model, the largest value so far used), the FLOPs of one call (`count_flops`: matrix products and attention only), the median
 wall time of --repeats calls after one warm-up, achieved FLOP/s and its fraction of the peak, then (unless
 --no-table) torch.profiler's per-op table of one more call sorted by self CPU time, and the share of the call spent
 in matrix products / attention ("matmul time") against everything else.
@@ -106,6 +106,8 @@ def main() -> None:
             return pipeline(labels, seed=0, batch_size=B, precision=args.precision, **extra)
 
         call()
+        # the peak again right before this model's timing: on a shared VM it drifts by 20-30% within minutes
+        peak = max(peak, measure_matmul_peak(args.precision, "cpu", args.peak_size, 2.0)) if args.model == "all" else peak
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()
@@ -116,7 +118,7 @@ def main() -> None:
         achieved = flops / seconds
         print(f"\n{name} {args.precision} batch {B}: {seconds:.3f} s/call (min {min(times):.3f}), "
               f"{B / seconds:.3f} images/s, {flops / B / 1e9:.1f} GFLOP/image, {achieved / 1e12:.3f} TFLOP/s = "
-              f"{100 * achieved / peak:.1f}% of peak", flush=True)
+              f"{100 * achieved / peak:.1f}% of peak ({peak / 1e12:.3f})", flush=True)
         if args.no_table:
             continue
         from torch.profiler import ProfilerActivity, profile
