@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear
+from .layers import Linear, fused_dtype
 
 BACKENDS = ("sdpa", "manual")
 _backend = "sdpa"
@@ -208,8 +208,14 @@ class SelfAttention(nn.Module):
         """`logits_tap`: a callback given this layer's `attention_logits` (a feature tap), or None."""
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, self.head_dim)
-        if rope is not None and hasattr(rope, "rotate_tokens_major") and isinstance(self.q_norm, nn.Identity) \
-                and isinstance(self.k_norm, nn.Identity):
+        plain_qk = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        rotated = None
+        if rope is not None and plain_qk and hasattr(rope, "rotate_qk_fused") and fused_dtype(x, self) is not None:
+            rotated = rope.rotate_qk_fused(qkv)  # bf16 CPU inference: one pass of the C kernel, or None
+        if rotated is not None:
+            q, k = rotated
+            v = qkv[:, :, 2].transpose(1, 2)
+        elif rope is not None and hasattr(rope, "rotate_tokens_major") and plain_qk:
             # q and k rotated together in the projection's (B, L, 2, heads, head_dim) layout (bit-identical, faster)
             q, k = rope.rotate_tokens_major(qkv[:, :, :2]).permute(2, 0, 3, 1, 4).unbind(0)
             v = qkv[:, :, 2].transpose(1, 2)  # each (B, heads, L, head_dim)

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn import cpu_kernels
+from ..nn.layers import fused_dtype
+
 
 @dataclass(frozen=True)
 class ConvAutoencoderSpec:
@@ -51,6 +54,18 @@ def _silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x, inplace=not (x.requires_grad and torch.is_grad_enabled()))
 
 
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = True) -> torch.Tensor:
+    """`silu(norm(x))` (or `norm(x)`). In bf16 CPU inference on a channels-last activation (the decoders' sampling
+    layout) one statistics pass and one normalising pass of the C kernel of `nn.cpu_kernels` (1.8x faster than
+    GroupNorm then SiLU at VAR's decoder shapes); otherwise the eager ops."""
+    if fused_dtype(x, norm) is not None:
+        out = cpu_kernels.group_norm(x, norm, silu)
+        if out is not None:
+            return out
+    h = norm(x)
+    return _silu(h) if silu else h
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
         super().__init__()
@@ -62,8 +77,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(_silu(self.norm1(x)))
-        h = self.conv2(self.dropout(_silu(self.norm2(h))))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(self.dropout(_norm_silu(self.norm2, h)))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -83,7 +98,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        h = self.norm(x)
+        h = _norm_silu(self.norm, x, silu=False)
         qkv = self.qkv(h).chunk(3, dim=1) if self.fused_qkv else (self.q(h), self.k(h), self.v(h))
         q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(1) for t in qkv)  # (B, 1, HW, C)
         out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B, C, H, W)
@@ -165,7 +180,7 @@ class Encoder(nn.Module):
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(_silu(self.norm_out(h)))
+        return self.conv_out(_norm_silu(self.norm_out, h))
 
 
 class Decoder(nn.Module):
@@ -196,7 +211,7 @@ class Decoder(nn.Module):
             h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(_silu(self.norm_out(h)))
+        return self.conv_out(_norm_silu(self.norm_out, h))
 
     @property
     def last_layer(self) -> torch.Tensor:

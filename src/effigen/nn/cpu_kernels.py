@@ -1,0 +1,196 @@
+"""Fused bf16 CPU inference kernels in C (`cpu_kernels.c` beside this file), compiled on first use and loaded with ctypes.
+
+Why: after the GEMMs, what bounds bf16 sampling on a CPU are chains of eager element-wise passes, each reading and
+writing the whole activation (docs/performance.md, "roofline"): the 2-D RoPE of LightningDiT (a pair swap and three
+passes), the tanh-GELU of every DiT/VAR MLP (oneDNN's GELU epilogue costs as much as the GEMM it follows), and GroupNorm
+then SiLU in the VQ/VAE decoders. Each kernel here is one pass that reads once, computes in fp32 and rounds to bf16
+once: at least as accurate as the eager bf16 chain (tests compare both with an fp32 reference), not bit-identical.
+
+How: the C source is compiled with the system compiler (`$CC`, else `cc`) as `-O3 -march=native -fopenmp` into
+`$EFFIGEN_KERNEL_CACHE` (default `~/.cache/effigen/kernels`), named by a hash of the source, the flags, the compiler
+and the CPU's flags, written to a temporary file and renamed into place (concurrent processes never load a half-written
+library). It links libgomp.so.1, the OpenMP runtime torch's CPU wheel has already loaded, so the kernels share torch's
+threads. The vector code needs AVX-512 F/BW/VL (AMX Xeons, AMD Zen 4); elsewhere, without a compiler, or with
+`EFFIGEN_CPU_KERNELS=off`, `available()` is False and every caller keeps its eager ops. The kernels run only where the
+oneDNN fast paths of `nn.layers.fused_dtype` do: bf16 inference on a CPU (no gradients, modules in eval mode), never in
+fp32 or training, never under torch.compile; `set_fused_inference(False)` switches both off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+_STATE: dict = {"library": None, "tried": False, "error": None}
+_LOCK = threading.Lock()
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_SIGNATURES = {
+    "eg_vector_width": ([], ctypes.c_int),
+    "eg_rope_qk": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int], None),
+    "eg_gelu_tanh": ([_P, _I64, ctypes.c_int], None),
+    "eg_silu": ([_P, _I64, ctypes.c_int], None),
+    "eg_group_norm": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, _P, _P, _I64,
+                       ctypes.c_int], None),
+}
+
+
+def _setting() -> str:
+    setting = os.environ.get("EFFIGEN_CPU_KERNELS", "auto").strip().lower()
+    if setting not in ("auto", "off"):
+        raise ValueError(f"EFFIGEN_CPU_KERNELS={setting!r}: use 'auto' (compile and use the fused C kernels where the "
+                         "CPU has AVX-512, the default) or 'off' (eager PyTorch ops only)")
+    return setting
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EFFIGEN_KERNEL_CACHE") or Path.home() / ".cache" / "effigen" / "kernels")
+
+
+def _compile(compiler: str) -> Path:
+    """Build (or find) the shared library for this source, compiler and CPU; returns its path."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode()).hexdigest()
+    target = cache_dir() / f"effigen_cpu_kernels_{key[:20]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".build-", suffix=".so")
+    os.close(handle)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary, "-lm"], capture_output=True,
+                                text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(temporary, target)  # atomic: a concurrent process sees the old state or the whole library
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+def library():
+    """The loaded kernel library, or None (switched off, no compiler, a failed build, or no AVX-512 vector path).
+    The first call compiles (a few seconds; once per machine and source version); a failure warns once."""
+    if _STATE["tried"]:
+        return _STATE["library"]
+    with _LOCK:
+        if _STATE["tried"]:
+            return _STATE["library"]
+        try:
+            if _setting() == "off":
+                _STATE["error"] = "switched off by EFFIGEN_CPU_KERNELS=off"
+            elif os.name != "posix":
+                _STATE["error"] = "the C kernels are built for POSIX systems only"
+            else:
+                compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+                if compiler is None:
+                    _STATE["error"] = "no C compiler (install gcc, or set CC)"
+                else:
+                    lib = ctypes.CDLL(str(_compile(compiler)))
+                    for name, (arguments, result) in _SIGNATURES.items():
+                        function = getattr(lib, name)
+                        function.argtypes, function.restype = arguments, result
+                    if lib.eg_vector_width() == 0:
+                        _STATE["error"] = "this CPU has no AVX-512 F/BW/VL: the eager ops are faster than scalar C"
+                    else:
+                        _STATE["library"] = lib
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            _STATE["error"] = str(error)
+            warnings.warn(f"effigen: the fused CPU kernels could not be built, sampling uses the eager ops instead "
+                          f"({error}); set EFFIGEN_CPU_KERNELS=off to silence this", RuntimeWarning, stacklevel=2)
+        _STATE["tried"] = True
+        return _STATE["library"]
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False (after it was called), or None."""
+    return _STATE["error"]
+
+
+def _usable(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and available()
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor | None:
+    """q and k of a fused qkv projection (B, L, S >= 2, heads, head_dim) in bf16, rotated by the (L, head_dim) tables
+    (sin with the pair rotation's sign folded in: (-s, +s) per pair), returned as (2, B, heads, L, head_dim)
+    contiguous; None where the kernel does not apply (the caller then runs the eager RoPE)."""
+    if qkv.dim() != 5 or qkv.shape[2] < 2 or qkv.shape[-1] % 16 or not _usable(qkv):
+        return None
+    B, L, S, H, D = qkv.shape
+    if tuple(cos.shape) != (L, D) or tuple(signed_sin.shape) != (L, D):
+        return None
+    qkv = qkv.contiguous()
+    cos = cos.to(torch.float32).contiguous()
+    signed_sin = signed_sin.to(torch.float32).contiguous()
+    out = torch.empty((2, B, H, L, D), dtype=torch.bfloat16)
+    library().eg_rope_qk(qkv.data_ptr(), out.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), B, L, S, H, D,
+                         _threads())
+    return out
+
+
+def gelu_tanh_(x: torch.Tensor) -> bool:
+    """GELU (tanh form) of a contiguous bf16 tensor in place; False (x untouched) where the kernel does not apply."""
+    if not x.is_contiguous() or not _usable(x):
+        return False
+    library().eg_gelu_tanh(x.data_ptr(), x.numel(), _threads())
+    return True
+
+
+def silu_(x: torch.Tensor) -> bool:
+    """SiLU of a contiguous bf16 tensor in place; False (x untouched) where the kernel does not apply."""
+    if not x.is_contiguous() or not _usable(x):
+        return False
+    library().eg_silu(x.data_ptr(), x.numel(), _threads())
+    return True
+
+
+def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool) -> torch.Tensor | None:
+    """`norm(x)` (then SiLU if `silu`) for a channels-last bf16 activation (N, C, H, W) in one statistics pass and
+    one normalising pass; the output is channels-last bf16. None where the kernel does not apply."""
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last) or not _usable(x):
+        return None
+    N, C, H, W = x.shape
+    if C % 16 or C != norm.num_channels:
+        return None
+    gamma = (norm.weight.detach() if norm.affine else torch.ones(C)).to(torch.float32).contiguous()
+    beta = (norm.bias.detach() if norm.affine else torch.zeros(C)).to(torch.float32).contiguous()
+    chunks = max(1, min(H * W, -(-4 * _threads() // N)))  # enough row blocks per image for every thread
+    partial = torch.empty((N, chunks, 2, C), dtype=torch.float64)
+    affine = torch.empty((2, N, C), dtype=torch.float32)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    library().eg_group_norm(x.data_ptr(), out.data_ptr(), gamma.data_ptr(), beta.data_ptr(), N, H * W, C,
+                            norm.num_groups, float(norm.eps), int(silu), partial.data_ptr(), affine.data_ptr(), chunks,
+                            _threads())
+    return out

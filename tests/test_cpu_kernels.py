@@ -1,0 +1,186 @@
+"""The fused C kernels of effigen.nn.cpu_kernels against fp32 references and against the eager bf16 ops they replace:
+each must be at least as close to the fp32 result as the eager bf16 chain (they round once, the chain at every op),
+handle every tail and odd shape, and step aside (None / False) where it does not apply."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effigen.nn import cpu_kernels
+from effigen.nn.layers import set_fused_inference
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(),
+                                   reason=f"fused CPU kernels unavailable here: {cpu_kernels.unavailable_reason()}")
+
+
+def _error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((x.float() - reference).abs().max())
+
+
+@needs_kernels
+def test_rope_kernel_is_closer_to_fp32_than_the_eager_bf16_rotation():
+    from effigen.nn.rope import VisionRoPE2D
+
+    torch.manual_seed(0)
+    rope = VisionRoPE2D(32, 4, rows=3)  # 12 tokens, head_dim 32
+    qkv = torch.randn(2, 12, 3, 5, 32).bfloat16()
+    reference = rope.rotate_tokens_major(qkv[:, :, :2].float()).permute(2, 0, 3, 1, 4)  # (2, B, H, L, D)
+    eager = rope.rotate_tokens_major(qkv[:, :, :2]).permute(2, 0, 3, 1, 4)
+    q, k = rope.rotate_qk_fused(qkv)
+    assert q.shape == k.shape == (2, 5, 12, 32) and q.dtype == torch.bfloat16
+    fused = torch.stack((q, k))
+    assert _error(fused, reference) <= _error(eager, reference)
+    # one rounding of the fp32 result: within half a bf16 ulp (2^-9 relative) of it
+    assert torch.all((fused.float() - reference).abs() <= reference.abs() * 2.0**-8 + 1e-6)
+    # not applicable: fp32 input, a head dim that is not a multiple of 16, tables of another length
+    assert rope.rotate_qk_fused(qkv.float()) is None
+    assert cpu_kernels.rope_qk(torch.randn(2, 12, 3, 5, 8).bfloat16(), rope.freqs_cos[:, :8], rope.freqs_sin[:, :8]) is None
+    assert cpu_kernels.rope_qk(qkv[:, :6], rope.freqs_cos, rope.freqs_sin) is None
+
+
+@needs_kernels
+def test_attention_takes_the_rope_kernel_in_bf16_inference_only():
+    from effigen.nn.attention import SelfAttention
+    from effigen.nn.rope import VisionRoPE2D
+
+    torch.manual_seed(0)
+    rope, attention = VisionRoPE2D(16, 4), SelfAttention(64, 4).eval()
+    x = torch.randn(3, 16, 64)
+    calls = []
+    original = cpu_kernels.rope_qk
+    cpu_kernels.rope_qk = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            reference = attention(x, rope=rope)
+            assert not calls  # fp32: the eager rotation
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fused = attention(x, rope=rope).float()
+                assert len(calls) == 1
+                set_fused_inference(False)
+                try:
+                    eager = attention(x, rope=rope).float()
+                finally:
+                    set_fused_inference(True)
+                assert len(calls) == 1
+    finally:
+        cpu_kernels.rope_qk = original
+    scale = reference.abs().max()
+    assert _error(fused, reference) / scale < 2e-2
+    assert _error(fused, reference) <= 1.5 * _error(eager, reference)
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["gelu_tanh", "silu"])
+def test_activation_kernels_round_the_fp32_activation_once(name):
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(1000) * 4, torch.linspace(-90, 90, 181), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    x = values.bfloat16()  # 1185 elements: a tail of 1 after the 16-wide vectors
+    reference = F.gelu(x.float(), approximate="tanh") if name == "gelu_tanh" else F.silu(x.float())
+    eager = F.gelu(x, approximate="tanh") if name == "gelu_tanh" else F.silu(x)
+    out = x.clone()
+    assert getattr(cpu_kernels, f"{name}_")(out)
+    assert _error(out, reference) <= _error(eager, reference)
+    assert torch.all((out.float() - reference).abs() <= reference.abs() * 2.0**-8 + 1e-6)
+    strided = x.clone()[::2]
+    assert not getattr(cpu_kernels, f"{name}_")(strided)  # not contiguous: left to the caller
+    assert not getattr(cpu_kernels, f"{name}_")(x.float())
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,groups,affine", [((16, 160, 8, 8), 32, True), ((1, 48, 5, 7), 8, True),
+                                                 ((3, 32, 9, 2), 32, False)])
+def test_group_norm_kernel_matches_fp32_group_norm_and_silu(shape, groups, affine):
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, shape[1], eps=1e-6, affine=affine)
+    if affine:
+        norm.weight.data.normal_()
+        norm.bias.data.normal_()
+    x = (torch.randn(shape) * 3 + 1.5).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for silu in (True, False):
+            reference = norm(x.float())
+            reference = F.silu(reference) if silu else reference
+            eager = F.silu(norm(x)) if silu else norm(x)
+            out = cpu_kernels.group_norm(x, norm, silu)
+            assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
+            assert _error(out, reference) <= _error(eager, reference) + 1e-6
+        assert cpu_kernels.group_norm(x.contiguous(), norm, True) is None  # NCHW: the eager ops
+        assert cpu_kernels.group_norm(x.float().contiguous(memory_format=torch.channels_last), norm, True) is None
+
+
+@needs_kernels
+def test_mlp_and_decoder_use_the_kernels_in_bf16_inference_and_agree_with_eager():
+    from effigen.nn.layers import Mlp
+    from effigen.tokenizers.autoencoder import ConvAutoencoderSpec, Decoder
+
+    torch.manual_seed(0)
+    mlp = Mlp(32, 128).eval()
+    spec = ConvAutoencoderSpec(base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, resolution=16,
+                               decoder_in_channels=4, out_channels=3, attention_resolutions=(8,))
+    decoder = Decoder(spec).eval().to(memory_format=torch.channels_last)
+    x, z = torch.randn(2, 7, 32), torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    counts = {"gelu": 0, "norm": 0}
+    gelu, norm = cpu_kernels.gelu_tanh_, cpu_kernels.group_norm
+    cpu_kernels.gelu_tanh_ = lambda t: counts.__setitem__("gelu", counts["gelu"] + 1) or gelu(t)
+    cpu_kernels.group_norm = lambda *a: counts.__setitem__("norm", counts["norm"] + 1) or norm(*a)
+    try:
+        with torch.no_grad():
+            references = mlp(x), decoder(z)
+            assert counts == {"gelu": 0, "norm": 0}  # fp32 never
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fused = mlp(x).float(), decoder(z).float()
+                assert counts["gelu"] == 1 and counts["norm"] > 0
+                set_fused_inference(False)
+                try:
+                    eager = mlp(x).float(), decoder(z).float()
+                finally:
+                    set_fused_inference(True)
+    finally:
+        cpu_kernels.gelu_tanh_, cpu_kernels.group_norm = gelu, norm
+    for f, e, r in zip(fused, eager, references):
+        scale = r.abs().max()
+        assert _error(f, r) / scale < 3e-2 and _error(e, r) / scale < 3e-2
+        assert _error(f, r) <= 1.5 * _error(e, r)
+
+
+def _child(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+@needs_kernels
+def test_kernel_library_is_built_once_into_the_cache_and_can_be_switched_off(tmp_path):
+    probe = "from effigen.nn import cpu_kernels as k; print(k.available(), k.unavailable_reason())"
+    first = _child(probe, EFFIGEN_KERNEL_CACHE=str(tmp_path))
+    assert first.returncode == 0 and first.stdout.split()[0] == "True", first.stderr
+    built = list(tmp_path.glob("effigen_cpu_kernels_*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob(".build-*"))  # renamed into place, no temporary left
+    stamp = built[0].stat().st_mtime_ns
+    again = _child(probe, EFFIGEN_KERNEL_CACHE=str(tmp_path))
+    assert again.stdout.split()[0] == "True" and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    off = _child(probe, EFFIGEN_KERNEL_CACHE=str(tmp_path), EFFIGEN_CPU_KERNELS="off")
+    assert off.stdout.startswith("False") and "EFFIGEN_CPU_KERNELS=off" in off.stdout
+    bad = _child(probe, EFFIGEN_KERNEL_CACHE=str(tmp_path), EFFIGEN_CPU_KERNELS="fast")
+    assert bad.returncode != 0 and "'auto'" in bad.stderr and "'off'" in bad.stderr
+
+
+def test_a_failing_compiler_warns_once_and_leaves_the_eager_ops(tmp_path):
+    script = tmp_path / "cc"
+    script.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo broken 1.0; exit 0; }\necho 'cc: no' >&2; exit 1\n")
+    script.chmod(0o755)
+    code = ("import warnings, torch\nfrom effigen.nn import cpu_kernels as k\n"
+            "with warnings.catch_warnings(record=True) as caught:\n    warnings.simplefilter('always')\n"
+            "    a, b = k.available(), k.available()\n"
+            "print(a, b, len(caught), 'EFFIGEN_CPU_KERNELS=off' in str(caught[0].message))\n"
+            "from effigen.nn.layers import Mlp\nm = Mlp(16, 32).eval()\n"
+            "with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):\n    print(m(torch.randn(2, 16)).dtype)\n")
+    result = _child(code, EFFIGEN_KERNEL_CACHE=str(tmp_path / "cache"), CC=str(script))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False", "1", "True", "torch.bfloat16"]
+    assert not list((tmp_path / "cache").glob("*"))  # nothing half-written left behind
