@@ -184,3 +184,60 @@ def test_a_failing_compiler_warns_once_and_leaves_the_eager_ops(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False", "1", "True", "torch.bfloat16"]
     assert not list((tmp_path / "cache").glob("*"))  # nothing half-written left behind
+
+
+@needs_kernels
+def test_silu_mul_kernel_is_swiglus_activation():
+    torch.manual_seed(0)
+    for h in (64, 40):  # a 16-wide tail and an 8-wide one
+        x = (torch.randn(3, 5, 2 * h) * 3).bfloat16()
+        gate, value = x.float().chunk(2, dim=-1)
+        reference = F.silu(gate) * value
+        eager = F.silu(x[..., :h]) * x[..., h:]
+        out = cpu_kernels.silu_mul(x)
+        assert out.shape == (3, 5, h) and _error(out, reference) <= _error(eager, reference)
+    assert cpu_kernels.silu_mul(x[..., :-1]) is None  # odd width
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+def test_norm_modulate_kernel_matches_the_fp32_adaln_input(kind):
+    torch.manual_seed(0)
+    B, L, D = 3, 7, 48
+    x = (torch.randn(B, L, D) * 4 + 2).bfloat16()  # an offset mean: the two-pass variance must not cancel
+    modulation = torch.randn(B, 1, 3 * D).bfloat16()
+    shift, scale, _ = modulation.chunk(3, dim=-1)  # strided views, as DiTBlock's chunks
+    gain = torch.randn(D) if kind == "rmsnorm" else None
+    normalized = (F.layer_norm(x.float(), (D,), eps=1e-6) if kind == "layernorm"
+                  else F.rms_norm(x.float(), (D,), gain, eps=1e-6))
+    for sh in (shift, None):
+        reference = normalized * (1 + scale.float()) + (0 if sh is None else sh.float())
+        out = cpu_kernels.norm_modulate(x, sh, scale, kind, 1e-6, gain)
+        assert out.dtype == torch.bfloat16 and _error(out, reference) <= 2.0**-7 * float(reference.abs().max())
+    assert cpu_kernels.norm_modulate(x, shift.expand(B, L, D), scale.expand(B, L, D), kind, 1e-6, gain) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("preset", ["DiT-B/2", "LightningDiT-B/2"])
+def test_dit_block_kernels_agree_with_eager_bf16_and_fp32(preset):
+    from effigen.models.dit import DIT_PRESETS, DiT, DiTConfig
+
+    torch.manual_seed(0)
+    config = {**DIT_PRESETS[preset], "depth": 2, "hidden_size": 64, "num_heads": 4}
+    network = DiT(DiTConfig(input_size=8, in_channels=4, num_classes=10, **config)).eval()
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 3])
+    with torch.no_grad():
+        reference = network(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = network(x, t, y).float()
+            cpu_kernels.set_enabled(False)
+            try:
+                onednn_only = network(x, t, y).float()
+            finally:
+                cpu_kernels.set_enabled(True)
+    scale = reference.abs().max()
+    assert _error(fused, reference) / scale < 2e-2
+    assert _error(fused, reference) <= 1.5 * _error(onednn_only, reference)

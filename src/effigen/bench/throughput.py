@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..nn import cpu_kernels
 from ..config import config_to_dict
 from ..runtime import cpu_allocator_tuned
 
@@ -335,6 +336,7 @@ def environment(device: str | torch.device) -> dict[str, Any]:
         "interop_threads": torch.get_num_interop_threads(),
         "cpu_count": os.cpu_count(),
         "cpu_allocator": "tuned (mallopt)" if cpu_allocator_tuned() else "default",
+        "cpu_kernels": "fused C kernels" if cpu_kernels.available() else f"eager ({cpu_kernels.unavailable_reason()})",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:

@@ -49,7 +49,8 @@ from typing import Literal
 
 from ..nn.attention import SelfAttention
 from ..nn.embeddings import FourierTimeEmbedder, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d_positions
-from ..nn.layers import Linear, Mlp, SwiGLU, modulate
+from ..nn import cpu_kernels
+from ..nn.layers import Linear, Mlp, SwiGLU, fused_dtype, modulate
 from ..nn.norms import RMSNorm, make_norm
 from ..nn.rope import VisionRoPE2D
 from ..nn.taps import Features, Taps, record_taps
@@ -200,8 +201,15 @@ class DiTBlock(nn.Module):
 
 
 def _norm_modulate(norm: nn.Module, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
-    """`_modulate(norm(x), shift, scale)`; in bf16 inference an RMSNorm's gain is folded into the small (B, 1, D)
-    factor (1 + scale) * gain, one pass over (B, L, D) fewer."""
+    """`_modulate(norm(x), shift, scale)`. In bf16 CPU inference one pass of the C kernel `cpu_kernels.norm_modulate`
+    (2.4x faster than the norm then the multiply-add at DiT-B/2's shapes); otherwise, in bf16 inference, an RMSNorm's
+    gain is folded into the small (B, 1, D) factor (1 + scale) * gain, one pass over (B, L, D) fewer."""
+    plain_layernorm = isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine
+    if (plain_layernorm or isinstance(norm, RMSNorm)) and fused_dtype(x, norm) is not None:
+        kind = "layernorm" if plain_layernorm else "rmsnorm"
+        out = cpu_kernels.norm_modulate(x, shift, scale, kind, norm.eps, None if plain_layernorm else norm.weight)
+        if out is not None:
+            return out
     if isinstance(norm, RMSNorm):
         normalized = norm.normalize_without_gain(x)
         if normalized is not None:

@@ -6,6 +6,8 @@
  *   eg_gelu_tanh    GELU (tanh form) in place
  *   eg_silu         SiLU in place
  *   eg_group_norm   GroupNorm (+ optional SiLU) over a channels-last (N, HW, C) activation
+ *   eg_silu_mul     SwiGLU's silu(gate) * value from one (rows, 2h) projection
+ *   eg_norm_modulate LayerNorm or RMSNorm without affine, then adaLN's x * (1 + scale) (* gain) + shift
  *
  * The vector code needs AVX-512 F/BW/VL (every AMX Xeon and AMD Zen 4 has them); eg_vector_width() returns 0 where the
  * compiler did not target them, and the Python side then keeps the eager ops. Threads: OpenMP, `nt` of them (torch's
@@ -169,6 +171,58 @@ void eg_group_norm(const uint16_t *x, uint16_t *out, const float *gamma, const f
                                    _mm512_loadu_ps(shift + n * C + c));
         eg_store(out + at, silu ? eg_x_sigmoid(v, 1.f, 0.f) : v);
       }
+  }
+}
+
+/* out (rows, h) = silu(x[:, :h]) * x[:, h:] for x (rows, 2h) */
+void eg_silu_mul(const uint16_t *x, uint16_t *out, int64_t rows, int64_t h, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; r++) {
+    const uint16_t *gate = x + r * 2 * h, *value = gate + h;
+    uint16_t *dst = out + r * h;
+    int64_t i = 0;
+    for (; i + 16 <= h; i += 16)
+      eg_store(dst + i, _mm512_mul_ps(eg_x_sigmoid(eg_load(gate + i), 1.f, 0.f), eg_load(value + i)));
+    if (i < h) {
+      __mmask16 m = (__mmask16)((1u << (h - i)) - 1u);
+      eg_store_mask(dst + i, m, _mm512_mul_ps(eg_x_sigmoid(eg_load_mask(gate + i, m), 1.f, 0.f),
+                                              eg_load_mask(value + i, m)));
+    }
+  }
+}
+
+static inline float eg_hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* Per row of x (B, L, D) bf16: n = LayerNorm(x) (rms == 0; mean and variance from the row held in cache, two passes)
+ * or x / rms(x) (rms == 1), no affine; then out = n * (1 + scale[b]) * gain + shift[b], with scale and shift (B, D)
+ * bf16 (shift may be NULL) and gain (D) fp32 (may be NULL). D % 16 == 0. */
+void eg_norm_modulate(const uint16_t *x, uint16_t *out, const uint16_t *shift, const uint16_t *scale,
+                      const float *gain, int64_t B, int64_t L, int64_t D, float eps, int rms, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t row = 0; row < B * L; row++) {
+    const int64_t b = row / L;
+    const uint16_t *src = x + row * D;
+    uint16_t *dst = out + row * D;
+    float mean = 0.f;
+    if (!rms) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t i = 0; i < D; i += 16) s = _mm512_add_ps(s, eg_load(src + i));
+      mean = eg_hsum(s) / (float)D;
+    }
+    __m512 m = _mm512_set1_ps(mean), q = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+      __m512 c = _mm512_sub_ps(eg_load(src + i), m);
+      q = _mm512_fmadd_ps(c, c, q);
+    }
+    const float rstd = 1.f / sqrtf(eg_hsum(q) / (float)D + eps);
+    const __m512 r = _mm512_set1_ps(rstd), one = _mm512_set1_ps(1.f);
+    for (int64_t i = 0; i < D; i += 16) {
+      __m512 factor = _mm512_add_ps(eg_load(scale + b * D + i), one);
+      if (gain) factor = _mm512_mul_ps(factor, _mm512_loadu_ps(gain + i));
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_sub_ps(eg_load(src + i), m), r), factor);
+      if (shift) v = _mm512_add_ps(v, eg_load(shift + b * D + i));
+      eg_store(dst + i, v);
+    }
   }
 }
 

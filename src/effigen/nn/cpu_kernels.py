@@ -33,7 +33,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
-_STATE: dict = {"library": None, "tried": False, "error": None}
+_STATE: dict = {"library": None, "tried": False, "error": None, "enabled": True}
 _LOCK = threading.Lock()
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -44,6 +44,8 @@ _SIGNATURES = {
     "eg_silu": ([_P, _I64, ctypes.c_int], None),
     "eg_group_norm": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, _P, _P, _I64,
                        ctypes.c_int], None),
+    "eg_silu_mul": ([_P, _P, _I64, _I64, ctypes.c_int], None),
+    "eg_norm_modulate": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int], None),
 }
 
 
@@ -134,8 +136,20 @@ def unavailable_reason() -> str | None:
     return _STATE["error"]
 
 
+def set_enabled(enabled: bool) -> None:
+    """Switch the C kernels on or off in this process (off = the eager ops, or oneDNN's fused epilogues where a caller
+    has one); for A/B timing (`benchmarks/kernels_ab.py`) and tests. `set_fused_inference(False)` switches off both
+    these kernels and the oneDNN fast paths."""
+    _STATE["enabled"] = bool(enabled)
+
+
+def active() -> bool:
+    """Whether the kernels are built and switched on (callers check before work that only the kernel path needs)."""
+    return _STATE["enabled"] and available()
+
+
 def _usable(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and available()
+    return _STATE["enabled"] and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and available()
 
 
 def _threads() -> int:
@@ -193,4 +207,36 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool) -> torch.T
     library().eg_group_norm(x.data_ptr(), out.data_ptr(), gamma.data_ptr(), beta.data_ptr(), N, H * W, C,
                             norm.num_groups, float(norm.eps), int(silu), partial.data_ptr(), affine.data_ptr(), chunks,
                             _threads())
+    return out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """SwiGLU's `silu(gate) * value` for the output (..., 2h) of one fused projection [gate | value], as (..., h) in
+    one pass; None where the kernel does not apply."""
+    if not x.is_contiguous() or x.shape[-1] % 2 or not _usable(x):
+        return None
+    h = x.shape[-1] // 2
+    out = x.new_empty(x.shape[:-1] + (h,))
+    library().eg_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * h), h, _threads())
+    return out
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, kind: str, eps: float,
+                  gain: torch.Tensor | None = None) -> torch.Tensor | None:
+    """adaLN's `norm(x) * (1 + scale) (* gain) + shift` for x (B, L, D) and per-sample shift/scale (B, 1, D), with
+    `kind` "layernorm" (no affine) or "rmsnorm" (its gain passed as `gain`), in one pass over x (statistics from the
+    row held in cache); None where the kernel does not apply (per-token modulation, D % 16, dtypes)."""
+    if x.dim() != 3 or x.shape[-1] % 16 or not x.is_contiguous() or not _usable(x, scale):
+        return None
+    B, L, D = x.shape
+    if tuple(scale.shape) != (B, 1, D) or (shift is not None and (tuple(shift.shape) != (B, 1, D)
+                                                                  or shift.dtype != torch.bfloat16)):
+        return None
+    scale = scale.contiguous()
+    shift = None if shift is None else shift.contiguous()
+    gain = None if gain is None else gain.detach().to(torch.float32).contiguous()
+    out = torch.empty_like(x)
+    library().eg_norm_modulate(x.data_ptr(), out.data_ptr(), None if shift is None else shift.data_ptr(),
+                               scale.data_ptr(), None if gain is None else gain.data_ptr(), B, L, D, float(eps),
+                               int(kind == "rmsnorm"), _threads())
     return out

@@ -100,10 +100,11 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fused_dtype(x, self)
         if dtype is not None:
-            hidden = fused_linear(x, self.fc1, dtype, "none")
-            if not cpu_kernels.gelu_tanh_(hidden):
-                hidden = fused_linear(x, self.fc1, dtype, "gelu", "tanh")
-            return self.fc2(hidden)
+            if cpu_kernels.active() and dtype == torch.bfloat16:
+                hidden = fused_linear(x, self.fc1, dtype, "none")
+                if cpu_kernels.gelu_tanh_(hidden):
+                    return self.fc2(hidden)
+            return self.fc2(fused_linear(x, self.fc1, dtype, "gelu", "tanh"))
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -119,7 +120,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = fused_dtype(x, self)
-        if dtype is not None:  # bf16 CPU inference: silu(x W1) and (x W2) * gate each in one oneDNN call, no extra pass
+        if dtype is not None:  # bf16 CPU inference: one GEMM for [gate | value], then silu(gate) * value in one pass
+            if cpu_kernels.active() and dtype == torch.bfloat16:
+                activated = cpu_kernels.silu_mul(fused_linear(x, self.w12, dtype, "none"))  # of the C kernel
+                if activated is not None:
+                    return self.w3(activated)
+            # without the C kernels: silu(x W1) and (x W2) * gate each in one oneDNN call, no extra pass
             hidden = self.w12.weight.shape[0] // 2
             gate = fused_linear(x, self.w12, dtype, "swish", rows=slice(0, hidden))
             w2, b2 = lowp_weights(self.w12, dtype, slice(hidden, 2 * hidden))
