@@ -169,8 +169,9 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> t
     cos = cos.to(torch.float32).contiguous()
     signed_sin = signed_sin.to(torch.float32).contiguous()
     out = torch.empty((2, B, H, L, D), dtype=torch.bfloat16)
-    library().eg_rope_qk(qkv.data_ptr(), out.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), B, L, S, H, D,
-                         _threads())
+    with torch.profiler.record_function("effigen::rope_qk"):
+        library().eg_rope_qk(qkv.data_ptr(), out.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), B, L, S, H, D,
+                             _threads())
     return out
 
 
@@ -178,7 +179,8 @@ def gelu_tanh_(x: torch.Tensor) -> bool:
     """GELU (tanh form) of a contiguous bf16 tensor in place; False (x untouched) where the kernel does not apply."""
     if not x.is_contiguous() or not _usable(x):
         return False
-    library().eg_gelu_tanh(x.data_ptr(), x.numel(), _threads())
+    with torch.profiler.record_function("effigen::gelu_tanh"):
+        library().eg_gelu_tanh(x.data_ptr(), x.numel(), _threads())
     return True
 
 
@@ -186,7 +188,8 @@ def silu_(x: torch.Tensor) -> bool:
     """SiLU of a contiguous bf16 tensor in place; False (x untouched) where the kernel does not apply."""
     if not x.is_contiguous() or not _usable(x):
         return False
-    library().eg_silu(x.data_ptr(), x.numel(), _threads())
+    with torch.profiler.record_function("effigen::silu"):
+        library().eg_silu(x.data_ptr(), x.numel(), _threads())
     return True
 
 
@@ -204,9 +207,10 @@ def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool) -> torch.T
     partial = torch.empty((N, chunks, 2, C), dtype=torch.float64)
     affine = torch.empty((2, N, C), dtype=torch.float32)
     out = torch.empty_like(x, memory_format=torch.channels_last)
-    library().eg_group_norm(x.data_ptr(), out.data_ptr(), gamma.data_ptr(), beta.data_ptr(), N, H * W, C,
-                            norm.num_groups, float(norm.eps), int(silu), partial.data_ptr(), affine.data_ptr(), chunks,
-                            _threads())
+    with torch.profiler.record_function("effigen::group_norm"):
+        library().eg_group_norm(x.data_ptr(), out.data_ptr(), gamma.data_ptr(), beta.data_ptr(), N, H * W, C,
+                                norm.num_groups, float(norm.eps), int(silu), partial.data_ptr(), affine.data_ptr(),
+                                chunks, _threads())
     return out
 
 
@@ -217,7 +221,8 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
         return None
     h = x.shape[-1] // 2
     out = x.new_empty(x.shape[:-1] + (h,))
-    library().eg_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * h), h, _threads())
+    with torch.profiler.record_function("effigen::silu_mul"):
+        library().eg_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * h), h, _threads())
     return out
 
 
@@ -236,7 +241,8 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tens
     shift = None if shift is None else shift.contiguous()
     gain = None if gain is None else gain.detach().to(torch.float32).contiguous()
     out = torch.empty_like(x)
-    library().eg_norm_modulate(x.data_ptr(), out.data_ptr(), None if shift is None else shift.data_ptr(),
-                               scale.data_ptr(), None if gain is None else gain.data_ptr(), B, L, D, float(eps),
-                               int(kind == "rmsnorm"), _threads())
+    with torch.profiler.record_function("effigen::norm_modulate"):
+        library().eg_norm_modulate(x.data_ptr(), out.data_ptr(), None if shift is None else shift.data_ptr(),
+                                   scale.data_ptr(), None if gain is None else gain.data_ptr(), B, L, D, float(eps),
+                                   int(kind == "rmsnorm"), _threads())
     return out
