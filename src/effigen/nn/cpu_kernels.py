@@ -175,22 +175,22 @@ def rope_qk(qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> t
     return out
 
 
-def gelu_tanh_(x: torch.Tensor) -> bool:
-    """GELU (tanh form) of a contiguous bf16 tensor in place; False (x untouched) where the kernel does not apply."""
+def _elementwise_(name: str, x: torch.Tensor) -> bool:
     if not x.is_contiguous() or not _usable(x):
         return False
-    with torch.profiler.record_function("effigen::gelu_tanh"):
-        library().eg_gelu_tanh(x.data_ptr(), x.numel(), _threads())
+    with torch.profiler.record_function(f"effigen::{name}"):
+        getattr(library(), f"eg_{name}")(x.data_ptr(), x.numel(), _threads())
     return True
+
+
+def gelu_tanh_(x: torch.Tensor) -> bool:
+    """GELU (tanh form) of a contiguous bf16 tensor in place; False (x untouched) where the kernel does not apply."""
+    return _elementwise_("gelu_tanh", x)
 
 
 def silu_(x: torch.Tensor) -> bool:
     """SiLU of a contiguous bf16 tensor in place; False (x untouched) where the kernel does not apply."""
-    if not x.is_contiguous() or not _usable(x):
-        return False
-    with torch.profiler.record_function("effigen::silu"):
-        library().eg_silu(x.data_ptr(), x.numel(), _threads())
-    return True
+    return _elementwise_("silu", x)
 
 
 def group_norm(x: torch.Tensor, norm: torch.nn.GroupNorm, silu: bool) -> torch.Tensor | None:
