@@ -2,12 +2,17 @@
 
     python benchmarks/kernels_ab.py --models DiT-B/2 LightningDiT-B/2 --batch-size 16 --steps 2 --rounds 5
     python benchmarks/kernels_ab.py --models DiT-B/2 LightningDiT-B/2 VAR-d16 HMAR-d16 --rounds 3
+    python benchmarks/kernels_ab.py --ops          # each kernel against the eager ops it replaces, one op at a time
 
 Each model is `benchmarks/profile_sampling.py`'s random-weight sampling call (bf16, latents only, guidance on). The
 rows (model x kernels on/off) run interleaved, round after round, after one warm-up call each, so a slow minute of
 the shared machine hits every row alike; the medians give each model's speed-up from the kernels (the eager or
 oneDNN-epilogue ops they replace: RoPE, tanh-GELU, GroupNorm+SiLU) and, where both DiT-B/2 and LightningDiT-B/2 run,
 LightningDiT's images/s relative to DiT's (equal FLOPs by construction: issue #23 asks for >= 1.0x).
+
+--ops times each kernel against the ops it replaces at the models' shapes (DiT-B/2 at batch 16 with guidance: 32 x 256
+tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 256, 256)), median of interleaved
+repeats, and prints each one's largest deviation from the fp32 result beside the eager bf16 one's.
 """
 
 from __future__ import annotations
@@ -28,6 +33,77 @@ from effigen.nn import cpu_kernels  # noqa: E402
 from effigen.runtime import tune_cpu_allocator  # noqa: E402
 
 
+def _ops(repeats: int) -> None:
+    import torch.nn.functional as F
+
+    from effigen.nn.layers import SwiGLU, fused_linear
+    from effigen.nn.norms import RMSNorm
+    from effigen.nn.rope import VisionRoPE2D
+
+    torch.manual_seed(0)
+    bf16 = torch.bfloat16
+    rope = VisionRoPE2D(64, 16)
+    qkv = torch.randn(32, 256, 3, 12, 64).to(bf16)
+    cos32, sin32 = rope._signed_tables(torch.empty(0))
+    fc1 = torch.nn.Linear(768, 3072)
+    tokens = torch.randn(32 * 256, 768).to(bf16)
+    swiglu = SwiGLU(768, 2048).eval()
+    x, shift, scale = torch.randn(32, 256, 768).to(bf16), torch.randn(32, 1, 768).to(bf16), torch.randn(32, 1, 768).to(bf16)
+    layer_norm, rms = torch.nn.LayerNorm(768, elementwise_affine=False, eps=1e-6), RMSNorm(768).eval()
+    group = torch.nn.GroupNorm(32, 160, eps=1e-6)
+    image = torch.randn(16, 160, 256, 256).to(bf16).contiguous(memory_format=torch.channels_last)
+
+    def swiglu_kernel():
+        return swiglu.w3(cpu_kernels.silu_mul(fused_linear(tokens, swiglu.w12, bf16, "none")))
+
+    def swiglu_onednn():
+        cpu_kernels.set_enabled(False)
+        try:
+            return swiglu(tokens)
+        finally:
+            cpu_kernels.set_enabled(True)
+
+    cases = [  # name, kernel, eager, fp32 reference (or None)
+        ("RoPE of q and k (32, 256, 2, 12, 64)", lambda: cpu_kernels.rope_qk(qkv, cos32, sin32),
+         lambda: rope.rotate_tokens_major(qkv[:, :, :2]).permute(2, 0, 3, 1, 4).contiguous(),
+         lambda: rope.rotate_tokens_major(qkv[:, :, :2].float()).permute(2, 0, 3, 1, 4)),
+        ("fc1 + tanh-GELU (8192 x 768 x 3072)", lambda: _gelu_after(fused_linear(tokens, fc1, bf16, "none")),
+         lambda: fused_linear(tokens, fc1, bf16, "gelu", "tanh"),
+         lambda: F.gelu(fused_linear(tokens, fc1, bf16, "none").float(), approximate="tanh")),
+        ("SwiGLU MLP (8192 x 768, hidden 2048)", swiglu_kernel, swiglu_onednn, None),
+        ("LayerNorm + modulate (32, 256, 768)", lambda: cpu_kernels.norm_modulate(x, shift, scale, "layernorm", 1e-6),
+         lambda: torch.addcmul(shift, layer_norm(x), 1 + scale),
+         lambda: layer_norm(x.float()) * (1 + scale.float()) + shift.float()),
+        ("RMSNorm + modulate (32, 256, 768)", lambda: cpu_kernels.norm_modulate(x, shift, scale, "rmsnorm", 1e-6,
+                                                                                rms.weight),
+         lambda: torch.addcmul(shift, rms.normalize_without_gain(x), (1 + scale) * rms.weight.to(bf16)),
+         lambda: F.rms_norm(x.float(), (768,), rms.weight, 1e-6) * (1 + scale.float()) + shift.float()),
+        ("GroupNorm + SiLU (16, 160, 256, 256) channels-last", lambda: cpu_kernels.group_norm(image, group, True),
+         lambda: F.silu(group(image), inplace=True), lambda: F.silu(group(image.float()))),
+    ]
+    print("| op | kernel ms | eager ms | eager / kernel | max error kernel / eager vs fp32 |")
+    print("|---|---|---|---|---|")
+    with torch.no_grad():
+        for name, kernel, eager, reference in cases:
+            times = {"kernel": [], "eager": []}
+            for _ in range(repeats + 1):
+                for label, function in (("kernel", kernel), ("eager", eager)):
+                    start = time.perf_counter()
+                    function()
+                    times[label].append(time.perf_counter() - start)
+            k, e = (statistics.median(times[label][1:]) * 1e3 for label in ("kernel", "eager"))
+            errors = "-"
+            if reference is not None:
+                ref = reference()
+                errors = " / ".join(f"{float((function().float() - ref).abs().max()):.3g}" for function in (kernel, eager))
+            print(f"| {name} | {k:.2f} | {e:.2f} | {e / k:.2f}x | {errors} |")
+
+
+def _gelu_after(hidden: torch.Tensor) -> torch.Tensor:
+    cpu_kernels.gelu_tanh_(hidden)
+    return hidden
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["DiT-B/2", "LightningDiT-B/2"], choices=MODELS)
@@ -35,6 +111,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="DiT-family sampling steps")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--ops", action="store_true", help="time each kernel against the ops it replaces instead")
+    parser.add_argument("--op-repeats", type=int, default=7)
     args = parser.parse_args()
     tune_cpu_allocator()
     if args.threads:
@@ -44,6 +122,8 @@ def main() -> None:
     env = environment("cpu")
     print(f"# {env.get('cpu_name')} | torch {torch.__version__} | {torch.get_num_threads()} threads | "
           f"allocator: {env.get('cpu_allocator')} | {env.get('cpu_kernels')} | batch {args.batch_size}, bf16")
+    if args.ops:
+        return _ops(args.op_repeats)
     labels = torch.arange(args.batch_size) % 1000
     pipes = {name: build(name, args.steps) for name in args.models}
 
