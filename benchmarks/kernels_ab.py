@@ -11,8 +11,9 @@ oneDNN-epilogue ops they replace: RoPE, tanh-GELU, GroupNorm+SiLU) and, where bo
 LightningDiT's images/s relative to DiT's (equal FLOPs by construction: issue #23 asks for >= 1.0x).
 
 --ops times each kernel against the ops it replaces at the models' shapes (DiT-B/2 at batch 16 with guidance: 32 x 256
-tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 256, 256)), median of interleaved
-repeats, and prints each one's largest deviation from the fp32 result beside the eager bf16 one's.
+tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 256, 256)), and the SD-VAE decoder's
+sampling layout (channels-last with the kernels) against NCHW eager, median of interleaved repeats, and prints each
+one's largest deviation from the fp32 result beside the eager bf16 one's.
 """
 
 from __future__ import annotations
@@ -63,6 +64,25 @@ def _ops(repeats: int) -> None:
         finally:
             cpu_kernels.set_enabled(True)
 
+    from effigen.tokenizers.kl_vae import KLVAE, KLVAEConfig
+
+    vae = KLVAE(KLVAEConfig()).eval()  # the SD-VAE architecture (f8, 4 latent channels)
+    latents = torch.randn(4, 4, 32, 32)
+
+    def decode_fast():  # eval + no_grad: channels-last, the GroupNorm + SiLU kernel
+        with torch.autocast("cpu", dtype=bf16):
+            return vae.decode_raw(latents)
+
+    def decode_nchw():  # the layout and ops before: NCHW (train mode takes that path), no C kernels
+        cpu_kernels.set_enabled(False)
+        vae.train()
+        try:
+            with torch.autocast("cpu", dtype=bf16):
+                return vae.decode_raw(latents)
+        finally:
+            vae.eval()
+            cpu_kernels.set_enabled(True)
+
     cases = [  # name, kernel, eager, fp32 reference (or None)
         ("RoPE of q and k (32, 256, 2, 12, 64)", lambda: cpu_kernels.rope_qk(qkv, cos32, sin32),
          lambda: rope.rotate_tokens_major(qkv[:, :, :2]).permute(2, 0, 3, 1, 4).contiguous(),
@@ -80,6 +100,8 @@ def _ops(repeats: int) -> None:
          lambda: F.rms_norm(x.float(), (768,), rms.weight, 1e-6) * (1 + scale.float()) + shift.float()),
         ("GroupNorm + SiLU (16, 160, 256, 256) channels-last", lambda: cpu_kernels.group_norm(image, group, True),
          lambda: F.silu(group(image), inplace=True), lambda: F.silu(group(image.float()))),
+        ("SD-VAE decoder, batch 4, 256 px: channels-last + kernels / NCHW eager", decode_fast, decode_nchw,
+         lambda: vae.decode_raw(latents)),
     ]
     print("| op | kernel ms | eager ms | eager / kernel | max error kernel / eager vs fp32 |")
     print("|---|---|---|---|---|")

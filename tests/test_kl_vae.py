@@ -228,3 +228,24 @@ def test_latent_generator_trains_from_the_cli_and_decodes(tmp_path):
     with pytest.raises(ConfigError, match=r"\(a KLVAE\) produces continuous latents 4x16x16; method var works on "
                                           "multiscale outputs"):
         build_experiment_config("mnist-var", overrides=[f"--tokenizer={tmp_path / 'vae' / 'final'}"])
+
+
+def test_decoder_samples_channels_last_and_trains_in_nchw():
+    """Eval + no_grad: channels-last weights (fast oneDNN convolutions), an NCHW-contiguous output equal to the NCHW
+    decoder's up to summation order; `train()` converts the weights back so training runs exactly as before."""
+    from effigen.tokenizers.autoencoder import ConvAutoencoderSpec, Decoder
+
+    torch.manual_seed(0)
+    spec = ConvAutoencoderSpec(base_channels=32, channel_multipliers=(1, 2), num_res_blocks=1, resolution=16)
+    decoder = Decoder(spec)
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        nchw = decoder(z)  # train mode: the NCHW path
+        decoder.eval()
+        fast = decoder(z)
+    assert decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.is_contiguous() and torch.allclose(fast, nchw, atol=1e-5, rtol=1e-4)
+    decoder.train()
+    assert all(p.is_contiguous() for p in decoder.parameters())
+    decoder(z).square().mean().backward()  # gradients flow in NCHW
+    assert decoder.conv_in.weight.grad is not None

@@ -206,12 +206,30 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, spec.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """In eval mode without gradients (sampling, a frozen tokenizer) the decoder runs in channels-last layout:
+        oneDNN's bf16 convolutions are 1.8x (VAR's VQVAE) to 2.5x (the SD-VAE decoder at 256 px) faster on an AMX CPU
+        than in NCHW, and the fused GroupNorm + SiLU kernel applies (`_norm_silu`). The weights are converted at the
+        first such call and back by `train()`, so training runs in NCHW exactly as before. The output is
+        NCHW-contiguous either way."""
+        inference = not torch.is_grad_enabled() and not self.training
+        if inference:
+            if not getattr(self, "_channels_last", False):
+                self.to(memory_format=torch.channels_last)
+                self._channels_last = True
+            z = z.contiguous(memory_format=torch.channels_last)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
             h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(_norm_silu(self.norm_out, h))
+        out = self.conv_out(_norm_silu(self.norm_out, h))
+        return out.contiguous() if inference else out
+
+    def train(self, mode: bool = True) -> "Decoder":
+        if mode and getattr(self, "_channels_last", False):  # back to NCHW weights for training (see `forward`)
+            self.to(memory_format=torch.contiguous_format)
+            self._channels_last = False
+        return super().train(mode)
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -373,17 +373,9 @@ class MultiScaleVQ(TokenizerOutput, nn.Module):
         return self.quantize.quantize(self.features(images))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """f_hat (B, C, h, w) -> images (B, 3, H, W) clamped to [-1, 1].
-
-        Inference runs the decoder in channels-last layout (1.8x faster bf16 convolutions on this CPU at VAR's 256 px
-        size: benchmarks/var_vs_official.py); training keeps the default layout."""
-        if not torch.is_grad_enabled():
-            if not getattr(self, "_decoder_channels_last", False):
-                self.decoder.to(memory_format=torch.channels_last)
-                self.post_quant_conv.to(memory_format=torch.channels_last)
-                self._decoder_channels_last = True
-            latents = latents.contiguous(memory_format=torch.channels_last)
-        return self.decoder(self.post_quant_conv(latents)).clamp(-1, 1).contiguous()
+        """f_hat (B, C, h, w) -> images (B, 3, H, W) clamped to [-1, 1] (inference runs the decoder channels-last:
+        `autoencoder.Decoder.forward`)."""
+        return self.decoder(self.post_quant_conv(latents)).clamp(-1, 1)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
