@@ -241,3 +241,47 @@ def test_dit_block_kernels_agree_with_eager_bf16_and_fp32(preset):
     scale = reference.abs().max()
     assert _error(fused, reference) / scale < 2e-2
     assert _error(fused, reference) <= 1.5 * _error(onednn_only, reference)
+
+
+@needs_kernels
+def test_l2norm_qk_kernel_is_vars_normalised_attention_input():
+    torch.manual_seed(0)
+    qkv = (torch.randn(2, 9, 3, 4, 32) * 3).bfloat16()
+    qkv[0, 0, 1, 0] = 0  # a zero key: divided by the 1e-12 floor, as F.normalize
+    q_scale = torch.tensor([4.0, 1.0, 100.0, 0.5])
+    q, k, _ = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)
+    reference = torch.stack((F.normalize(q, dim=-1) * q_scale.view(1, 4, 1, 1), F.normalize(k, dim=-1)))
+    out = cpu_kernels.l2norm_qk(qkv, q_scale)
+    assert out.shape == (2, 2, 4, 9, 32) and torch.isfinite(out.float()).all()
+    assert torch.all((out.float() - reference).abs() <= reference.abs() * 2.0**-8 + 1e-6)
+    assert cpu_kernels.l2norm_qk(qkv, q_scale[:3]) is None
+
+
+@needs_kernels
+def test_var_attention_takes_the_l2norm_kernel_in_bf16_inference():
+    from effigen.models.var import VARAttention
+
+    torch.manual_seed(0)
+    attention = VARAttention(64, 4, l2_norm=True).eval()
+    with torch.no_grad():
+        attention.q_bias.normal_()
+        attention.v_bias.normal_()
+    x = torch.randn(2, 10, 64)
+    calls = []
+    original = cpu_kernels.l2norm_qk
+    cpu_kernels.l2norm_qk = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            reference = attention(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fused = attention(x).float()
+                cpu_kernels.set_enabled(False)
+                try:
+                    eager = attention(x).float()
+                finally:
+                    cpu_kernels.set_enabled(True)
+    finally:
+        cpu_kernels.l2norm_qk = original
+    assert len(calls) == 2  # the fp32 call does not reach it; the disabled one returns None inside
+    assert _error(fused, reference) / reference.abs().max() < 2e-2
+    assert _error(fused, reference) <= 1.5 * _error(eager, reference)

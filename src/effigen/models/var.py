@@ -154,7 +154,14 @@ class VARAttention(nn.Module):
             qkv = F.linear(x, self.mat_qkv.weight, bias)
         qkv = qkv.view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, head_dim)
-        if self.l2_norm:
+        normalized = None
+        if self.l2_norm and dtype is not None:  # bf16 CPU inference: q and k normalised (and q scaled) in one pass
+            scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+            normalized = cpu_kernels.l2norm_qk(qkv, scale_mul)
+        if normalized is not None:
+            q, k = normalized[0], normalized[1]
+            scale = 1.0
+        elif self.l2_norm:
             scale_mul = self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
             if q.dtype == torch.float32:  # the official arithmetic: normalize, then scale
                 q = F.normalize(q, dim=-1) * scale_mul

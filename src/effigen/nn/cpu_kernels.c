@@ -7,6 +7,7 @@
  *   eg_silu         SiLU in place
  *   eg_group_norm   GroupNorm (+ optional SiLU) over a channels-last (N, HW, C) activation
  *   eg_silu_mul     SwiGLU's silu(gate) * value from one (rows, 2h) projection
+ *   eg_l2norm_qk    VAR's l2-normalised q (times a per-head scale) and k, read from the qkv projection
  *   eg_norm_modulate LayerNorm or RMSNorm without affine, then adaLN's x * (1 + scale) (* gain) + shift
  *
  * The vector code needs AVX-512 F/BW/VL (every AMX Xeon and AMD Zen 4 has them); eg_vector_width() returns 0 where the
@@ -224,6 +225,29 @@ void eg_norm_modulate(const uint16_t *x, uint16_t *out, const uint16_t *shift, c
       eg_store(dst + i, v);
     }
   }
+}
+
+/* q and k of a qkv projection x (B, L, S, H, D) (planes 0 and 1), each divided by max(||.||_2, 1e-12) over D, q also
+ * multiplied by q_scale[h] (fp32, H); written to out (2, B, H, L, D). D % 16 == 0. */
+void eg_l2norm_qk(const uint16_t *x, uint16_t *out, const float *q_scale, int64_t B, int64_t L, int64_t S, int64_t H,
+                  int64_t D, int nt) {
+#pragma omp parallel for num_threads(nt) collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t l = 0; l < L; l++)
+      for (int64_t p = 0; p < 2; p++)
+        for (int64_t h = 0; h < H; h++) {
+          const uint16_t *src = x + (((b * L + l) * S + p) * H + h) * D;
+          uint16_t *dst = out + (((p * B + b) * H + h) * L + l) * D;
+          __m512 q = _mm512_setzero_ps();
+          for (int64_t i = 0; i < D; i += 16) {
+            __m512 v = eg_load(src + i);
+            q = _mm512_fmadd_ps(v, v, q);
+          }
+          float norm = sqrtf(_mm512_reduce_add_ps(q));
+          float factor = (p == 0 ? q_scale[h] : 1.f) / (norm > 1e-12f ? norm : 1e-12f);
+          const __m512 f = _mm512_set1_ps(factor);
+          for (int64_t i = 0; i < D; i += 16) eg_store(dst + i, _mm512_mul_ps(eg_load(src + i), f));
+        }
 }
 
 #endif

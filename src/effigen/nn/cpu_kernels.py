@@ -45,6 +45,7 @@ _SIGNATURES = {
     "eg_group_norm": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, _P, _P, _I64,
                        ctypes.c_int], None),
     "eg_silu_mul": ([_P, _P, _I64, _I64, ctypes.c_int], None),
+    "eg_l2norm_qk": ([_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int], None),
     "eg_norm_modulate": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int], None),
 }
 
@@ -245,4 +246,21 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tens
         library().eg_norm_modulate(x.data_ptr(), out.data_ptr(), None if shift is None else shift.data_ptr(),
                                    scale.data_ptr(), None if gain is None else gain.data_ptr(), B, L, D, float(eps),
                                    int(kind == "rmsnorm"), _threads())
+    return out
+
+
+def l2norm_qk(qkv: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor | None:
+    """VAR's attention inputs from a bf16 qkv projection (B, L, S >= 2, heads, head_dim): q / max(||q||, 1e-12) *
+    q_scale[head] and k / max(||k||, 1e-12), as (2, B, heads, L, head_dim) in one pass; None where the kernel does
+    not apply."""
+    if qkv.dim() != 5 or qkv.shape[2] < 2 or qkv.shape[-1] % 16 or not _usable(qkv):
+        return None
+    B, L, S, H, D = qkv.shape
+    q_scale = q_scale.detach().to(torch.float32).reshape(-1).contiguous()
+    if q_scale.numel() != H:
+        return None
+    qkv = qkv.contiguous()
+    out = torch.empty((2, B, H, L, D), dtype=torch.bfloat16)
+    with torch.profiler.record_function("effigen::l2norm_qk"):
+        library().eg_l2norm_qk(qkv.data_ptr(), out.data_ptr(), q_scale.data_ptr(), B, L, S, H, D, _threads())
     return out
