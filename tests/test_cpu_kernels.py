@@ -285,3 +285,89 @@ def test_var_attention_takes_the_l2norm_kernel_in_bf16_inference():
     assert len(calls) == 2  # the fp32 call does not reach it; the disabled one returns None inside
     assert _error(fused, reference) / reference.abs().max() < 2e-2
     assert _error(fused, reference) <= 1.5 * _error(eager, reference)
+
+
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx(), reason="the attention kernel needs AMX-BF16 (and a compiler "
+                               f"targeting it): {cpu_kernels.unavailable_reason() or 'this CPU has no AMX'}")
+
+
+@needs_amx
+@pytest.mark.parametrize("B,H,Lq,Lk,D", [(2, 3, 1, 1, 64), (2, 3, 5, 7, 64), (1, 2, 37, 100, 72), (2, 2, 17, 130, 40),
+                                         (1, 1, 64, 680, 64), (1, 2, 10, 10, 256), (1, 1, 3, 65, 2)])
+def test_amx_attention_matches_fp32_softmax_attention(B, H, Lq, Lk, D):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D).mul(2).bfloat16() for L in (Lq, Lk, Lk))
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.3)
+    eager = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    out = cpu_kernels.attention(q, k, v, 0.3)
+    assert out.shape == (B, H, Lq, D) and out.dtype == torch.bfloat16
+    assert out.transpose(1, 2).is_contiguous()  # (B, L, heads, D) underneath: the output projection copies nothing
+    assert _error(out, reference) <= 1.5 * _error(eager, reference) + 1e-3
+    # the default scale is 1 / sqrt(D)
+    default = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert _error(cpu_kernels.attention(q, k, v), default) <= 1.5 * _error(eager, reference) + 1e-3
+
+
+@needs_amx
+def test_amx_attention_reads_projection_and_kv_cache_views_and_leaves_onednn_intact():
+    from effigen.nn.attention import LayerKVCache
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 48, 3, 4, 64).bfloat16()  # a qkv projection's output (B, L, 3, heads, D)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided (B, heads, L, D) views
+    cache = LayerKVCache(capacity=100)
+    cache.append(k[:, :, :20].contiguous(), v[:, :, :20].contiguous())
+    k_seen, v_seen = cache.append(k[:, :, 20:].contiguous(), v[:, :, 20:].contiguous())  # views of the buffers
+    assert not k_seen.is_contiguous()
+    w, x = torch.randn(96, 64).bfloat16(), torch.randn(33, 64).bfloat16()
+    before = F.linear(x, w)  # oneDNN's AMX GEMM; the kernel restores the tile configuration it found
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    for keys, values in ((k, v), (k_seen, v_seen)):
+        out = cpu_kernels.attention(q, keys, values)
+        assert _error(out, reference) <= 1.5 * _error(F.scaled_dot_product_attention(q, k, v), reference) + 1e-3
+    assert torch.equal(F.linear(x, w), before)
+    # not applicable: fp32, an odd head dim, keys and values of different lengths
+    assert cpu_kernels.attention(q.float(), k.float(), v.float()) is None
+    assert cpu_kernels.attention(q[..., :63], k[..., :63], v[..., :63]) is None
+    assert cpu_kernels.attention(q, k, v[:, :, :40]) is None
+
+
+@needs_amx
+def test_attention_dispatches_to_the_amx_kernel_in_bf16_inference_without_a_mask_only():
+    from effigen.nn import attention as attention_module
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 32).bfloat16() for _ in range(3))
+    calls = []
+    original = cpu_kernels.attention
+    cpu_kernels.attention = lambda *a: calls.append(1) or original(*a)
+    try:
+        with torch.no_grad():
+            fused = attention_module.attention(q, k, v)
+            assert len(calls) == 1
+            attention_module.attention(q, k, v, torch.ones(24, 24, dtype=torch.bool).tril())  # a mask: SDPA
+            attention_module.attention(q.float(), k.float(), v.float())  # fp32: SDPA (kernel not reached)
+            with attention_module.attention_backend("manual"):
+                attention_module.attention(q, k, v)
+            set_fused_inference(False)
+            try:
+                attention_module.attention(q, k, v)
+            finally:
+                set_fused_inference(True)
+        attention_module.attention(q.requires_grad_(), k, v)  # gradients: SDPA
+        assert len(calls) == 1
+    finally:
+        cpu_kernels.attention = original
+    reference = F.scaled_dot_product_attention(q.detach().float(), k.float(), v.float())
+    assert _error(fused, reference) <= 1.5 * _error(F.scaled_dot_product_attention(q.detach(), k, v), reference) + 1e-3
+
+
+@pytest.mark.skipif(cpu_kernels.amx(), reason="checks the fallback on CPUs without AMX")
+def test_attention_without_amx_is_sdpa_exactly():
+    from effigen.nn import attention as attention_module
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 32).bfloat16() for _ in range(3))
+    assert cpu_kernels.attention(q, k, v) is None  # the caller runs SDPA
+    with torch.no_grad():
+        assert torch.equal(attention_module.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))

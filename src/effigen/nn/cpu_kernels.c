@@ -9,12 +9,15 @@
  *   eg_silu_mul     SwiGLU's silu(gate) * value from one (rows, 2h) projection
  *   eg_l2norm_qk    VAR's l2-normalised q (times a per-head scale) and k, read from the qkv projection
  *   eg_norm_modulate LayerNorm or RMSNorm without affine, then adaLN's x * (1 + scale) (* gain) + shift
+ *   eg_attention    softmax(q k^T * scale) v without a mask, on AMX tiles (where the CPU and compiler have AMX-BF16)
  *
  * The vector code needs AVX-512 F/BW/VL (every AMX Xeon and AMD Zen 4 has them); eg_vector_width() returns 0 where the
  * compiler did not target them, and the Python side then keeps the eager ops. Threads: OpenMP, `nt` of them (torch's
  * intra-op thread count); torch's CPU wheel already loaded libgomp.so.1, which this library shares.
  */
+#define _GNU_SOURCE /* syscall() for the AMX permission request */
 #include <math.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -250,4 +253,239 @@ void eg_l2norm_qk(const uint16_t *x, uint16_t *out, const float *q_scale, int64_
         }
 }
 
+#endif
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Attention on AMX tiles: out = softmax(q k^T * scale) v for every (batch, head), no mask, exact softmax over all keys.
+ *
+ * Per (b, h) a thread packs k and v once into the tile layouts (zero-padded to 64 keys and to the tile widths):
+ *   kp  [key tile of 16][d chunk of 32][16 rows = d pairs][16 keys x 2]   the B operand of S = q k^T (a 32-bit
+ *       transpose of k: row r holds (k[j][2r], k[j][2r+1]) for the 16 keys j)
+ *   vp  [key chunk of 32][d tile of 16][16 rows = key pairs][16 d x 2]     the B operand of O = P v (two key rows
+ *       interleaved)
+ * then, for each block of 16 queries: S (16 x keys, fp32) = q k^T on the tiles; per row the maximum, p = 2^((s - max)
+ * * scale * log2 e) and its sum in fp32, p rounded to bf16 into P; O = P v on the tiles (fp32); out = O / sum, rounded
+ * to bf16 once. Scores and weights are those of the reference up to the bf16 rounding of p (as in flash attention).
+ * Tiles: 0-3 accumulators, 4 the A operand, 5 and 6 B operands, all 16 rows x 64 bytes. The thread's previous tile
+ * configuration (oneDNN's) is saved and restored around the kernel.
+ * q, k, v, out: bf16 with element strides (batch, head, row) in `st` (q: 0-2, k: 3-5, v: 6-8, out: 9-11), the last
+ * dimension D contiguous, D even and <= 256. */
+#if EG_VECTOR && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} __attribute__((aligned(64))) eg_tilecfg;
+
+/* Linux grants AMX tile data per process on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 1 when granted */
+int eg_amx_init(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+/* 2^t for t <= 0 (attention weights, rounded to bf16 afterwards): a degree-3 polynomial on the fraction, relative
+ * error < 9e-5 (a fortieth of bf16's half ulp); scalef flushes t < -149 to 0 */
+static inline __m512 eg_exp2_weights(__m512 t) {
+  __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07706522f), f, _mm512_set1_ps(0.22764698f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69511634f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline void eg_transpose16(__m512i r[16]) { /* 16 x 16 32-bit words, in registers */
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; i++) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; g++) {
+    u[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; c++) {
+    __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    __m512i v2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44), v3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+}
+
+/* up to 32 bf16 of a row (the d chunk [d0, d0 + 32) of a D-wide row), zero beyond D */
+static inline __m512i eg_load_chunk(const uint16_t *row, int64_t d0, int64_t D) {
+  int64_t n = D - d0 < 32 ? D - d0 : 32;
+  __mmask32 m = n >= 32 ? 0xffffffffu : (__mmask32)((1u << n) - 1u);
+  return _mm512_maskz_loadu_epi16(m, row + d0);
+}
+
+void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
+                  int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
+  const int64_t Lk64 = (Lk + 63) / 64 * 64, DC = (D + 31) / 32, DT = (D + 15) / 16;
+  const float alpha = scale * 1.4426950408889634f;
+#pragma omp parallel num_threads(nt)
+  {
+    eg_tilecfg saved, cfg;
+    _tile_storeconfig(&saved);
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 7; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    _tile_loadconfig(&cfg);
+    uint16_t *kp = aligned_alloc(64, (size_t)Lk64 * DC * 32 * 2);
+    uint16_t *vp = aligned_alloc(64, (size_t)Lk64 * DT * 16 * 2);
+    uint16_t *qp = aligned_alloc(64, (size_t)16 * DC * 32 * 2);
+    float *s = aligned_alloc(64, (size_t)16 * Lk64 * 4);
+    uint16_t *p = aligned_alloc(64, (size_t)16 * Lk64 * 2);
+    float *o = aligned_alloc(64, (size_t)16 * DT * 16 * 4);
+    float inv[16];
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+      const int64_t b = bh / H, h = bh % H;
+      const uint16_t *qb = q + b * st[0] + h * st[1], *kb = k + b * st[3] + h * st[4], *vb = v + b * st[6] + h * st[7];
+      uint16_t *ob = out + b * st[9] + h * st[10];
+      /* pack k: per 16 keys and 32 dims, a 32-bit transpose */
+      for (int64_t kt = 0; kt < Lk64 / 16; kt++)
+        for (int64_t c = 0; c < DC; c++) {
+          __m512i r[16];
+          for (int j = 0; j < 16; j++) {
+            int64_t key = kt * 16 + j;
+            r[j] = key < Lk ? eg_load_chunk(kb + key * st[5], c * 32, D) : _mm512_setzero_si512();
+          }
+          eg_transpose16(r);
+          uint16_t *dst = kp + (kt * DC + c) * 512;
+          for (int j = 0; j < 16; j++) _mm512_store_si512((__m512i *)(dst + j * 32), r[j]);
+        }
+      /* pack v: per 32 keys and 16 dims, rows 2r and 2r + 1 interleaved */
+      for (int64_t kc = 0; kc < Lk64 / 32; kc++)
+        for (int64_t n = 0; n < DT; n++) {
+          int64_t cols = D - n * 16 < 16 ? D - n * 16 : 16;
+          __mmask16 m = (__mmask16)((1u << cols) - 1u);
+          uint16_t *dst = vp + (kc * DT + n) * 512;
+          for (int r = 0; r < 16; r++) {
+            int64_t k0 = kc * 32 + 2 * r;
+            __m512i a = k0 < Lk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vb + k0 * st[8] + n * 16))
+                                : _mm512_setzero_si512();
+            __m512i c = k0 + 1 < Lk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vb + (k0 + 1) * st[8] + n * 16))
+                                    : _mm512_setzero_si512();
+            _mm512_store_si512((__m512i *)(dst + r * 32), _mm512_or_si512(a, _mm512_slli_epi32(c, 16)));
+          }
+        }
+      for (int64_t q0 = 0; q0 < Lq; q0 += 16) {
+        const int rows = Lq - q0 < 16 ? (int)(Lq - q0) : 16;
+        for (int i = 0; i < 16; i++)
+          for (int64_t c = 0; c < DC; c++)
+            _mm512_store_si512((__m512i *)(qp + (i * DC + c) * 32),
+                               i < rows ? eg_load_chunk(qb + (q0 + i) * st[2], c * 32, D) : _mm512_setzero_si512());
+        /* S = q k^T, 64 keys (4 tiles) at a time */
+        for (int64_t kt = 0; kt < Lk64 / 16; kt += 4) {
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t c = 0; c < DC; c++) {
+            const uint16_t *kc = kp + (kt * DC + c) * 512;
+            _tile_loadd(4, qp + c * 32, DC * 64);
+            _tile_loadd(5, kc, 64);
+            _tile_loadd(6, kc + DC * 512, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_dpbf16ps(1, 4, 6);
+            _tile_loadd(5, kc + 2 * DC * 512, 64);
+            _tile_loadd(6, kc + 3 * DC * 512, 64);
+            _tile_dpbf16ps(2, 4, 5);
+            _tile_dpbf16ps(3, 4, 6);
+          }
+          _tile_stored(0, s + kt * 16, Lk64 * 4);
+          _tile_stored(1, s + kt * 16 + 16, Lk64 * 4);
+          _tile_stored(2, s + kt * 16 + 32, Lk64 * 4);
+          _tile_stored(3, s + kt * 16 + 48, Lk64 * 4);
+        }
+        /* softmax rows: P = 2^((s - max) alpha) in bf16 (zero past Lk and in padding rows), inv = 1 / sum */
+        for (int i = 0; i < 16; i++) {
+          const float *srow = s + i * Lk64;
+          uint16_t *prow = p + i * Lk64;
+          if (i >= rows) {
+            memset(prow, 0, (size_t)Lk64 * 2);
+            continue;
+          }
+          __m512 mx = _mm512_set1_ps(-INFINITY);
+          int64_t j = 0;
+          for (; j + 16 <= Lk; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(srow + j));
+          __mmask16 tail = (__mmask16)((1u << (Lk - j)) - 1u);
+          if (j < Lk) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(srow + j));
+          const __m512 shift = _mm512_set1_ps(-_mm512_reduce_max_ps(mx) * alpha), a = _mm512_set1_ps(alpha);
+          __m512 sum = _mm512_setzero_ps();
+          for (j = 0; j < Lk64; j += 16) {
+            __m512 e = eg_exp2_weights(_mm512_fmadd_ps(_mm512_load_ps(srow + j), a, shift));
+            if (j + 16 > Lk) e = _mm512_maskz_mov_ps(j < Lk ? tail : 0, e);
+            sum = _mm512_add_ps(sum, e);
+            _mm256_store_si256((__m256i *)(prow + j), eg_round(e));
+          }
+          inv[i] = 1.f / _mm512_reduce_add_ps(sum);
+        }
+        /* O = P v, 4 output tiles of 16 dims at a time */
+        for (int64_t n0 = 0; n0 < DT; n0 += 4) {
+          const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int64_t kc = 0; kc < Lk64 / 32; kc++) {
+            const uint16_t *vc = vp + (kc * DT + n0) * 512;
+            _tile_loadd(4, p + kc * 32, Lk64 * 2);
+            _tile_loadd(5, vc, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            if (nn > 1) {
+              _tile_loadd(6, vc + 512, 64);
+              _tile_dpbf16ps(1, 4, 6);
+            }
+            if (nn > 2) {
+              _tile_loadd(5, vc + 1024, 64);
+              _tile_dpbf16ps(2, 4, 5);
+            }
+            if (nn > 3) {
+              _tile_loadd(6, vc + 1536, 64);
+              _tile_dpbf16ps(3, 4, 6);
+            }
+          }
+          _tile_stored(0, o + n0 * 16, DT * 64);
+          if (nn > 1) _tile_stored(1, o + n0 * 16 + 16, DT * 64);
+          if (nn > 2) _tile_stored(2, o + n0 * 16 + 32, DT * 64);
+          if (nn > 3) _tile_stored(3, o + n0 * 16 + 48, DT * 64);
+        }
+        for (int i = 0; i < rows; i++) {
+          const __m512 f = _mm512_set1_ps(inv[i]);
+          uint16_t *dst = ob + (q0 + i) * st[11];
+          for (int64_t n = 0; n < DT; n++) {
+            int64_t cols = D - n * 16 < 16 ? D - n * 16 : 16;
+            __m512 val = _mm512_mul_ps(_mm512_load_ps(o + i * DT * 16 + n * 16), f);
+            if (cols == 16)
+              eg_store(dst + n * 16, val);
+            else
+              eg_store_mask(dst + n * 16, (__mmask16)((1u << cols) - 1u), val);
+          }
+        }
+      }
+    }
+    free(kp);
+    free(vp);
+    free(qp);
+    free(s);
+    free(p);
+    free(o);
+    if (saved.palette)
+      _tile_loadconfig(&saved);
+    else
+      _tile_release();
+  }
+}
+#else
+int eg_amx_init(void) { return 0; }
+void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
+                  int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
+  (void)q, (void)k, (void)v, (void)out, (void)B, (void)H, (void)Lq, (void)Lk, (void)D, (void)st, (void)scale, (void)nt;
+}
 #endif

@@ -33,7 +33,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
-_STATE: dict = {"library": None, "tried": False, "error": None, "enabled": True}
+_STATE: dict = {"library": None, "tried": False, "error": None, "enabled": True, "amx": False}
 _LOCK = threading.Lock()
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -47,6 +47,8 @@ _SIGNATURES = {
     "eg_silu_mul": ([_P, _P, _I64, _I64, ctypes.c_int], None),
     "eg_l2norm_qk": ([_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int], None),
     "eg_norm_modulate": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int], None),
+    "eg_amx_init": ([], ctypes.c_int),
+    "eg_attention": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, ctypes.c_int], None),
 }
 
 
@@ -120,6 +122,8 @@ def library():
                         _STATE["error"] = "this CPU has no AVX-512 F/BW/VL: the eager ops are faster than scalar C"
                     else:
                         _STATE["library"] = lib
+                        # AMX tiles: compiled in where the compiler targets them, granted by the kernel per process
+                        _STATE["amx"] = bool(lib.eg_amx_init())
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _STATE["error"] = str(error)
             warnings.warn(f"effigen: the fused CPU kernels could not be built, sampling uses the eager ops instead "
@@ -135,6 +139,11 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why `available()` is False (after it was called), or None."""
     return _STATE["error"]
+
+
+def amx() -> bool:
+    """Whether the attention kernel can run: the library built with AMX-BF16 and Linux granted the tiles."""
+    return available() and _STATE["amx"]
 
 
 def set_enabled(enabled: bool) -> None:
@@ -264,3 +273,27 @@ def l2norm_qk(qkv: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor | None:
     with torch.profiler.record_function("effigen::l2norm_qk"):
         library().eg_l2norm_qk(qkv.data_ptr(), out.data_ptr(), q_scale.data_ptr(), B, L, S, H, D, _threads())
     return out
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor | None:
+    """softmax(q k^T * scale) v without a mask for bf16 q (B, heads, L_q, D), k and v (B, heads, L_k, D) on AMX
+    tiles (exact softmax over all keys in fp32, the weights rounded to bf16 before the product with v, as flash
+    attention does), any strides with a contiguous last dimension (the qkv projection's views, a KV cache's filled
+    part). The result (B, heads, L_q, D) is a view of a (B, L_q, heads, D) buffer, so the caller's
+    `out.transpose(1, 2).reshape(B, L_q, heads * D)` copies nothing. None where the kernel does not apply (no AMX,
+    shapes, dtypes, D odd or > 256); the caller then runs SDPA."""
+    if not (_usable(q, k, v) and _STATE["amx"]) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if (tuple(k.shape) != (B, H, Lk, D) or tuple(v.shape) != (B, H, Lk, D) or D % 2 or D > 256 or Lk < 1 or Lq < 1
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
+        return None
+    out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16)
+    view = out.transpose(1, 2)
+    strides = torch.tensor([s for t in (q, k, v, view) for s in t.stride()[:3]], dtype=torch.int64)
+    scale = 1.0 / D**0.5 if scale is None else float(scale)
+    with torch.profiler.record_function("effigen::attention"):
+        library().eg_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Lq, Lk, D,
+                               strides.data_ptr(), scale, _threads())
+    return view
