@@ -12,8 +12,9 @@ LightningDiT's images/s relative to DiT's (equal FLOPs by construction: issue #2
 
 --ops times each kernel against the ops it replaces at the models' shapes (DiT-B/2 at batch 16 with guidance: 32 x 256
 tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 256, 256)), and the SD-VAE decoder's
-sampling layout (channels-last with the kernels) against NCHW eager, median of interleaved repeats, and prints each
-one's largest deviation from the fp32 result beside the eager bf16 one's.
+sampling layout (channels-last with the kernels) against NCHW eager, and each attention kernel the CPU has (AMX,
+AVX-512 BF16) against SDPA at DiT-B/2's and VAR-d16's last-scale shapes; median of interleaved repeats, and prints each one's
+largest deviation from the fp32 result beside the eager bf16 one's.
 """
 
 from __future__ import annotations
@@ -103,6 +104,16 @@ def _ops(repeats: int) -> None:
         ("SD-VAE decoder, batch 4, 256 px: channels-last + kernels / NCHW eager", decode_fast, decode_nchw,
          lambda: vae.decode_raw(latents)),
     ]
+    # softmax attention (AMX tiles, or AVX-512 BF16 dot products) against torch's CPU flash kernel (SDPA), bf16
+    for kernel in cpu_kernels.attention_kernels():
+        for name, (B, H, Lq, Lk) in (("DiT-B/2", (32, 12, 256, 256)), ("VAR-d16 last scale, KV cache", (32, 16, 256, 680))):
+            q, k, v = (torch.randn(B, H, L, 64).to(bf16) for L in (Lq, Lk, Lk))
+            cases.append((f"attention ({kernel}), {name}: ({B}, {H}, {Lq} queries, {Lk} keys, 64)",
+                          lambda q=q, k=k, v=v, kernel=kernel: cpu_kernels.attention(q, k, v, kernel=kernel),
+                          lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
+                          lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q.float(), k.float(), v.float())))
+    if not cpu_kernels.attention_kernels():
+        print(f"(attention rows skipped: the kernel needs AMX or AVX-512 BF16; {cpu_kernels.unavailable_reason() or 'this CPU has neither'})")
     print("| op | kernel ms | eager ms | eager / kernel | max error kernel / eager vs fp32 |")
     print("|---|---|---|---|---|")
     with torch.no_grad():

@@ -287,29 +287,30 @@ def test_var_attention_takes_the_l2norm_kernel_in_bf16_inference():
     assert _error(fused, reference) <= 1.5 * _error(eager, reference)
 
 
-needs_amx = pytest.mark.skipif(not cpu_kernels.amx(), reason="the attention kernel needs AMX-BF16 (and a compiler "
-                               f"targeting it): {cpu_kernels.unavailable_reason() or 'this CPU has no AMX'}")
+ATTENTION_KERNELS = [pytest.param(name, marks=pytest.mark.skipif(
+    name not in cpu_kernels.attention_kernels(), reason=f"this CPU (or compiler) has no {name} attention kernel: "
+    f"{cpu_kernels.unavailable_reason() or 'the instructions are missing'}")) for name in ("amx", "avx512_bf16")]
 
 
-@needs_amx
+@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
 @pytest.mark.parametrize("B,H,Lq,Lk,D", [(2, 3, 1, 1, 64), (2, 3, 5, 7, 64), (1, 2, 37, 100, 72), (2, 2, 17, 130, 40),
                                          (1, 1, 64, 680, 64), (1, 2, 10, 10, 256), (1, 1, 3, 65, 2)])
-def test_amx_attention_matches_fp32_softmax_attention(B, H, Lq, Lk, D):
+def test_attention_kernel_matches_fp32_softmax_attention(kernel, B, H, Lq, Lk, D):
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, L, D).mul(2).bfloat16() for L in (Lq, Lk, Lk))
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.3)
     eager = F.scaled_dot_product_attention(q, k, v, scale=0.3)
-    out = cpu_kernels.attention(q, k, v, 0.3)
+    out = cpu_kernels.attention(q, k, v, 0.3, kernel=kernel)
     assert out.shape == (B, H, Lq, D) and out.dtype == torch.bfloat16
     assert out.transpose(1, 2).is_contiguous()  # (B, L, heads, D) underneath: the output projection copies nothing
     assert _error(out, reference) <= 1.5 * _error(eager, reference) + 1e-3
     # the default scale is 1 / sqrt(D)
     default = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert _error(cpu_kernels.attention(q, k, v), default) <= 1.5 * _error(eager, reference) + 1e-3
+    assert _error(cpu_kernels.attention(q, k, v, kernel=kernel), default) <= 1.5 * _error(eager, reference) + 1e-3
 
 
-@needs_amx
-def test_amx_attention_reads_projection_and_kv_cache_views_and_leaves_onednn_intact():
+@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
+def test_attention_kernel_reads_projection_and_kv_cache_views_and_leaves_onednn_intact(kernel):
     from effigen.nn.attention import LayerKVCache
 
     torch.manual_seed(0)
@@ -320,20 +321,29 @@ def test_amx_attention_reads_projection_and_kv_cache_views_and_leaves_onednn_int
     k_seen, v_seen = cache.append(k[:, :, 20:].contiguous(), v[:, :, 20:].contiguous())  # views of the buffers
     assert not k_seen.is_contiguous()
     w, x = torch.randn(96, 64).bfloat16(), torch.randn(33, 64).bfloat16()
-    before = F.linear(x, w)  # oneDNN's AMX GEMM; the kernel restores the tile configuration it found
+    before = F.linear(x, w)  # oneDNN's AMX GEMM; the AMX kernel restores the tile configuration it found
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     for keys, values in ((k, v), (k_seen, v_seen)):
-        out = cpu_kernels.attention(q, keys, values)
+        out = cpu_kernels.attention(q, keys, values, kernel=kernel)
         assert _error(out, reference) <= 1.5 * _error(F.scaled_dot_product_attention(q, k, v), reference) + 1e-3
     assert torch.equal(F.linear(x, w), before)
     # not applicable: fp32, an odd head dim, keys and values of different lengths
-    assert cpu_kernels.attention(q.float(), k.float(), v.float()) is None
-    assert cpu_kernels.attention(q[..., :63], k[..., :63], v[..., :63]) is None
-    assert cpu_kernels.attention(q, k, v[:, :, :40]) is None
+    assert cpu_kernels.attention(q.float(), k.float(), v.float(), kernel=kernel) is None
+    assert cpu_kernels.attention(q[..., :63], k[..., :63], v[..., :63], kernel=kernel) is None
+    assert cpu_kernels.attention(q, k, v[:, :, :40], kernel=kernel) is None
 
 
-@needs_amx
-def test_attention_dispatches_to_the_amx_kernel_in_bf16_inference_without_a_mask_only():
+def test_attention_kernel_names_are_checked():
+    q = torch.randn(1, 1, 4, 8).bfloat16()
+    if cpu_kernels.attention_kernels():
+        with pytest.raises(ValueError, match="does not run here"):
+            cpu_kernels.attention(q, q, q, kernel="tpu")
+    else:
+        assert cpu_kernels.attention(q, q, q) is None
+
+
+@pytest.mark.skipif(not cpu_kernels.attention_kernels(), reason="no attention kernel on this CPU (AMX or AVX-512 BF16)")
+def test_attention_dispatches_to_the_kernel_in_bf16_inference_without_a_mask_only():
     from effigen.nn import attention as attention_module
 
     torch.manual_seed(0)
@@ -362,12 +372,15 @@ def test_attention_dispatches_to_the_amx_kernel_in_bf16_inference_without_a_mask
     assert _error(fused, reference) <= 1.5 * _error(F.scaled_dot_product_attention(q.detach(), k, v), reference) + 1e-3
 
 
-@pytest.mark.skipif(cpu_kernels.amx(), reason="checks the fallback on CPUs without AMX")
-def test_attention_without_amx_is_sdpa_exactly():
+def test_attention_with_the_kernels_off_is_sdpa_exactly():
     from effigen.nn import attention as attention_module
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 24, 32).bfloat16() for _ in range(3))
-    assert cpu_kernels.attention(q, k, v) is None  # the caller runs SDPA
-    with torch.no_grad():
-        assert torch.equal(attention_module.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    cpu_kernels.set_enabled(False)
+    try:
+        assert cpu_kernels.attention(q, k, v) is None  # the caller runs SDPA
+        with torch.no_grad():
+            assert torch.equal(attention_module.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    finally:
+        cpu_kernels.set_enabled(True)

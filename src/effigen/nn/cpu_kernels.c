@@ -10,6 +10,7 @@
  *   eg_l2norm_qk    VAR's l2-normalised q (times a per-head scale) and k, read from the qkv projection
  *   eg_norm_modulate LayerNorm or RMSNorm without affine, then adaLN's x * (1 + scale) (* gain) + shift
  *   eg_attention    softmax(q k^T * scale) v without a mask, on AMX tiles (where the CPU and compiler have AMX-BF16)
+ *   eg_attention_dp the same on AVX-512 BF16 dot products (Zen 4, Cooper Lake; where AMX is missing)
  *
  * The vector code needs AVX-512 F/BW/VL (every AMX Xeon and AMD Zen 4 has them); eg_vector_width() returns 0 where the
  * compiler did not target them, and the Python side then keeps the eager ops. Threads: OpenMP, `nt` of them (torch's
@@ -256,32 +257,24 @@ void eg_l2norm_qk(const uint16_t *x, uint16_t *out, const float *q_scale, int64_
 #endif
 
 /* ---------------------------------------------------------------------------------------------------------------
- * Attention on AMX tiles: out = softmax(q k^T * scale) v for every (batch, head), no mask, exact softmax over all keys.
+ * Attention: out = softmax(q k^T * scale) v for every (batch, head), no mask, exact softmax over all keys, in two
+ * variants that share the layouts, the softmax and the output pass below: `eg_attention` on AMX tiles (Sapphire
+ * Rapids and later) and `eg_attention_dp` on AVX-512 BF16 dot products (Zen 4, Cooper Lake; no AMX).
  *
- * Per (b, h) a thread packs k and v once into the tile layouts (zero-padded to 64 keys and to the tile widths):
- *   kp  [key tile of 16][d chunk of 32][16 rows = d pairs][16 keys x 2]   the B operand of S = q k^T (a 32-bit
+ * Per (b, h) a thread packs k and v once (zero-padded to 64 keys and to 16/32-wide d chunks):
+ *   kp  [key tile of 16][d chunk of 32][16 rows = d pairs][16 keys x 2]   S = q k^T's B operand (a 32-bit
  *       transpose of k: row r holds (k[j][2r], k[j][2r+1]) for the 16 keys j)
- *   vp  [key chunk of 32][d tile of 16][16 rows = key pairs][16 d x 2]     the B operand of O = P v (two key rows
+ *   vp  [key chunk of 32][d tile of 16][16 rows = key pairs][16 d x 2]     O = P v's B operand (two key rows
  *       interleaved)
- * then, for each block of 16 queries: S (16 x keys, fp32) = q k^T on the tiles; per row the maximum, p = 2^((s - max)
- * * scale * log2 e) and its sum in fp32, p rounded to bf16 into P; O = P v on the tiles (fp32); out = O / sum, rounded
- * to bf16 once. Scores and weights are those of the reference up to the bf16 rounding of p (as in flash attention).
- * Tiles: 0-3 accumulators, 4 the A operand, 5 and 6 B operands, all 16 rows x 64 bytes. The thread's previous tile
- * configuration (oneDNN's) is saved and restored around the kernel.
+ * This is AMX's VNNI layout of a B tile, and a row of it is what one `vdpbf16ps` multiplies with a broadcast pair of
+ * the A side. Then, for each block of 16 queries: S (16 x keys, fp32) = q k^T; per row the maximum,
+ * p = 2^((s - max) * scale * log2 e) and its sum in fp32, p rounded to bf16 into P; O = P v (fp32); out = O / sum,
+ * rounded to bf16 once. Scores and weights are those of the reference up to the bf16 rounding of p (as in flash
+ * attention).
  * q, k, v, out: bf16 with element strides (batch, head, row) in `st` (q: 0-2, k: 3-5, v: 6-8, out: 9-11), the last
  * dimension D contiguous, D even and <= 256. */
-#if EG_VECTOR && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-
-typedef struct {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-} __attribute__((aligned(64))) eg_tilecfg;
-
-/* Linux grants AMX tile data per process on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 1 when granted */
-int eg_amx_init(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+#if EG_VECTOR && defined(__AVX512BF16__)
+#define EG_ATTENTION 1
 
 /* 2^t for t <= 0 (attention weights, rounded to bf16 afterwards): a degree-3 polynomial on the fraction, relative
  * error < 9e-5 (a fortieth of bf16's half ulp); scalef flushes t < -149 to 0 */
@@ -323,6 +316,217 @@ static inline __m512i eg_load_chunk(const uint16_t *row, int64_t d0, int64_t D) 
   return _mm512_maskz_loadu_epi16(m, row + d0);
 }
 
+/* k of one (b, h) into kp: per 16 keys and 32 dims, a 32-bit transpose */
+static void eg_pack_k(const uint16_t *kb, int64_t row_stride, int64_t Lk, int64_t Lk64, int64_t D, uint16_t *kp) {
+  const int64_t DC = (D + 31) / 32;
+  for (int64_t kt = 0; kt < Lk64 / 16; kt++)
+    for (int64_t c = 0; c < DC; c++) {
+      __m512i r[16];
+      for (int j = 0; j < 16; j++) {
+        int64_t key = kt * 16 + j;
+        r[j] = key < Lk ? eg_load_chunk(kb + key * row_stride, c * 32, D) : _mm512_setzero_si512();
+      }
+      eg_transpose16(r);
+      uint16_t *dst = kp + (kt * DC + c) * 512;
+      for (int j = 0; j < 16; j++) _mm512_store_si512((__m512i *)(dst + j * 32), r[j]);
+    }
+}
+
+/* v of one (b, h) into vp: per 32 keys and 16 dims, rows 2r and 2r + 1 interleaved */
+static void eg_pack_v(const uint16_t *vb, int64_t row_stride, int64_t Lk, int64_t Lk64, int64_t D, uint16_t *vp) {
+  const int64_t DT = (D + 15) / 16;
+  for (int64_t kc = 0; kc < Lk64 / 32; kc++)
+    for (int64_t n = 0; n < DT; n++) {
+      int64_t cols = D - n * 16 < 16 ? D - n * 16 : 16;
+      __mmask16 m = (__mmask16)((1u << cols) - 1u);
+      uint16_t *dst = vp + (kc * DT + n) * 512;
+      for (int r = 0; r < 16; r++) {
+        int64_t k0 = kc * 32 + 2 * r;
+        __m512i a = k0 < Lk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vb + k0 * row_stride + n * 16))
+                            : _mm512_setzero_si512();
+        __m512i c = k0 + 1 < Lk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vb + (k0 + 1) * row_stride + n * 16))
+                                : _mm512_setzero_si512();
+        _mm512_store_si512((__m512i *)(dst + r * 32), _mm512_or_si512(a, _mm512_slli_epi32(c, 16)));
+      }
+    }
+}
+
+/* the 16 query rows [q0, q0 + 16) into qp ([row][d chunk of 32]), zero rows past Lq */
+static void eg_pack_q(const uint16_t *qb, int64_t row_stride, int64_t q0, int rows, int64_t D, uint16_t *qp) {
+  const int64_t DC = (D + 31) / 32;
+  for (int i = 0; i < 16; i++)
+    for (int64_t c = 0; c < DC; c++)
+      _mm512_store_si512((__m512i *)(qp + (i * DC + c) * 32),
+                         i < rows ? eg_load_chunk(qb + (q0 + i) * row_stride, c * 32, D) : _mm512_setzero_si512());
+}
+
+/* softmax rows of s (16 x Lk64 fp32): P = 2^((s - max) alpha) in bf16 (zero past Lk and in rows >= rows),
+ * inv = 1 / sum */
+static void eg_softmax_rows(const float *s, uint16_t *p, float *inv, int rows, int64_t Lk, int64_t Lk64, float alpha) {
+  for (int i = 0; i < 16; i++) {
+    const float *srow = s + i * Lk64;
+    uint16_t *prow = p + i * Lk64;
+    if (i >= rows) {
+      memset(prow, 0, (size_t)Lk64 * 2);
+      continue;
+    }
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= Lk; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(srow + j));
+    __mmask16 tail = (__mmask16)((1u << (Lk - j)) - 1u);
+    if (j < Lk) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(srow + j));
+    const __m512 shift = _mm512_set1_ps(-_mm512_reduce_max_ps(mx) * alpha), a = _mm512_set1_ps(alpha);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < Lk64; j += 16) {
+      __m512 e = eg_exp2_weights(_mm512_fmadd_ps(_mm512_load_ps(srow + j), a, shift));
+      if (j + 16 > Lk) e = _mm512_maskz_mov_ps(j < Lk ? tail : 0, e);
+      sum = _mm512_add_ps(sum, e);
+      _mm256_store_si256((__m256i *)(prow + j), eg_round(e));
+    }
+    inv[i] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+}
+
+/* out row = o row (DT * 16 fp32) * inv, bf16, D columns */
+static inline void eg_store_row(uint16_t *dst, const float *o, float inv, int64_t D) {
+  const __m512 f = _mm512_set1_ps(inv);
+  for (int64_t n = 0; n * 16 < D; n++) {
+    int64_t cols = D - n * 16 < 16 ? D - n * 16 : 16;
+    __m512 val = _mm512_mul_ps(_mm512_load_ps(o + n * 16), f);
+    if (cols == 16)
+      eg_store(dst + n * 16, val);
+    else
+      eg_store_mask(dst + n * 16, (__mmask16)((1u << cols) - 1u), val);
+  }
+}
+
+#define EG_BCAST(ptr) ((__m512bh)_mm512_set1_epi32(*(const int32_t *)(ptr)))
+#define EG_ROW(ptr) ((__m512bh)_mm512_load_si512((const void *)(ptr)))
+
+/* AVX-512 BF16: both products as broadcast pairs of the A side times rows of the packed B side, 4 query rows x
+ * 64 keys (S) or x 64 dims (O) in 16 fp32 accumulators */
+void eg_attention_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
+                     int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
+  const int64_t Lk64 = (Lk + 63) / 64 * 64, DC = (D + 31) / 32, DT = (D + 15) / 16;
+  const float alpha = scale * 1.4426950408889634f;
+#pragma omp parallel num_threads(nt)
+  {
+    uint16_t *kp = aligned_alloc(64, (size_t)Lk64 * DC * 32 * 2);
+    uint16_t *vp = aligned_alloc(64, (size_t)Lk64 * DT * 16 * 2);
+    uint16_t *qp = aligned_alloc(64, (size_t)16 * DC * 32 * 2);
+    float *s = aligned_alloc(64, (size_t)16 * Lk64 * 4);
+    uint16_t *p = aligned_alloc(64, (size_t)16 * Lk64 * 2);
+    float *o = aligned_alloc(64, (size_t)16 * DT * 16 * 4);
+    float inv[16];
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+      const int64_t b = bh / H, h = bh % H;
+      const uint16_t *qb = q + b * st[0] + h * st[1];
+      uint16_t *ob = out + b * st[9] + h * st[10];
+      eg_pack_k(k + b * st[3] + h * st[4], st[5], Lk, Lk64, D, kp);
+      eg_pack_v(v + b * st[6] + h * st[7], st[8], Lk, Lk64, D, vp);
+      for (int64_t q0 = 0; q0 < Lq; q0 += 16) {
+        const int rows = Lq - q0 < 16 ? (int)(Lq - q0) : 16;
+        eg_pack_q(qb, st[2], q0, rows, D, qp);
+        /* S = q k^T: per 4 rows and 64 keys, the d pairs (only those below D) */
+        for (int i0 = 0; i0 < rows; i0 += 4)
+          for (int64_t kt = 0; kt < Lk64 / 16; kt += 4) {
+            __m512 acc[4][4];
+            for (int a = 0; a < 4; a++)
+              for (int t = 0; t < 4; t++) acc[a][t] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < DC; c++) {
+              const int pairs = D - c * 32 >= 32 ? 16 : (int)(D - c * 32) / 2;
+              const uint16_t *kc = kp + (kt * DC + c) * 512, *qc = qp + (i0 * DC + c) * 32;
+              for (int r = 0; r < pairs; r++) {
+                __m512bh k0 = EG_ROW(kc + r * 32), k1 = EG_ROW(kc + DC * 512 + r * 32);
+                __m512bh k2 = EG_ROW(kc + 2 * DC * 512 + r * 32), k3 = EG_ROW(kc + 3 * DC * 512 + r * 32);
+                for (int a = 0; a < 4; a++) {
+                  __m512bh qa = EG_BCAST(qc + a * DC * 32 + 2 * r);
+                  acc[a][0] = _mm512_dpbf16_ps(acc[a][0], qa, k0);
+                  acc[a][1] = _mm512_dpbf16_ps(acc[a][1], qa, k1);
+                  acc[a][2] = _mm512_dpbf16_ps(acc[a][2], qa, k2);
+                  acc[a][3] = _mm512_dpbf16_ps(acc[a][3], qa, k3);
+                }
+              }
+            }
+            for (int a = 0; a < 4; a++)
+              for (int t = 0; t < 4; t++) _mm512_store_ps(s + (i0 + a) * Lk64 + (kt + t) * 16, acc[a][t]);
+          }
+        eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha);
+        /* O = P v: per 4 rows and 64 dims, the key pairs below Lk */
+        const int64_t key_pairs = (Lk + 1) / 2;
+        for (int i0 = 0; i0 < rows; i0 += 4)
+          for (int64_t n0 = 0; n0 < DT; n0 += 4) {
+            const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
+            __m512 acc[4][4];
+            for (int a = 0; a < 4; a++)
+              for (int t = 0; t < 4; t++) acc[a][t] = _mm512_setzero_ps();
+            for (int64_t kk = 0; kk < key_pairs; kk++) {
+              const uint16_t *vr = vp + ((kk / 16) * DT + n0) * 512 + (kk % 16) * 32, *pr = p + i0 * Lk64 + 2 * kk;
+              if (nn == 4) {
+                __m512bh v0 = EG_ROW(vr), v1 = EG_ROW(vr + 512), v2 = EG_ROW(vr + 1024), v3 = EG_ROW(vr + 1536);
+                for (int a = 0; a < 4; a++) {
+                  __m512bh pa = EG_BCAST(pr + a * Lk64);
+                  acc[a][0] = _mm512_dpbf16_ps(acc[a][0], pa, v0);
+                  acc[a][1] = _mm512_dpbf16_ps(acc[a][1], pa, v1);
+                  acc[a][2] = _mm512_dpbf16_ps(acc[a][2], pa, v2);
+                  acc[a][3] = _mm512_dpbf16_ps(acc[a][3], pa, v3);
+                }
+              } else {
+                for (int64_t t = 0; t < nn; t++) {
+                  __m512bh vt = EG_ROW(vr + t * 512);
+                  for (int a = 0; a < 4; a++) acc[a][t] = _mm512_dpbf16_ps(acc[a][t], EG_BCAST(pr + a * Lk64), vt);
+                }
+              }
+            }
+            for (int a = 0; a < 4; a++)
+              for (int64_t t = 0; t < nn; t++) _mm512_store_ps(o + (i0 + a) * DT * 16 + (n0 + t) * 16, acc[a][t]);
+          }
+        for (int i = 0; i < rows; i++) eg_store_row(ob + (q0 + i) * st[11], o + i * DT * 16, inv[i], D);
+      }
+    }
+    free(kp);
+    free(vp);
+    free(qp);
+    free(s);
+    free(p);
+    free(o);
+  }
+}
+#else
+#define EG_ATTENTION 0
+void eg_attention_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
+                     int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
+  (void)q, (void)k, (void)v, (void)out, (void)B, (void)H, (void)Lq, (void)Lk, (void)D, (void)st, (void)scale, (void)nt;
+}
+#endif
+
+/* which attention kernels this build has: bit 0 AVX-512 BF16 (`eg_attention_dp`), bit 1 AMX (`eg_attention`, still
+ * subject to `eg_amx_init`) */
+int eg_attention_kernels(void) {
+#if EG_ATTENTION && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+  return 3;
+#else
+  return EG_ATTENTION;
+#endif
+}
+
+/* AMX tiles: S and O in tile registers, 4 accumulator tiles of 16 x 16 fp32 (64 keys or 64 dims), tile 4 the A
+ * operand, 5 and 6 B operands, all 16 rows x 64 bytes. The thread's previous tile configuration (oneDNN's) is saved
+ * and restored around the kernel. */
+#if EG_ATTENTION && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} __attribute__((aligned(64))) eg_tilecfg;
+
+/* Linux grants AMX tile data per process on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 1 when granted */
+int eg_amx_init(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
 void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
                   int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
   const int64_t Lk64 = (Lk + 63) / 64 * 64, DC = (D + 31) / 32, DT = (D + 15) / 16;
@@ -345,41 +549,13 @@ void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
       const int64_t b = bh / H, h = bh % H;
-      const uint16_t *qb = q + b * st[0] + h * st[1], *kb = k + b * st[3] + h * st[4], *vb = v + b * st[6] + h * st[7];
+      const uint16_t *qb = q + b * st[0] + h * st[1];
       uint16_t *ob = out + b * st[9] + h * st[10];
-      /* pack k: per 16 keys and 32 dims, a 32-bit transpose */
-      for (int64_t kt = 0; kt < Lk64 / 16; kt++)
-        for (int64_t c = 0; c < DC; c++) {
-          __m512i r[16];
-          for (int j = 0; j < 16; j++) {
-            int64_t key = kt * 16 + j;
-            r[j] = key < Lk ? eg_load_chunk(kb + key * st[5], c * 32, D) : _mm512_setzero_si512();
-          }
-          eg_transpose16(r);
-          uint16_t *dst = kp + (kt * DC + c) * 512;
-          for (int j = 0; j < 16; j++) _mm512_store_si512((__m512i *)(dst + j * 32), r[j]);
-        }
-      /* pack v: per 32 keys and 16 dims, rows 2r and 2r + 1 interleaved */
-      for (int64_t kc = 0; kc < Lk64 / 32; kc++)
-        for (int64_t n = 0; n < DT; n++) {
-          int64_t cols = D - n * 16 < 16 ? D - n * 16 : 16;
-          __mmask16 m = (__mmask16)((1u << cols) - 1u);
-          uint16_t *dst = vp + (kc * DT + n) * 512;
-          for (int r = 0; r < 16; r++) {
-            int64_t k0 = kc * 32 + 2 * r;
-            __m512i a = k0 < Lk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vb + k0 * st[8] + n * 16))
-                                : _mm512_setzero_si512();
-            __m512i c = k0 + 1 < Lk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, vb + (k0 + 1) * st[8] + n * 16))
-                                    : _mm512_setzero_si512();
-            _mm512_store_si512((__m512i *)(dst + r * 32), _mm512_or_si512(a, _mm512_slli_epi32(c, 16)));
-          }
-        }
+      eg_pack_k(k + b * st[3] + h * st[4], st[5], Lk, Lk64, D, kp);
+      eg_pack_v(v + b * st[6] + h * st[7], st[8], Lk, Lk64, D, vp);
       for (int64_t q0 = 0; q0 < Lq; q0 += 16) {
         const int rows = Lq - q0 < 16 ? (int)(Lq - q0) : 16;
-        for (int i = 0; i < 16; i++)
-          for (int64_t c = 0; c < DC; c++)
-            _mm512_store_si512((__m512i *)(qp + (i * DC + c) * 32),
-                               i < rows ? eg_load_chunk(qb + (q0 + i) * st[2], c * 32, D) : _mm512_setzero_si512());
+        eg_pack_q(qb, st[2], q0, rows, D, qp);
         /* S = q k^T, 64 keys (4 tiles) at a time */
         for (int64_t kt = 0; kt < Lk64 / 16; kt += 4) {
           _tile_zero(0);
@@ -403,29 +579,7 @@ void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
           _tile_stored(2, s + kt * 16 + 32, Lk64 * 4);
           _tile_stored(3, s + kt * 16 + 48, Lk64 * 4);
         }
-        /* softmax rows: P = 2^((s - max) alpha) in bf16 (zero past Lk and in padding rows), inv = 1 / sum */
-        for (int i = 0; i < 16; i++) {
-          const float *srow = s + i * Lk64;
-          uint16_t *prow = p + i * Lk64;
-          if (i >= rows) {
-            memset(prow, 0, (size_t)Lk64 * 2);
-            continue;
-          }
-          __m512 mx = _mm512_set1_ps(-INFINITY);
-          int64_t j = 0;
-          for (; j + 16 <= Lk; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(srow + j));
-          __mmask16 tail = (__mmask16)((1u << (Lk - j)) - 1u);
-          if (j < Lk) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(srow + j));
-          const __m512 shift = _mm512_set1_ps(-_mm512_reduce_max_ps(mx) * alpha), a = _mm512_set1_ps(alpha);
-          __m512 sum = _mm512_setzero_ps();
-          for (j = 0; j < Lk64; j += 16) {
-            __m512 e = eg_exp2_weights(_mm512_fmadd_ps(_mm512_load_ps(srow + j), a, shift));
-            if (j + 16 > Lk) e = _mm512_maskz_mov_ps(j < Lk ? tail : 0, e);
-            sum = _mm512_add_ps(sum, e);
-            _mm256_store_si256((__m256i *)(prow + j), eg_round(e));
-          }
-          inv[i] = 1.f / _mm512_reduce_add_ps(sum);
-        }
+        eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha);
         /* O = P v, 4 output tiles of 16 dims at a time */
         for (int64_t n0 = 0; n0 < DT; n0 += 4) {
           const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
@@ -456,18 +610,7 @@ void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
           if (nn > 2) _tile_stored(2, o + n0 * 16 + 32, DT * 64);
           if (nn > 3) _tile_stored(3, o + n0 * 16 + 48, DT * 64);
         }
-        for (int i = 0; i < rows; i++) {
-          const __m512 f = _mm512_set1_ps(inv[i]);
-          uint16_t *dst = ob + (q0 + i) * st[11];
-          for (int64_t n = 0; n < DT; n++) {
-            int64_t cols = D - n * 16 < 16 ? D - n * 16 : 16;
-            __m512 val = _mm512_mul_ps(_mm512_load_ps(o + i * DT * 16 + n * 16), f);
-            if (cols == 16)
-              eg_store(dst + n * 16, val);
-            else
-              eg_store_mask(dst + n * 16, (__mmask16)((1u << cols) - 1u), val);
-          }
-        }
+        for (int i = 0; i < rows; i++) eg_store_row(ob + (q0 + i) * st[11], o + i * DT * 16, inv[i], D);
       }
     }
     free(kp);

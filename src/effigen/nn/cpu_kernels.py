@@ -33,7 +33,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 
-_STATE: dict = {"library": None, "tried": False, "error": None, "enabled": True, "amx": False}
+_STATE: dict = {"library": None, "tried": False, "error": None, "enabled": True, "amx": False, "attention": ()}
 _LOCK = threading.Lock()
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -49,6 +49,8 @@ _SIGNATURES = {
     "eg_norm_modulate": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int], None),
     "eg_amx_init": ([], ctypes.c_int),
     "eg_attention": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, ctypes.c_int], None),
+    "eg_attention_dp": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, ctypes.c_int], None),
+    "eg_attention_kernels": ([], ctypes.c_int),
 }
 
 
@@ -124,6 +126,9 @@ def library():
                         _STATE["library"] = lib
                         # AMX tiles: compiled in where the compiler targets them, granted by the kernel per process
                         _STATE["amx"] = bool(lib.eg_amx_init())
+                        built = lib.eg_attention_kernels()  # bit 0: AVX-512 BF16, bit 1: AMX
+                        _STATE["attention"] = tuple(name for name, present in (
+                            ("amx", _STATE["amx"] and built & 2), ("avx512_bf16", built & 1)) if present)
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             _STATE["error"] = str(error)
             warnings.warn(f"effigen: the fused CPU kernels could not be built, sampling uses the eager ops instead "
@@ -141,9 +146,10 @@ def unavailable_reason() -> str | None:
     return _STATE["error"]
 
 
-def amx() -> bool:
-    """Whether the attention kernel can run: the library built with AMX-BF16 and Linux granted the tiles."""
-    return available() and _STATE["amx"]
+def attention_kernels() -> tuple[str, ...]:
+    """The attention kernels this machine runs, fastest first: "amx" (AMX tiles), "avx512_bf16" (`vdpbf16ps`, e.g.
+    AMD Zen 4); empty where the CPU or compiler has neither (then `attention` returns None and callers run SDPA)."""
+    return _STATE["attention"] if available() else ()
 
 
 def set_enabled(enabled: bool) -> None:
@@ -275,15 +281,21 @@ def l2norm_qk(qkv: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor | None:
-    """softmax(q k^T * scale) v without a mask for bf16 q (B, heads, L_q, D), k and v (B, heads, L_k, D) on AMX
-    tiles (exact softmax over all keys in fp32, the weights rounded to bf16 before the product with v, as flash
-    attention does), any strides with a contiguous last dimension (the qkv projection's views, a KV cache's filled
-    part). The result (B, heads, L_q, D) is a view of a (B, L_q, heads, D) buffer, so the caller's
-    `out.transpose(1, 2).reshape(B, L_q, heads * D)` copies nothing. None where the kernel does not apply (no AMX,
-    shapes, dtypes, D odd or > 256); the caller then runs SDPA."""
-    if not (_usable(q, k, v) and _STATE["amx"]) or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+              kernel: str | None = None) -> torch.Tensor | None:
+    """softmax(q k^T * scale) v without a mask for bf16 q (B, heads, L_q, D), k and v (B, heads, L_k, D): exact
+    softmax over all keys in fp32, the weights rounded to bf16 before the product with v (as flash attention does),
+    both products on AMX tiles or, without AMX, on AVX-512 BF16 dot products (`kernel`: "amx" or "avx512_bf16",
+    default the first of `attention_kernels()`). Any strides with a contiguous last dimension (the qkv projection's
+    views, a KV cache's filled part). The result (B, heads, L_q, D) is a view of a (B, L_q, heads, D) buffer, so the
+    caller's `out.transpose(1, 2).reshape(B, L_q, heads * D)` copies nothing. None where no kernel applies (neither
+    instruction set, shapes, dtypes, D odd or > 256); the caller then runs SDPA."""
+    kernels = attention_kernels() if _usable(q, k, v) else ()
+    if not kernels or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None
+    kernel = kernels[0] if kernel is None else kernel
+    if kernel not in kernels:
+        raise ValueError(f"attention kernel {kernel!r} does not run here; this machine has {kernels}")
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if (tuple(k.shape) != (B, H, Lk, D) or tuple(v.shape) != (B, H, Lk, D) or D % 2 or D > 256 or Lk < 1 or Lq < 1
@@ -293,7 +305,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     view = out.transpose(1, 2)
     strides = torch.tensor([s for t in (q, k, v, view) for s in t.stride()[:3]], dtype=torch.int64)
     scale = 1.0 / D**0.5 if scale is None else float(scale)
+    function = library().eg_attention if kernel == "amx" else library().eg_attention_dp
     with torch.profiler.record_function("effigen::attention"):
-        library().eg_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Lq, Lk, D,
-                               strides.data_ptr(), scale, _threads())
+        function(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Lq, Lk, D, strides.data_ptr(), scale,
+                 _threads())
     return view
