@@ -384,3 +384,14 @@ def test_attention_with_the_kernels_off_is_sdpa_exactly():
             assert torch.equal(attention_module.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
     finally:
         cpu_kernels.set_enabled(True)
+
+
+def test_flop_counting_sees_attention_and_norms_where_the_kernels_run():
+    # a dispatch mode (here the FLOP counter of the benchmarks) gets the aten ops: the ctypes calls would hide them
+    from effigen.bench.throughput import count_flops
+    from effigen.nn import attention as attention_module
+
+    q = torch.randn(2, 4, 32, 64).bfloat16()
+    with torch.no_grad():
+        total, by_op = count_flops(lambda: attention_module.attention(q, q, q))
+    assert total == 4 * 2 * 4 * 32 * 32 * 64 and len(by_op) == 1

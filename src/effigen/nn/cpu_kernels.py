@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils import _python_dispatch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
@@ -160,12 +161,16 @@ def set_enabled(enabled: bool) -> None:
 
 
 def active() -> bool:
-    """Whether the kernels are built and switched on (callers check before work that only the kernel path needs)."""
-    return _STATE["enabled"] and available()
+    """Whether the kernels are built and switched on and no dispatch mode is active (callers check before work that
+    only the kernel path needs)."""
+    return _STATE["enabled"] and _python_dispatch._get_current_dispatch_mode() is None and available()
 
 
 def _usable(*tensors: torch.Tensor) -> bool:
-    return _STATE["enabled"] and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and available()
+    """bf16 CPU tensors, and `active()`: no dispatch mode (FlopCounterMode, FakeTensorMode, a tracer) is active, since
+    a mode must see the aten ops, which a ctypes call would hide (the FLOP count would lose attention) or break (fake
+    tensors have no data)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors) and active()
 
 
 def _threads() -> int:
