@@ -400,98 +400,135 @@ static inline void eg_store_row(uint16_t *dst, const float *o, float inv, int64_
   }
 }
 
+/* one thread's buffers, one 64-byte aligned block (every part a multiple of 64 bytes): packed k and v, 16 packed
+ * query rows, S (16 x Lk64 fp32), P (16 x Lk64 bf16), O (16 x D rounded up to 16, fp32) */
+typedef struct {
+  void *block;
+  uint16_t *kp, *vp, *qp, *p;
+  float *s, *o;
+} eg_attention_work;
+
+static eg_attention_work eg_attention_work_new(int64_t Lk64, int64_t D) {
+  const size_t DC = (size_t)(D + 31) / 32, DT = (size_t)(D + 15) / 16, L = (size_t)Lk64;
+  const size_t nk = L * DC * 64, nv = L * DT * 32, nq = 16 * DC * 64, ns = 16 * L * 4, np = 16 * L * 2;
+  eg_attention_work w;
+  char *m = aligned_alloc(64, nk + nv + nq + ns + np + 16 * DT * 64);
+  w.block = m;
+  w.kp = (uint16_t *)m;
+  w.vp = (uint16_t *)(m + nk);
+  w.qp = (uint16_t *)(m + nk + nv);
+  w.s = (float *)(m + nk + nv + nq);
+  w.p = (uint16_t *)(m + nk + nv + nq + ns);
+  w.o = (float *)(m + nk + nv + nq + ns + np);
+  return w;
+}
+
 #define EG_BCAST(ptr) ((__m512bh)_mm512_set1_epi32(*(const int32_t *)(ptr)))
 #define EG_ROW(ptr) ((__m512bh)_mm512_load_si512((const void *)(ptr)))
 
-/* AVX-512 BF16: both products as broadcast pairs of the A side times rows of the packed B side, 4 query rows x
- * 64 keys (S) or x 64 dims (O) in 16 fp32 accumulators */
-void eg_attention_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
-                     int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
-  const int64_t Lk64 = (Lk + 63) / 64 * 64, DC = (D + 31) / 32, DT = (D + 15) / 16;
+/* S, softmax and O for the 16 packed query rows in w->qp (the first `rows` real): O into w->o, 1 / row sums into inv */
+typedef void (*eg_attention_block)(const eg_attention_work *w, int rows, int64_t Lk, int64_t Lk64, int64_t D,
+                                   float alpha, float *inv);
+
+/* per (b, h): pack k and v; per 16 queries: pack q, `block`, write out = O / sum. `begin` and `end` (or NULL) run
+ * once per thread around its share (AMX: the tile configuration) with 64 aligned bytes of state. */
+static void eg_attention_run(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B,
+                             int64_t H, int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt,
+                             eg_attention_block block, void (*begin)(void *), void (*end)(void *)) {
+  const int64_t Lk64 = (Lk + 63) / 64 * 64, DT = (D + 15) / 16;
   const float alpha = scale * 1.4426950408889634f;
 #pragma omp parallel num_threads(nt)
   {
-    uint16_t *kp = aligned_alloc(64, (size_t)Lk64 * DC * 32 * 2);
-    uint16_t *vp = aligned_alloc(64, (size_t)Lk64 * DT * 16 * 2);
-    uint16_t *qp = aligned_alloc(64, (size_t)16 * DC * 32 * 2);
-    float *s = aligned_alloc(64, (size_t)16 * Lk64 * 4);
-    uint16_t *p = aligned_alloc(64, (size_t)16 * Lk64 * 2);
-    float *o = aligned_alloc(64, (size_t)16 * DT * 16 * 4);
+    _Alignas(64) unsigned char state[64];
+    if (begin) begin(state);
+    eg_attention_work w = eg_attention_work_new(Lk64, D);
     float inv[16];
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
       const int64_t b = bh / H, h = bh % H;
       const uint16_t *qb = q + b * st[0] + h * st[1];
       uint16_t *ob = out + b * st[9] + h * st[10];
-      eg_pack_k(k + b * st[3] + h * st[4], st[5], Lk, Lk64, D, kp);
-      eg_pack_v(v + b * st[6] + h * st[7], st[8], Lk, Lk64, D, vp);
+      eg_pack_k(k + b * st[3] + h * st[4], st[5], Lk, Lk64, D, w.kp);
+      eg_pack_v(v + b * st[6] + h * st[7], st[8], Lk, Lk64, D, w.vp);
       for (int64_t q0 = 0; q0 < Lq; q0 += 16) {
         const int rows = Lq - q0 < 16 ? (int)(Lq - q0) : 16;
-        eg_pack_q(qb, st[2], q0, rows, D, qp);
-        /* S = q k^T: per 4 rows and 64 keys, the d pairs (only those below D) */
-        for (int i0 = 0; i0 < rows; i0 += 4)
-          for (int64_t kt = 0; kt < Lk64 / 16; kt += 4) {
-            __m512 acc[4][4];
-            for (int a = 0; a < 4; a++)
-              for (int t = 0; t < 4; t++) acc[a][t] = _mm512_setzero_ps();
-            for (int64_t c = 0; c < DC; c++) {
-              const int pairs = D - c * 32 >= 32 ? 16 : (int)(D - c * 32) / 2;
-              const uint16_t *kc = kp + (kt * DC + c) * 512, *qc = qp + (i0 * DC + c) * 32;
-              for (int r = 0; r < pairs; r++) {
-                __m512bh k0 = EG_ROW(kc + r * 32), k1 = EG_ROW(kc + DC * 512 + r * 32);
-                __m512bh k2 = EG_ROW(kc + 2 * DC * 512 + r * 32), k3 = EG_ROW(kc + 3 * DC * 512 + r * 32);
-                for (int a = 0; a < 4; a++) {
-                  __m512bh qa = EG_BCAST(qc + a * DC * 32 + 2 * r);
-                  acc[a][0] = _mm512_dpbf16_ps(acc[a][0], qa, k0);
-                  acc[a][1] = _mm512_dpbf16_ps(acc[a][1], qa, k1);
-                  acc[a][2] = _mm512_dpbf16_ps(acc[a][2], qa, k2);
-                  acc[a][3] = _mm512_dpbf16_ps(acc[a][3], qa, k3);
-                }
-              }
-            }
-            for (int a = 0; a < 4; a++)
-              for (int t = 0; t < 4; t++) _mm512_store_ps(s + (i0 + a) * Lk64 + (kt + t) * 16, acc[a][t]);
-          }
-        eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha);
-        /* O = P v: per 4 rows and 64 dims, the key pairs below Lk */
-        const int64_t key_pairs = (Lk + 1) / 2;
-        for (int i0 = 0; i0 < rows; i0 += 4)
-          for (int64_t n0 = 0; n0 < DT; n0 += 4) {
-            const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
-            __m512 acc[4][4];
-            for (int a = 0; a < 4; a++)
-              for (int t = 0; t < 4; t++) acc[a][t] = _mm512_setzero_ps();
-            for (int64_t kk = 0; kk < key_pairs; kk++) {
-              const uint16_t *vr = vp + ((kk / 16) * DT + n0) * 512 + (kk % 16) * 32, *pr = p + i0 * Lk64 + 2 * kk;
-              if (nn == 4) {
-                __m512bh v0 = EG_ROW(vr), v1 = EG_ROW(vr + 512), v2 = EG_ROW(vr + 1024), v3 = EG_ROW(vr + 1536);
-                for (int a = 0; a < 4; a++) {
-                  __m512bh pa = EG_BCAST(pr + a * Lk64);
-                  acc[a][0] = _mm512_dpbf16_ps(acc[a][0], pa, v0);
-                  acc[a][1] = _mm512_dpbf16_ps(acc[a][1], pa, v1);
-                  acc[a][2] = _mm512_dpbf16_ps(acc[a][2], pa, v2);
-                  acc[a][3] = _mm512_dpbf16_ps(acc[a][3], pa, v3);
-                }
-              } else {
-                for (int64_t t = 0; t < nn; t++) {
-                  __m512bh vt = EG_ROW(vr + t * 512);
-                  for (int a = 0; a < 4; a++) acc[a][t] = _mm512_dpbf16_ps(acc[a][t], EG_BCAST(pr + a * Lk64), vt);
-                }
-              }
-            }
-            for (int a = 0; a < 4; a++)
-              for (int64_t t = 0; t < nn; t++) _mm512_store_ps(o + (i0 + a) * DT * 16 + (n0 + t) * 16, acc[a][t]);
-          }
-        for (int i = 0; i < rows; i++) eg_store_row(ob + (q0 + i) * st[11], o + i * DT * 16, inv[i], D);
+        eg_pack_q(qb, st[2], q0, rows, D, w.qp);
+        block(&w, rows, Lk, Lk64, D, alpha, inv);
+        for (int i = 0; i < rows; i++) eg_store_row(ob + (q0 + i) * st[11], w.o + i * DT * 16, inv[i], D);
       }
     }
-    free(kp);
-    free(vp);
-    free(qp);
-    free(s);
-    free(p);
-    free(o);
+    free(w.block);
+    if (end) end(state);
   }
+}
+
+/* AVX-512 BF16: both products as broadcast pairs of the A side times rows of the packed B side, 4 query rows x
+ * 64 keys (S) or x 64 dims (O) in 16 fp32 accumulators */
+static void eg_attention_block_dp(const eg_attention_work *w, int rows, int64_t Lk, int64_t Lk64, int64_t D, float alpha,
+                                  float *inv) {
+  const int64_t DC = (D + 31) / 32, DT = (D + 15) / 16;
+  const uint16_t *kp = w->kp, *vp = w->vp, *qp = w->qp;
+  uint16_t *p = w->p;
+  float *s = w->s, *o = w->o;
+  /* S = q k^T: per 4 rows and 64 keys, the d pairs (only those below D) */
+  for (int i0 = 0; i0 < rows; i0 += 4)
+    for (int64_t kt = 0; kt < Lk64 / 16; kt += 4) {
+      __m512 acc[4][4];
+      for (int a = 0; a < 4; a++)
+        for (int t = 0; t < 4; t++) acc[a][t] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < DC; c++) {
+        const int pairs = D - c * 32 >= 32 ? 16 : (int)(D - c * 32) / 2;
+        const uint16_t *kc = kp + (kt * DC + c) * 512, *qc = qp + (i0 * DC + c) * 32;
+        for (int r = 0; r < pairs; r++) {
+          __m512bh k0 = EG_ROW(kc + r * 32), k1 = EG_ROW(kc + DC * 512 + r * 32);
+          __m512bh k2 = EG_ROW(kc + 2 * DC * 512 + r * 32), k3 = EG_ROW(kc + 3 * DC * 512 + r * 32);
+          for (int a = 0; a < 4; a++) {
+            __m512bh qa = EG_BCAST(qc + a * DC * 32 + 2 * r);
+            acc[a][0] = _mm512_dpbf16_ps(acc[a][0], qa, k0);
+            acc[a][1] = _mm512_dpbf16_ps(acc[a][1], qa, k1);
+            acc[a][2] = _mm512_dpbf16_ps(acc[a][2], qa, k2);
+            acc[a][3] = _mm512_dpbf16_ps(acc[a][3], qa, k3);
+          }
+        }
+      }
+      for (int a = 0; a < 4; a++)
+        for (int t = 0; t < 4; t++) _mm512_store_ps(s + (i0 + a) * Lk64 + (kt + t) * 16, acc[a][t]);
+    }
+  eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha);
+  /* O = P v: per 4 rows and 64 dims, the key pairs below Lk */
+  const int64_t key_pairs = (Lk + 1) / 2;
+  for (int i0 = 0; i0 < rows; i0 += 4)
+    for (int64_t n0 = 0; n0 < DT; n0 += 4) {
+      const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
+      __m512 acc[4][4];
+      for (int a = 0; a < 4; a++)
+        for (int t = 0; t < 4; t++) acc[a][t] = _mm512_setzero_ps();
+      for (int64_t kk = 0; kk < key_pairs; kk++) {
+        const uint16_t *vr = vp + ((kk / 16) * DT + n0) * 512 + (kk % 16) * 32, *pr = p + i0 * Lk64 + 2 * kk;
+        if (nn == 4) {
+          __m512bh v0 = EG_ROW(vr), v1 = EG_ROW(vr + 512), v2 = EG_ROW(vr + 1024), v3 = EG_ROW(vr + 1536);
+          for (int a = 0; a < 4; a++) {
+            __m512bh pa = EG_BCAST(pr + a * Lk64);
+            acc[a][0] = _mm512_dpbf16_ps(acc[a][0], pa, v0);
+            acc[a][1] = _mm512_dpbf16_ps(acc[a][1], pa, v1);
+            acc[a][2] = _mm512_dpbf16_ps(acc[a][2], pa, v2);
+            acc[a][3] = _mm512_dpbf16_ps(acc[a][3], pa, v3);
+          }
+        } else {
+          for (int64_t t = 0; t < nn; t++) {
+            __m512bh vt = EG_ROW(vr + t * 512);
+            for (int a = 0; a < 4; a++) acc[a][t] = _mm512_dpbf16_ps(acc[a][t], EG_BCAST(pr + a * Lk64), vt);
+          }
+        }
+      }
+      for (int a = 0; a < 4; a++)
+        for (int64_t t = 0; t < nn; t++) _mm512_store_ps(o + (i0 + a) * DT * 16 + (n0 + t) * 16, acc[a][t]);
+    }
+}
+
+void eg_attention_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
+                     int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
+  eg_attention_run(q, k, v, out, B, H, Lq, Lk, D, st, scale, nt, eg_attention_block_dp, NULL, NULL);
 }
 #else
 #define EG_ATTENTION 0
@@ -527,103 +564,88 @@ typedef struct {
 /* Linux grants AMX tile data per process on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); 1 when granted */
 int eg_amx_init(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
 
-void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
-                  int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
-  const int64_t Lk64 = (Lk + 63) / 64 * 64, DC = (D + 31) / 32, DT = (D + 15) / 16;
-  const float alpha = scale * 1.4426950408889634f;
-#pragma omp parallel num_threads(nt)
-  {
-    eg_tilecfg saved, cfg;
-    _tile_storeconfig(&saved);
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 7; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
-    _tile_loadconfig(&cfg);
-    uint16_t *kp = aligned_alloc(64, (size_t)Lk64 * DC * 32 * 2);
-    uint16_t *vp = aligned_alloc(64, (size_t)Lk64 * DT * 16 * 2);
-    uint16_t *qp = aligned_alloc(64, (size_t)16 * DC * 32 * 2);
-    float *s = aligned_alloc(64, (size_t)16 * Lk64 * 4);
-    uint16_t *p = aligned_alloc(64, (size_t)16 * Lk64 * 2);
-    float *o = aligned_alloc(64, (size_t)16 * DT * 16 * 4);
-    float inv[16];
-#pragma omp for schedule(static)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-      const int64_t b = bh / H, h = bh % H;
-      const uint16_t *qb = q + b * st[0] + h * st[1];
-      uint16_t *ob = out + b * st[9] + h * st[10];
-      eg_pack_k(k + b * st[3] + h * st[4], st[5], Lk, Lk64, D, kp);
-      eg_pack_v(v + b * st[6] + h * st[7], st[8], Lk, Lk64, D, vp);
-      for (int64_t q0 = 0; q0 < Lq; q0 += 16) {
-        const int rows = Lq - q0 < 16 ? (int)(Lq - q0) : 16;
-        eg_pack_q(qb, st[2], q0, rows, D, qp);
-        /* S = q k^T, 64 keys (4 tiles) at a time */
-        for (int64_t kt = 0; kt < Lk64 / 16; kt += 4) {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-          for (int64_t c = 0; c < DC; c++) {
-            const uint16_t *kc = kp + (kt * DC + c) * 512;
-            _tile_loadd(4, qp + c * 32, DC * 64);
-            _tile_loadd(5, kc, 64);
-            _tile_loadd(6, kc + DC * 512, 64);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_dpbf16ps(1, 4, 6);
-            _tile_loadd(5, kc + 2 * DC * 512, 64);
-            _tile_loadd(6, kc + 3 * DC * 512, 64);
-            _tile_dpbf16ps(2, 4, 5);
-            _tile_dpbf16ps(3, 4, 6);
-          }
-          _tile_stored(0, s + kt * 16, Lk64 * 4);
-          _tile_stored(1, s + kt * 16 + 16, Lk64 * 4);
-          _tile_stored(2, s + kt * 16 + 32, Lk64 * 4);
-          _tile_stored(3, s + kt * 16 + 48, Lk64 * 4);
-        }
-        eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha);
-        /* O = P v, 4 output tiles of 16 dims at a time */
-        for (int64_t n0 = 0; n0 < DT; n0 += 4) {
-          const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-          for (int64_t kc = 0; kc < Lk64 / 32; kc++) {
-            const uint16_t *vc = vp + (kc * DT + n0) * 512;
-            _tile_loadd(4, p + kc * 32, Lk64 * 2);
-            _tile_loadd(5, vc, 64);
-            _tile_dpbf16ps(0, 4, 5);
-            if (nn > 1) {
-              _tile_loadd(6, vc + 512, 64);
-              _tile_dpbf16ps(1, 4, 6);
-            }
-            if (nn > 2) {
-              _tile_loadd(5, vc + 1024, 64);
-              _tile_dpbf16ps(2, 4, 5);
-            }
-            if (nn > 3) {
-              _tile_loadd(6, vc + 1536, 64);
-              _tile_dpbf16ps(3, 4, 6);
-            }
-          }
-          _tile_stored(0, o + n0 * 16, DT * 64);
-          if (nn > 1) _tile_stored(1, o + n0 * 16 + 16, DT * 64);
-          if (nn > 2) _tile_stored(2, o + n0 * 16 + 32, DT * 64);
-          if (nn > 3) _tile_stored(3, o + n0 * 16 + 48, DT * 64);
-        }
-        for (int i = 0; i < rows; i++) eg_store_row(ob + (q0 + i) * st[11], o + i * DT * 16, inv[i], D);
+/* the thread's tile configuration (oneDNN's, or none) is kept in `state` and restored at the end */
+static void eg_tiles_begin(void *state) {
+  eg_tilecfg cfg;
+  _tile_storeconfig(state);
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int i = 0; i < 7; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+  _tile_loadconfig(&cfg);
+}
+
+static void eg_tiles_end(void *state) {
+  if (((const eg_tilecfg *)state)->palette)
+    _tile_loadconfig(state);
+  else
+    _tile_release();
+}
+
+static void eg_attention_block_amx(const eg_attention_work *w, int rows, int64_t Lk, int64_t Lk64, int64_t D,
+                                   float alpha, float *inv) {
+  const int64_t DC = (D + 31) / 32, DT = (D + 15) / 16;
+  const uint16_t *kp = w->kp, *vp = w->vp, *qp = w->qp;
+  uint16_t *p = w->p;
+  float *s = w->s, *o = w->o;
+  /* S = q k^T, 64 keys (4 tiles) at a time */
+  for (int64_t kt = 0; kt < Lk64 / 16; kt += 4) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t c = 0; c < DC; c++) {
+      const uint16_t *kc = kp + (kt * DC + c) * 512;
+      _tile_loadd(4, qp + c * 32, DC * 64);
+      _tile_loadd(5, kc, 64);
+      _tile_loadd(6, kc + DC * 512, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(5, kc + 2 * DC * 512, 64);
+      _tile_loadd(6, kc + 3 * DC * 512, 64);
+      _tile_dpbf16ps(2, 4, 5);
+      _tile_dpbf16ps(3, 4, 6);
+    }
+    _tile_stored(0, s + kt * 16, Lk64 * 4);
+    _tile_stored(1, s + kt * 16 + 16, Lk64 * 4);
+    _tile_stored(2, s + kt * 16 + 32, Lk64 * 4);
+    _tile_stored(3, s + kt * 16 + 48, Lk64 * 4);
+  }
+  eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha);
+  /* O = P v, 4 output tiles of 16 dims at a time */
+  for (int64_t n0 = 0; n0 < DT; n0 += 4) {
+    const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kc = 0; kc < Lk64 / 32; kc++) {
+      const uint16_t *vc = vp + (kc * DT + n0) * 512;
+      _tile_loadd(4, p + kc * 32, Lk64 * 2);
+      _tile_loadd(5, vc, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if (nn > 1) {
+        _tile_loadd(6, vc + 512, 64);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if (nn > 2) {
+        _tile_loadd(5, vc + 1024, 64);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if (nn > 3) {
+        _tile_loadd(6, vc + 1536, 64);
+        _tile_dpbf16ps(3, 4, 6);
       }
     }
-    free(kp);
-    free(vp);
-    free(qp);
-    free(s);
-    free(p);
-    free(o);
-    if (saved.palette)
-      _tile_loadconfig(&saved);
-    else
-      _tile_release();
+    _tile_stored(0, o + n0 * 16, DT * 64);
+    if (nn > 1) _tile_stored(1, o + n0 * 16 + 16, DT * 64);
+    if (nn > 2) _tile_stored(2, o + n0 * 16 + 32, DT * 64);
+    if (nn > 3) _tile_stored(3, o + n0 * 16 + 48, DT * 64);
   }
+}
+
+void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
+                  int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
+  eg_attention_run(q, k, v, out, B, H, Lq, Lk, D, st, scale, nt, eg_attention_block_amx, eg_tiles_begin, eg_tiles_end);
 }
 #else
 int eg_amx_init(void) { return 0; }
