@@ -39,7 +39,8 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::li
               "aten::convolution", "aten::mkldnn_convolution", "aten::_convolution", "aten::_int_mm")
 MATMUL_SELF = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_int_mm", "aten::mkldnn_convolution",
                "aten::_scaled_dot_product_flash_attention_for_cpu",
-               "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary")  # effigen's fused bf16 linears
+               "mkldnn::_linear_pointwise", "mkldnn::_linear_pointwise.binary",  # effigen's fused bf16 linears
+               "effigen::attention")  # effigen's attention kernel (nn/cpu_kernels.py)
 
 
 def build(name: str, steps: int) -> tuple[Pipeline, dict]:
