@@ -2,19 +2,24 @@
 
     python benchmarks/kernels_ab.py --models DiT-B/2 LightningDiT-B/2 --batch-size 16 --steps 2 --rounds 5
     python benchmarks/kernels_ab.py --models DiT-B/2 LightningDiT-B/2 VAR-d16 HMAR-d16 --rounds 3
+    python benchmarks/kernels_ab.py --models VAR-d16 HMAR-d16 --off sampling --rounds 3   # the token draw alone
     python benchmarks/kernels_ab.py --ops          # each kernel against the eager ops it replaces, one op at a time
 
 Each model is `benchmarks/profile_sampling.py`'s random-weight sampling call (bf16, latents only, guidance on). The
 rows (model x kernels on/off) run interleaved, round after round, after one warm-up call each, so a slow minute of
 the shared machine hits every row alike; the medians give each model's speed-up from the kernels (the eager or
 oneDNN-epilogue ops they replace: RoPE, tanh-GELU, GroupNorm+SiLU) and, where both DiT-B/2 and LightningDiT-B/2 run,
-LightningDiT's images/s relative to DiT's (equal FLOPs by construction: issue #23 asks for >= 1.0x).
+LightningDiT's images/s relative to DiT's (equal FLOPs by construction: issue #23 asks for >= 1.0x). `--off sampling`
+switches off only the fused token draw (`cpu_kernels.sample_tokens`) in the "off" rows, all other kernels staying on.
 
 --ops times each kernel against the ops it replaces at the models' shapes (DiT-B/2 at batch 16 with guidance: 32 x 256
 tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 256, 256)), and the SD-VAE decoder's
 sampling layout (channels-last with the kernels) against NCHW eager, and each attention kernel the CPU has (AMX,
-AVX-512 BF16) against SDPA at DiT-B/2's and VAR-d16's last-scale shapes; median of interleaved repeats, and prints each one's
-largest deviation from the fp32 result beside the eager bf16 one's.
+AVX-512 BF16) against SDPA at DiT-B/2's and VAR-d16's last-scale shapes, and the fused token draw (guidance, top-k
+900, top-p 0.96, Gumbel-max) against the eager chain at VAR-d16's last scale (16 x 256 rows of 4096 logits; both from
+the same uniform noise, whose generation is not timed); median of interleaved repeats, and prints each one's largest
+deviation from the fp32 result beside the eager bf16 one's (for the draw: the number of tokens that differ from the
+eager chain's).
 """
 
 from __future__ import annotations
@@ -112,6 +117,21 @@ def _ops(repeats: int) -> None:
                           lambda q=q, k=k, v=v, kernel=kernel: cpu_kernels.attention(q, k, v, kernel=kernel),
                           lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
                           lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q.float(), k.float(), v.float())))
+    # the token draw of VAR-d16's last scale at batch 16 with guidance (fp32 logits, as the head returns them)
+    from effigen.samplers.tokens import filter_logits, guided_logits
+
+    logits = torch.randn(32, 256, 4096) * 3
+    cond, uncond, uniform = logits[:16], logits[16:], torch.rand(16, 256, 4096)
+
+    def draw_eager():
+        filtered = filter_logits(guided_logits(cond, uncond, 1.2), 900, 0.96)
+        return (filtered + -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))).argmax(-1)
+
+    def draw_kernel():
+        return cpu_kernels.sample_tokens(cond, uniform, 900, 0.96, 1.0, False, uncond, 1.2)[0]
+
+    cases.append(("token draw, VAR-d16 last scale: guidance + top-k 900 + top-p 0.96 + Gumbel-max, (16, 256, 4096)",
+                  draw_kernel, draw_eager, "tokens"))
     if not cpu_kernels.attention_kernels():
         print(f"(attention rows skipped: the kernel needs AMX or AVX-512 BF16; {cpu_kernels.unavailable_reason() or 'this CPU has neither'})")
     print("| op | kernel ms | eager ms | eager / kernel | max error kernel / eager vs fp32 |")
@@ -126,7 +146,9 @@ def _ops(repeats: int) -> None:
                     times[label].append(time.perf_counter() - start)
             k, e = (statistics.median(times[label][1:]) * 1e3 for label in ("kernel", "eager"))
             errors = "-"
-            if reference is not None:
+            if reference == "tokens":
+                errors = f"{int((kernel() != eager()).sum())} of {eager().numel()} tokens differ"
+            elif reference is not None:
                 ref = reference()
                 errors = " / ".join(f"{float((function().float() - ref).abs().max()):.3g}" for function in (kernel, eager))
             print(f"| {name} | {k:.2f} | {e:.2f} | {e / k:.2f}x | {errors} |")
@@ -146,6 +168,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ops", action="store_true", help="time each kernel against the ops it replaces instead")
     parser.add_argument("--op-repeats", type=int, default=7)
+    parser.add_argument("--off", choices=["all", "sampling"], default="all",
+                        help="what the 'off' rows switch off: every kernel, or only the fused token draw")
     args = parser.parse_args()
     tune_cpu_allocator()
     if args.threads:
@@ -170,14 +194,19 @@ def main() -> None:
     peak_before = measure_matmul_peak("bf16", "cpu", 4096, 2.0)
     rows = [(name, on) for name in args.models for on in (True, False)]
     times: dict = {row: [] for row in rows}
+    fused_draw = cpu_kernels.sample_tokens
     for round_ in range(args.rounds + 1):
         for name, on in rows:
-            cpu_kernels.set_enabled(on)
+            if args.off == "sampling":  # the eager draw runs where the kernel returns None
+                cpu_kernels.sample_tokens = fused_draw if on else (lambda *args, **kwargs: None)
+            else:
+                cpu_kernels.set_enabled(on)
             start = time.perf_counter()
             call(name)
             if round_:  # round 0 warms up
                 times[(name, on)].append(time.perf_counter() - start)
     cpu_kernels.set_enabled(True)
+    cpu_kernels.sample_tokens = fused_draw
     peak_after = measure_matmul_peak("bf16", "cpu", 4096, 2.0)
     peak = max(peak_before, peak_after)  # the shared machine's peak drifts: the larger one (fractions err low)
     print(f"# bf16 matmul peak before / after the runs: {peak_before / 1e12:.2f} / {peak_after / 1e12:.2f} TFLOP/s "
@@ -188,7 +217,7 @@ def main() -> None:
     for name, on in rows:
         t = median[(name, on)]
         ratio = f"{median[(name, False)] / t:.2f}x" if on else ""
-        print(f"| {name} | {'on' if on else 'off'} | {t:.3f} | {min(times[(name, on)]):.3f}-{max(times[(name, on)]):.3f} "
+        print(f"| {name} | {'on' if on else 'off' if args.off == 'all' else 'draw off'} | {t:.3f} | {min(times[(name, on)]):.3f}-{max(times[(name, on)]):.3f} "
               f"| {args.batch_size / t:.2f} | {flops[name] / t / 1e12:.2f} | {100 * flops[name] / t / peak:.1f}% "
               f"| {ratio} |")
     if "DiT-B/2" in pipes and "LightningDiT-B/2" in pipes:

@@ -395,3 +395,81 @@ def test_flop_counting_sees_attention_and_norms_where_the_kernels_run():
     with torch.no_grad():
         total, by_op = count_flops(lambda: attention_module.attention(q, q, q))
     assert total == 4 * 2 * 4 * 32 * 32 * 64 and len(by_op) == 1
+
+
+# ---------------------------------------------------------------------------------------------- token sampling
+def _draw_both(logits, uncond, weight, top_k, top_p, temperature, draws=2, seed=5):
+    """`draws` successive draws (tokens, confidence) from one noise stream, with the kernel and with the eager ops."""
+    from effigen.samplers.tokens import SampleNoise, sample_tokens_scored
+
+    results = []
+    for enabled in (True, False):
+        cpu_kernels.set_enabled(enabled)
+        try:
+            noise = SampleNoise(torch.Generator().manual_seed(seed), logits.shape[0])
+            results.append([sample_tokens_scored(logits, noise, top_k, top_p, temperature, uncond, weight)
+                            for _ in range(draws)])
+        finally:
+            cpu_kernels.set_enabled(True)
+    return results
+
+
+@needs_kernels
+@pytest.mark.parametrize("top_k,top_p,temperature,guided", [
+    (0, 0.0, 1.0, False), (1, 0.0, 1.0, True), (20, 0.0, 1.0, False), (0, 0.9, 1.0, True), (20, 0.8, 1.0, True),
+    (299, 0.5, 0.7, True), (300, 0.96, 1.0, True), (50, 0.96, 0.0, False), (7, 0.0, 2.0, True), (900, 0.96, 1.0, True)])
+def test_token_sampling_kernel_draws_the_eager_tokens(top_k, top_p, temperature, guided):
+    # logits rounded to bf16 (as a bf16 network's are) tie often, also at the k-th value; the kernel must keep every
+    # tie, cut top-p where the eager chain does, consume the same noise and give each token the same probability
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 40, 300, generator=generator) * 3).bfloat16().float()
+    uncond = (torch.randn(3, 40, 300, generator=generator) * 3).bfloat16().float() if guided else None
+    fused, eager = _draw_both(logits, uncond, 0.7, top_k, top_p, temperature)
+    for (tokens, confidence), (tokens_eager, confidence_eager) in zip(fused, eager):
+        assert tokens.dtype == torch.int64 and tokens.shape == (3, 40)
+        assert torch.equal(tokens, tokens_eager)
+        assert torch.allclose(confidence, confidence_eager, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(fused[0][0], fused[1][0]) or top_k == 1 or temperature == 0  # fresh noise, second draw
+
+
+@needs_kernels
+def test_token_sampling_kernel_keeps_every_tie_of_the_kth_value_and_samples_the_softmax():
+    from effigen.samplers.tokens import SampleNoise, sample_tokens
+
+    row = torch.tensor([5.0, 4.0, 4.0, 4.0, 3.0, 4.0, -1.0, 2.0])  # top-2: 5 and all four 4s survive
+    logits = row.expand(1, 20000, 8).contiguous()
+    tokens = sample_tokens(logits, SampleNoise(torch.Generator().manual_seed(1), 1), top_k=2)
+    frequencies = tokens.flatten().bincount(minlength=8).float() / tokens.numel()
+    expected = torch.where(row >= 4.0, row, torch.tensor(float("-inf"))).softmax(-1)
+    assert torch.allclose(frequencies, expected, atol=0.015)
+    # top-p over the survivors: {5: 0.47, 4: 0.13 each}; p = 0.5 keeps 5 and (ties in some order) one 4
+    kept = sample_tokens(logits, SampleNoise(torch.Generator().manual_seed(2), 1), top_k=2, top_p=0.5).unique()
+    assert kept[0] == 0 and len(kept) == 2 and row[kept[1]] == 4.0
+
+
+@needs_kernels
+def test_token_sampling_rejects_nan_logits_with_and_without_the_kernel():
+    from effigen.samplers.tokens import SampleNoise, sample_tokens
+
+    logits = torch.randn(2, 3, 16)
+    logits[1, 2, 5] = float("nan")
+    for enabled in (True, False):
+        cpu_kernels.set_enabled(enabled)
+        try:
+            with pytest.raises(ValueError, match="contain NaN"):
+                sample_tokens(logits, SampleNoise(torch.Generator().manual_seed(0), 2), top_k=4, top_p=0.9)
+        finally:
+            cpu_kernels.set_enabled(True)
+
+
+def test_token_sampling_kernel_steps_aside_where_it_does_not_apply():
+    logits = torch.randn(2, 3, 16)
+    uniform = torch.rand(2, 3, 16)
+    assert cpu_kernels.sample_tokens(logits.bfloat16(), uniform, 4, 0.9, 1.0, False) is None  # fp32 only
+    assert cpu_kernels.sample_tokens(logits, uniform[:, :2], 4, 0.9, 1.0, False) is None  # shapes disagree
+    assert cpu_kernels.sample_tokens(logits, None, 4, 0.9, 1.0, False) is None  # no noise for a random draw
+    cpu_kernels.set_enabled(False)
+    try:
+        assert cpu_kernels.sample_tokens(logits, uniform, 4, 0.9, 1.0, False) is None
+    finally:
+        cpu_kernels.set_enabled(True)

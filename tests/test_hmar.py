@@ -6,6 +6,7 @@ official-checkpoint converter on non-official sizes. Parity with the official co
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from effigen.samplers import hmar as hmar_sampler
 from effigen.samplers.hmar import (HMARSamplerConfig, default_mask_schedule, parse_mask_schedule, sample_hmar,
                                    validate_mask_schedule)
 from effigen.samplers.next_scale import EditSpec
+from effigen.samplers.tokens import SampleNoise
 from effigen.tokenizers.msvq import MultiScaleVQ, MultiScaleVQConfig
 from effigen.training.trainer import list_checkpoints
 
@@ -243,8 +245,11 @@ def test_remasking_picks_the_least_confident_tokens(monkeypatch):
     mask_tokens = [torch.randint(0, 32, (B, 16), generator=generator) for _ in range(2)]
     stub = StubNetwork({l: peaked(confidence[l], tokens[l]) for l in (1, 4, 16)},
                        [peaked(c, t) for c, t in zip(mask_confidence, mask_tokens)])
-    # draw the most probable token (the confidence is its probability): deterministic choices to check against
-    monkeypatch.setattr(hmar_sampler, "draw_tokens", lambda filtered, noise, greedy, temperature: filtered.argmax(-1))
+    # draw the most probable token (the confidence is its probability): deterministic choices to check against.
+    # Uniform noise of exp(-1) everywhere makes every Gumbel term -log(-log(u)) 0, so Gumbel-max is the argmax, in
+    # the fused kernel and the eager path alike
+    monkeypatch.setattr(SampleNoise, "uniform",
+                        lambda self, *shape: torch.full((len(self.generators), *shape), math.exp(-1.0)))
     settings = HMARSamplerConfig(cfg_scale=1.0, top_k=0, top_p=0.0, mask_schedule=[[1], [4], [6, 6, 4]])
     _, indices = sample_hmar(stub, tokenizer, torch.tensor([0, 1]), settings, return_indices=True)
     assert [si for si, _ in stub.masked] == [2, 2]
@@ -266,6 +271,24 @@ def test_remasking_picks_the_least_confident_tokens(monkeypatch):
     sample_hmar(stub, tokenizer, torch.tensor([0, 1]), settings)
     assert stub.masked[0][1][0].nonzero().flatten().tolist() == list(range(10))
     assert stub.masked[1][1][0].nonzero().flatten().tolist() == list(range(4))
+
+
+def test_refinement_with_the_fused_draw_equals_the_eager_ops():
+    # the fused CPU draw also returns each token's probability, HMAR's re-masking key: same tokens, same masks
+    from effigen.nn import cpu_kernels
+
+    tokenizer, network = tiny_models()
+    settings = HMARSamplerConfig(cfg_scale=2.0, top_k=12, top_p=0.9, mask_schedule=[[1], [1, 3], [2, 6, 8]])
+    results = []
+    for enabled in (True, False):
+        cpu_kernels.set_enabled(enabled)
+        try:
+            results.append(sample_hmar(network, tokenizer, torch.tensor([0, 1, 3]), settings,
+                                       torch.Generator().manual_seed(4), return_indices=True))
+        finally:
+            cpu_kernels.set_enabled(True)
+    (f_fused, fused), (f_eager, eager) = results
+    assert all(torch.equal(a, b) for a, b in zip(fused, eager)) and torch.equal(f_fused, f_eager)
 
 
 def test_editing_forces_tokens_through_refinement(monkeypatch):

@@ -224,6 +224,21 @@ def test_sample_noise_makes_a_sample_independent_of_its_batch():
     assert pipeline.number_of_evaluations() == 3 * 2 and pipeline.number_of_evaluations(cfg_scale=1.0) == 3
 
 
+def test_sampling_with_the_fused_draw_equals_the_eager_ops():
+    # the fused CPU draw (guidance + top-k + top-p + Gumbel-max in one pass, nn.cpu_kernels) against the eager chain
+    from effigen.nn import cpu_kernels
+
+    pipeline = var_pipeline(top_k=12, top_p=0.9)
+    outputs = []
+    for enabled in (True, False):
+        cpu_kernels.set_enabled(enabled)
+        try:
+            outputs.append(pipeline([0, 1, 2, 3], seed=7))
+        finally:
+            cpu_kernels.set_enabled(True)
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_more_smooth_gumbel_softmax_path_is_seeded():
     pipeline = var_pipeline()
     a = pipeline([0, 1], seed=0, more_smooth=True)

@@ -11,6 +11,7 @@
  *   eg_norm_modulate LayerNorm or RMSNorm without affine, then adaLN's x * (1 + scale) (* gain) + shift
  *   eg_attention    softmax(q k^T * scale) v without a mask, on AMX tiles (where the CPU and compiler have AMX-BF16)
  *   eg_attention_dp the same on AVX-512 BF16 dot products (Zen 4, Cooper Lake; where AMX is missing)
+ *   eg_sample_tokens guidance, top-k, top-p and the Gumbel-max draw of the token generators, one pass per row (fp32)
  *
  * The vector code needs AVX-512 F/BW/VL (every AMX Xeon and AMD Zen 4 has them); eg_vector_width() returns 0 where the
  * compiler did not target them, and the Python side then keeps the eager ops. Threads: OpenMP, `nt` of them (torch's
@@ -654,3 +655,176 @@ void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint1
   (void)q, (void)k, (void)v, (void)out, (void)B, (void)H, (void)Lq, (void)Lk, (void)D, (void)st, (void)scale, (void)nt;
 }
 #endif
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Token sampling (samplers/tokens.py): for each of `rows` rows of V fp32 logits, in one pass over the row:
+ *   guidance   x = (1 + w) * cond - w * uncond where `uncond` is given (the eager ops' fp32 products and difference)
+ *   top-k      every value >= the k-th largest survives (ties with it included), 0 < top_k < V
+ *   top-p      the survivors sorted ascending, softmax over them, cumulative sum; the entries whose cumulative mass
+ *              is <= 1 - top_p go, the largest never, 0 < top_p < 1
+ *   draw       Gumbel-max: argmax over the kept entries of x / temperature - log(-log(u)), u the row's uniform noise
+ *              clamped to [1e-20, 1 - 1e-7]; `greedy`: argmax of the kept x, no noise. Ties go to the lowest index.
+ *   confidence (optional) the drawn token's probability under softmax(kept x / temperature), HMAR's re-masking key.
+ * The same arithmetic as the eager chain (guided_logits, filter_logits, draw_tokens): it differs only where a sum or a
+ * log rounds differently by an ulp and that decides a cut or an argmax. A row holding a NaN gets token -1.
+ * Top-k is a radix select on order-preserving integer keys (11 + 11 + 10 bits, candidates compacted after each
+ * digit), top-p a stable 3-pass radix sort of the survivors: O(V) per row, in L1/L2, instead of the eager passes
+ * (topk, flip, softmax, cumsum, scatter, clamp, two logs, add, argmax) each reading and writing (rows, V) in memory.
+ * Scalar C, so it builds for any CPU; the rows are split over `nt` OpenMP threads. */
+
+static inline uint32_t eg_order_key(float f) { /* ascending float order = ascending key order; -0 counts as +0 */
+  uint32_t u;
+  if (f == 0.0f) f = 0.0f;
+  memcpy(&u, &f, sizeof u);
+  return (u >> 31) ? ~u : (u | 0x80000000u);
+}
+
+static const int EG_DIGIT_SHIFT[3] = {21, 10, 0}, EG_DIGIT_BITS[3] = {11, 11, 10};
+
+/* the key of the k-th largest of n keys (1 <= k <= n); cand: n scratch words */
+static uint32_t eg_kth_largest(const uint32_t *key, int64_t n, int64_t k, uint32_t *cand, int32_t *hist) {
+  const uint32_t *src = key;
+  uint32_t prefix = 0;
+  for (int d = 0; d < 3; d++) {
+    const int shift = EG_DIGIT_SHIFT[d], size = 1 << EG_DIGIT_BITS[d];
+    const uint32_t mask = (uint32_t)size - 1;
+    memset(hist, 0, sizeof(int32_t) * size);
+    for (int64_t i = 0; i < n; i++) hist[(src[i] >> shift) & mask]++;
+    int64_t above = 0;
+    int digit = size - 1;
+    for (; digit > 0 && above + hist[digit] < k; digit--) above += hist[digit];
+    k -= above;
+    prefix |= (uint32_t)digit << shift;
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++)
+      if (((src[i] >> shift) & mask) == (uint32_t)digit) cand[m++] = src[i];
+    src = cand;
+    n = m;
+  }
+  return prefix;
+}
+
+/* stable ascending sort of n (key, index) pairs; returns the buffer pair holding the result (a or b) */
+static void eg_sort_pairs(uint32_t **key, int32_t **idx, uint32_t *key_b, int32_t *idx_b, int64_t n, int32_t *hist) {
+  uint32_t *ka = *key, *kb = key_b;
+  int32_t *ia = *idx, *ib = idx_b;
+  for (int d = 2; d >= 0; d--) {
+    const int shift = EG_DIGIT_SHIFT[d], size = 1 << EG_DIGIT_BITS[d];
+    const uint32_t mask = (uint32_t)size - 1;
+    memset(hist, 0, sizeof(int32_t) * size);
+    for (int64_t i = 0; i < n; i++) hist[(ka[i] >> shift) & mask]++;
+    if (n == 0 || hist[(ka[0] >> shift) & mask] == n) continue; /* one digit value: this pass changes nothing */
+    int32_t total = 0;
+    for (int j = 0; j < size; j++) {
+      const int32_t c = hist[j];
+      hist[j] = total;
+      total += c;
+    }
+    for (int64_t i = 0; i < n; i++) {
+      const int32_t at = hist[(ka[i] >> shift) & mask]++;
+      kb[at] = ka[i];
+      ib[at] = ia[i];
+    }
+    uint32_t *kt = ka; ka = kb; kb = kt;
+    int32_t *it = ia; ia = ib; ib = it;
+  }
+  *key = ka;
+  *idx = ia;
+}
+
+void eg_sample_tokens(const float *cond, const float *uncond, double weight, int64_t rows, int64_t V,
+                      const float *uniform, int64_t top_k, double top_p, double temperature, int greedy,
+                      int64_t *tokens, float *confidence, int nt) {
+  const float a = (float)(1.0 + weight), b = (float)weight;
+  const float cut = (float)(1.0 - top_p), tdiv = (float)(temperature > 1e-6 ? temperature : 1e-6);
+  const float lo = (float)1e-20, hi = (float)(1.0 - 1e-7);
+  const int use_k = top_k > 0 && top_k < V, use_p = top_p > 0 && top_p < 1;
+#pragma omp parallel num_threads(nt)
+  {
+    float *x = malloc(sizeof(float) * V), *e = malloc(sizeof(float) * V);
+    uint32_t *key0 = malloc(sizeof(uint32_t) * V), *key1 = malloc(sizeof(uint32_t) * V);
+    int32_t *idx0 = malloc(sizeof(int32_t) * V), *idx1 = malloc(sizeof(int32_t) * V);
+    int32_t hist[2048];
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const float *c = cond + r * V;
+      int nan = 0;
+      if (uncond) {
+        const float *u = uncond + r * V;
+        for (int64_t j = 0; j < V; j++) {
+          const float p = a * c[j], q = b * u[j];
+          x[j] = p - q;
+        }
+      } else {
+        memcpy(x, c, sizeof(float) * V);
+      }
+      for (int64_t j = 0; j < V; j++) nan |= x[j] != x[j];
+      if (nan) {
+        tokens[r] = -1;
+        if (confidence) confidence[r] = NAN;
+        continue;
+      }
+      /* survivors of top-k, in index order: (key, index) pairs in key0 / idx0 */
+      uint32_t *key = key0;
+      int32_t *idx = idx0;
+      int64_t m = 0;
+      if (use_k || use_p)
+        for (int64_t j = 0; j < V; j++) key0[j] = eg_order_key(x[j]);
+      if (use_k) {
+        const uint32_t kth = eg_kth_largest(key0, V, top_k, key1, hist);
+        for (int64_t j = 0; j < V; j++)
+          if (key0[j] >= kth) {
+            key0[m] = key0[j];
+            idx0[m++] = (int32_t)j;
+          }
+      } else {
+        for (int64_t j = 0; j < V; j++) idx0[j] = (int32_t)j;
+        m = V;
+      }
+      int64_t first = 0; /* the kept entries are idx[first .. m) */
+      if (use_p && m > 1) {
+        eg_sort_pairs(&key, &idx, key1, idx1, m, hist);
+        const float top = x[idx[m - 1]];
+        double sum = 0;
+        for (int64_t i = 0; i < m; i++) {
+          e[i] = expf(x[idx[i]] - top);
+          sum += e[i];
+        }
+        double cumulative = 0;
+        for (; first < m - 1; first++) {
+          cumulative += (double)(float)(e[first] / sum);
+          if (!((float)cumulative <= cut)) break;
+        }
+      }
+      int64_t best = -1;
+      float best_score = -INFINITY;
+      for (int64_t i = first; i < m; i++) {
+        const int64_t j = idx[i];
+        float s;
+        if (greedy) {
+          s = x[j];
+        } else {
+          float u = uniform[r * V + j];
+          u = u < lo ? lo : (u > hi ? hi : u);
+          s = x[j] / tdiv + -logf(-logf(u));
+        }
+        if (best < 0 || s > best_score || (s == best_score && j < best)) {
+          best_score = s;
+          best = j;
+        }
+      }
+      tokens[r] = best;
+      if (confidence) {
+        float top = -INFINITY;
+        for (int64_t i = first; i < m; i++) {
+          const float z = x[idx[i]] / tdiv;
+          if (z > top) top = z;
+        }
+        double sum = 0;
+        for (int64_t i = first; i < m; i++) sum += expf(x[idx[i]] / tdiv - top);
+        confidence[r] = (float)(expf(x[best] / tdiv - top) / sum);
+      }
+    }
+    free(x); free(e); free(key0); free(key1); free(idx0); free(idx1);
+  }
+}

@@ -6,7 +6,9 @@ passes), the tanh-GELU of every DiT/VAR MLP (oneDNN's GELU epilogue costs as muc
 then SiLU in the VQ/VAE decoders. Each kernel here is one pass that reads once, computes in fp32 and rounds to bf16
 once: at least as accurate as the eager bf16 chain (tests compare both with an fp32 reference), not bit-identical.
 `attention` replaces torch's CPU flash kernel, which runs at 15-30% of the bf16 matmul peak, by softmax attention
-on AMX tiles or AVX-512 BF16 dot products (`attention_kernels()`).
+on AMX tiles or AVX-512 BF16 dot products (`attention_kernels()`). `sample_tokens` is the token generators' draw
+(guidance, top-k, top-p, Gumbel-max) in one pass per row of fp32 logits, in any precision: the eager chain's arithmetic,
+so its tokens equal the eager ones except where a sum or log rounding by an ulp decides a cut or an argmax.
 
 How: the C source is compiled with the system compiler (`$CC`, else `cc`) as `-O3 -march=native -fopenmp` into
 `$EFFIGEN_KERNEL_CACHE` (default `~/.cache/effigen/kernels`), named by a hash of the source, the flags, the compiler
@@ -54,6 +56,8 @@ _SIGNATURES = {
     "eg_attention": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, ctypes.c_int], None),
     "eg_attention_dp": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, ctypes.c_int], None),
     "eg_attention_kernels": ([], ctypes.c_int),
+    "eg_sample_tokens": ([_P, _P, ctypes.c_double, _I64, _I64, _P, _I64, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+                          _P, _P, ctypes.c_int], None),
 }
 
 
@@ -317,3 +321,36 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         function(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Lq, Lk, D, strides.data_ptr(), scale,
                  _threads())
     return view
+
+
+def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor | None, top_k: int, top_p: float, temperature: float,
+                  greedy: bool, uncond: torch.Tensor | None = None, weight: float = 0.0,
+                  confidence: bool = False) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Tokens (...,) drawn from fp32 CPU logits (..., V) as `samplers.tokens` does eagerly: with `uncond`, guidance
+    (1 + weight) * logits - weight * uncond first; then top-k, top-p, and Gumbel-max with `uniform` (..., V), the raw
+    noise (clamped here; unused and may be None when `greedy`). With `confidence`, also the drawn token's probability
+    under softmax(kept logits / temperature). None where the kernel does not apply (not built or switched off, a
+    dispatch mode or torch.compile active, not fp32 on a CPU, shapes disagree); the caller then runs the eager ops.
+    Raises ValueError where a row of the (guided) logits holds a NaN."""
+    tensors = [t for t in (logits, uniform, uncond) if t is not None]
+    if (not all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) or not active()
+            or torch.compiler.is_compiling() or logits.dim() < 1 or logits.shape[-1] < 1):
+        return None
+    if any(t.shape != logits.shape for t in tensors) or (uniform is None and not greedy):
+        return None
+    V = logits.shape[-1]
+    rows = logits.numel() // V
+    logits = logits.contiguous()
+    uncond = uncond.contiguous() if uncond is not None else None
+    uniform = uniform.contiguous() if uniform is not None else None
+    tokens = torch.empty(logits.shape[:-1], dtype=torch.int64)
+    probability = torch.empty(logits.shape[:-1], dtype=torch.float32) if confidence else None
+    with torch.profiler.record_function("effigen::sample_tokens"):
+        library().eg_sample_tokens(logits.data_ptr(), uncond.data_ptr() if uncond is not None else None, float(weight),
+                                   rows, V, uniform.data_ptr() if uniform is not None else None, int(top_k),
+                                   float(top_p), float(temperature), int(bool(greedy)), tokens.data_ptr(),
+                                   probability.data_ptr() if confidence else None, _threads())
+    if rows and bool((tokens < 0).any()):
+        raise ValueError("the logits to sample tokens from contain NaN: the network's output diverged (check the "
+                         "weights, the precision, or lower the guidance scale)")
+    return tokens, probability

@@ -41,7 +41,7 @@ import torch
 
 from ..config import ConfigError, check_range
 from .next_scale import EditSpec
-from .tokens import SampleNoise, check_token_sampling, draw_tokens, filter_logits, guidance_weight, guided_logits
+from .tokens import SampleNoise, check_token_sampling, guidance_weight, sample_tokens, sample_tokens_scored
 
 
 @dataclass
@@ -161,22 +161,20 @@ def sample_hmar(network, tokenizer, labels: torch.Tensor, settings: HMARSamplerC
     noise = SampleNoise(generator, B, device)
     greedy = settings.top_k == 1
 
-    def pick(logits: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Guided, filtered logits -> (tokens, their filtered logits)."""
+    def pick(logits: torch.Tensor, weight: float, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (2B or B, l, V) -> (tokens, their probabilities under the guided, filtered logits if `scored`)."""
+        uncond = None
         if logits.shape[0] != B:
-            logits = guided_logits(logits[:B], logits[B:], weight)
-        filtered = filter_logits(logits.float(), settings.top_k, settings.top_p)
-        return draw_tokens(filtered, noise, greedy, settings.temperature), filtered
-
-    def confidence(filtered: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        scaled = filtered if settings.temperature == 1.0 else filtered / max(settings.temperature, 1e-6)
-        return scaled.softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            logits, uncond = logits[:B], logits[B:]
+        args = (logits, noise, settings.top_k, settings.top_p, settings.temperature, uncond, weight)
+        return sample_tokens_scored(*args) if scored else (sample_tokens(*args), None)
 
     all_indices = []
     for si, side in enumerate(scales):
         l = side * side
         weight = guidance_weight(settings.cfg_scale - 1, si, K, settings.guidance_schedule) if guided else 0.0
-        tokens, filtered = pick(network.next_scale_logits(x, cond), weight)
+        steps = schedule[si]
+        tokens, key = pick(network.next_scale_logits(x, cond), weight, len(steps) > 1)
         forced = None
         if edit is not None:
             forced = edit.keep[si].reshape(B, l)
@@ -187,9 +185,7 @@ def sample_hmar(network, tokenizer, labels: torch.Tensor, settings: HMARSamplerC
             h = quant.embed(tokens, side).float()
             return h if edit is None else torch.where(edit.keep[si], edit.codes[si].float(), h)
 
-        steps = schedule[si]
         if len(steps) > 1:
-            key = confidence(filtered, tokens)
             free = torch.full((B,), l, device=device)
             if forced is not None:  # forced tokens are never re-masked
                 key = key.masked_fill(forced, float("inf"))
@@ -207,17 +203,18 @@ def sample_hmar(network, tokenizer, labels: torch.Tensor, settings: HMARSamplerC
             for step in range(1, len(steps)):
                 if not masked.any():  # everything forced (editing): draw the noise a sample would have used anyway
                     if not greedy:
-                        noise.gumbel(l, quant.config.vocab_size)
+                        noise.uniform(l, quant.config.vocab_size)
                     continue
                 tokens_in = network.mask_tokens(si, previous, quant.scale_features(si, code_map(tokens)), masked)
                 if mask_weight != 0:
                     logits = network.mask_logits(tokens_in.repeat(2, 1, 1), cond)
                 else:
                     logits = network.mask_logits(tokens_in, cond[:B])
-                new, filtered = pick(logits, mask_weight)
+                last = step == len(steps) - 1
+                new, key = pick(logits, mask_weight, not last)
                 tokens = torch.where(masked, new, tokens)
-                if step != len(steps) - 1:
-                    key = confidence(filtered, tokens).masked_fill(~masked, float("inf"))
+                if not last:
+                    key = key.masked_fill(~masked, float("inf"))
                     order = _reorder(order, key)  # the masked ones first, by confidence, ties in their previous order
                     masked = mask_of(order, sum(steps[step + 1 :]))
         all_indices.append(tokens)

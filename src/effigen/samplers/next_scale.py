@@ -93,16 +93,20 @@ def sample_next_scale(network, tokenizer, labels: torch.Tensor, settings: NextSc
     codebook = quant.embedding.weight
     for si, side in enumerate(scales):
         logits = network.logits(network.trunk(x, cond, None, cache), cond)
+        uncond, weight = None, 0.0
         if guided:
             weight = guidance_weight(settings.cfg_scale - 1, si, K, settings.guidance_schedule)
-            logits = guided_logits(logits[:B], logits[B:], weight)
+            logits, uncond = logits[:B], logits[B:]
         ratio = si / max(K - 1, 1)
         if settings.more_smooth:
             tau = max(0.27 * (1 - ratio * 0.95), 0.005)
+            if uncond is not None:
+                logits = guided_logits(logits, uncond, weight)
             # the official sampler filters the logits in place before its Gumbel-softmax
             codes = gumbel_soft_codes(filter_logits(logits, settings.top_k, settings.top_p) * (1 + ratio), codebook, tau, noise)
         else:
-            codes = F.embedding(sample_tokens(logits, noise, settings.top_k, settings.top_p, settings.temperature), codebook)
+            tokens = sample_tokens(logits, noise, settings.top_k, settings.top_p, settings.temperature, uncond, weight)
+            codes = F.embedding(tokens, codebook)
         codes = codes.float().transpose(1, 2).reshape(B, -1, side, side)
         if edit is not None:
             codes = torch.where(edit.keep[si], edit.codes[si].float(), codes)

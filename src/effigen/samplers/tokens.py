@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..config import check_range
+from ..nn import cpu_kernels
 from .guidance import check_guidance
 
 
@@ -86,7 +87,10 @@ class SampleNoise:
         self.device = torch.device(device)
 
     def uniform(self, *shape: int) -> torch.Tensor:
-        return torch.stack([torch.rand(*shape, generator=g) for g in self.generators]).to(self.device)
+        out = torch.empty(len(self.generators), *shape)
+        for row, g in zip(out, self.generators):  # written in place: no stacked copy of (B, *shape)
+            torch.rand(*shape, generator=g, out=row)
+        return out.to(self.device)
 
     def normal(self, *shape: int) -> torch.Tensor:
         return torch.stack([torch.randn(*shape, generator=g) for g in self.generators]).to(self.device)
@@ -106,9 +110,54 @@ def draw_tokens(filtered: torch.Tensor, noise: SampleNoise, greedy: bool = False
 
 
 def sample_tokens(logits: torch.Tensor, noise: SampleNoise, top_k: int = 0, top_p: float = 0.0,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """logits (B, l, V) -> token ids (B, l)."""
-    return draw_tokens(filter_logits(logits.float(), top_k, top_p), noise, top_k == 1, temperature)
+                  temperature: float = 1.0, uncond: torch.Tensor | None = None, weight: float = 0.0) -> torch.Tensor:
+    """logits (B, l, V) -> token ids (B, l); with `uncond` (B, l, V), guided first: (1 + weight) logits - weight uncond
+    (`guided_logits`)."""
+    return _sample(logits, noise, top_k, top_p, temperature, uncond, weight, False)[0]
+
+
+def sample_tokens_scored(logits: torch.Tensor, noise: SampleNoise, top_k: int = 0, top_p: float = 0.0,
+                         temperature: float = 1.0, uncond: torch.Tensor | None = None,
+                         weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sample_tokens` and each drawn token's probability under softmax(filtered logits / temperature), (B, l): the
+    confidence by which HMAR re-masks."""
+    return _sample(logits, noise, top_k, top_p, temperature, uncond, weight, True)
+
+
+def _sample(logits: torch.Tensor, noise: SampleNoise, top_k: int, top_p: float, temperature: float,
+            uncond: torch.Tensor | None, weight: float, scored: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One draw: the fused CPU kernel (`nn.cpu_kernels.sample_tokens`: one pass per row) where it applies, else the
+    eager chain guided_logits -> filter_logits -> draw_tokens it follows. Both consume the same noise (one uniform
+    (l, V) per sample unless greedy) and give the same tokens but where an ulp of a sum or a log decides a cut or an
+    argmax."""
+    B, l, V = logits.shape
+    greedy = top_k == 1
+    if (logits.device.type == "cpu" and logits.dtype == torch.float32 and (uncond is None or uncond.dtype == torch.float32)
+            and cpu_kernels.active()):
+        uniform = None if greedy else noise.uniform(l, V)
+        fused = cpu_kernels.sample_tokens(logits, uniform, top_k, top_p, temperature, greedy, uncond, weight, scored)
+        if fused is not None:
+            tokens, confidence = fused
+            return tokens.to(logits.device), confidence
+        gumbel = None if greedy else -torch.log(-torch.log(uniform.clamp_(1e-20, 1.0 - 1e-7)))
+    else:
+        gumbel = None
+    if uncond is not None:
+        logits = guided_logits(logits, uncond, weight)
+    if torch.isnan(logits).any():
+        raise ValueError("the logits to sample tokens from contain NaN: the network's output diverged (check the "
+                         "weights, the precision, or lower the guidance scale)")
+    filtered = filter_logits(logits.float(), top_k, top_p)
+    if greedy:
+        tokens = filtered.argmax(dim=-1)
+    else:
+        if gumbel is None:
+            gumbel = noise.gumbel(l, V)
+        tokens = (filtered / max(temperature, 1e-6) + gumbel.to(filtered.device)).argmax(dim=-1)
+    if not scored:
+        return tokens, None
+    scaled = filtered if temperature == 1.0 else filtered / max(temperature, 1e-6)
+    return tokens, scaled.softmax(dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def gumbel_soft_codes(logits: torch.Tensor, codebook: torch.Tensor, tau: float, noise: SampleNoise) -> torch.Tensor:
