@@ -3,6 +3,12 @@ step of VAR (FoundationVision/VAR) and DiT (facebookresearch/DiT), same model, s
 
     python benchmarks/train_vs_official.py --model both --official-repo /path/to/VAR --dit-repo /path/to/DiT
     python benchmarks/train_vs_official.py --model var --official-repo /path/to/VAR --depth 12 --batch-size 8
+    python benchmarks/train_vs_official.py --model var --official-repo /path/to/VAR --depth 12 --token-cache
+
+`--token-cache` adds effigen rows that train from the token ids a token cache stores (`effigen train
+--data.token_cache=true`, `effigen cache-latents --tokens`): the same step without the frozen VQVAE encoder, which
+the official step (and effigen's step from images) runs on every batch; their fraction of peak uses their own
+FLOP count (no encoder convolutions).
 
 The official code is not part of effigen: pass checkouts of https://github.com/FoundationVision/VAR (--official-repo)
 and https://github.com/facebookresearch/DiT (--dit-repo); each is put on sys.path. For each model the script builds
@@ -173,7 +179,10 @@ def profile_and_time(rows, args, batch, flops, peaks, model: str, title: str) ->
             profile(f"{model} {name}", fn)
     time_rows(rows, args.repeats, batch, flops, peaks, title)
 
-def time_rows(rows: dict, repeats: int, batch_size: int, flops: int, peaks: dict[str, float], title: str) -> None:
+
+def time_rows(rows: dict, repeats: int, batch_size: int, flops: int | dict[str, int], peaks: dict[str, float],
+              title: str) -> None:
+    flops = flops if isinstance(flops, dict) else {name: flops for name in rows}
     times: dict[str, list[float]] = {name: [] for name in rows}
     for fn in rows.values():  # warm-up
         fn()
@@ -184,8 +193,10 @@ def time_rows(rows: dict, repeats: int, batch_size: int, flops: int, peaks: dict
             times[name].append(time.perf_counter() - started)
     median = {name: statistics.median(t) for name, t in times.items()}
     best = {name: min(t) for name, t in times.items()}
+    counts = sorted(set(flops.values()), reverse=True)
     print(f"{title}: {repeats} repeats, 1 warm-up step, rows interleaved; useful FLOPs "
-          f"{flops / batch_size / 1e9:.1f} GFLOP/image per step; images/s, s/step and % of peak from the median step; "
+          f"{' / '.join(f'{f / batch_size / 1e9:.1f}' for f in counts)} GFLOP/image per step"
+          f"{' (from images / from a token cache)' if len(counts) > 1 else ''}; images/s, s/step and % of peak from the median step; "
           f"x official from the medians and (on a loaded machine, where other jobs only ever slow a step down) from "
           f"the fastest steps")
     print(f"{'run':<26}{'images/s':>10}{'s/step':>9}{'min..max s':>14}{'% of peak':>11}{'x official':>12}"
@@ -198,7 +209,7 @@ def time_rows(rows: dict, repeats: int, batch_size: int, flops: int, peaks: dict
         fastest = f"{best[other] / best[name]:.2f}" if mine else "-"
         spread = f"{min(times[name]):.2f}..{max(times[name]):.2f}"
         print(f"{name:<26}{batch_size / seconds:>10.2f}{seconds:>9.2f}{spread:>14}"
-              f"{100 * flops / seconds / peaks[precision]:>10.1f}%{ratio:>12}{fastest:>11}", flush=True)
+              f"{100 * flops[name] / seconds / peaks[precision]:>10.1f}%{ratio:>12}{fastest:>11}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- VAR
@@ -292,6 +303,14 @@ def run_var(args, peaks: dict[str, float], precisions: list[str]) -> None:
         batches = repeat_batch(images, labels)
         return trainer, lambda: trainer.train_step(batches)
 
+    # --token-cache: the same step from the ids a token cache stores (`data.token_cache`), no encoder in the step
+    cached_ids = tokenizer.output.flatten_indices(tokenizer.indices_from_images(images))
+
+    def effigen_cached(precision: str, folder: str):
+        trainer, _ = effigen_side(precision, folder)
+        batches = repeat_batch(cached_ids, labels)
+        return trainer, lambda: trainer.train_step(batches)
+
     with tempfile.TemporaryDirectory() as folder:
         # --- 1. agreement, fp32, no label dropout, no drop path
         model, optimizer, amp, step = official_side("fp32")
@@ -331,10 +350,15 @@ def run_var(args, peaks: dict[str, float], precisions: list[str]) -> None:
             ours, effigen_step = effigen_side(precision, folder)
             rows[f"effigen {precision}"] = effigen_step
             rows[f"official {precision}" + (" autocast" if precision == "bf16" else "")] = official_step
+            if args.token_cache:
+                rows[f"effigen {precision} token-cache"] = effigen_cached(precision, folder)[1]
             if precision == "fp32":
                 flops_trainer = ours
         counting, _ = effigen_side("fp32", folder) if "fp32" not in precisions else (flops_trainer, None)
         flops, _ = count_flops(lambda: counting.train_step(repeat_batch(images, labels)))
+        if args.token_cache:  # the cached rows do less work: their own count (no encoder convolutions)
+            cached_flops, _ = count_flops(lambda: counting.train_step(repeat_batch(cached_ids, labels)))
+            flops = {name: cached_flops if name.endswith("token-cache") else flops for name in rows}
         profile_and_time(rows, args, B, flops, peaks, "VAR", f"VAR-d{depth} batch {B}")
 
 
@@ -533,6 +557,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-size", type=int, default=4096, help="square GEMM of the matmul peak measurement")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step per row")
+    parser.add_argument("--token-cache", action="store_true",
+                        help="VAR: also time effigen's step from a token cache's ids (data.token_cache: no encoder)")
     args = parser.parse_args()
     print("command:", " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), flush=True)
     if args.model in ("var", "both") and not args.official_repo:

@@ -412,6 +412,69 @@ def test_var_config_errors_name_the_fix(trained, tmp_path):
         NextScalePrediction(NextScaleConfig(), num_classes=10, tokenizer=None)
 
 
+class _NamedHead(_Head):
+    """`_Head` with the source fields a cache records."""
+
+    def __init__(self, dataset, n):
+        super().__init__(dataset, n)
+        self.name, self.split, self.resolution = dataset.name, dataset.split, dataset.resolution
+
+
+def test_training_from_a_token_cache_is_training_from_the_images(trained, tmp_path):
+    # data.token_cache: the frozen tokenizer encodes the dataset (and its mirror images) once; the steps then read
+    # the ids, and pick each sample's mirror from the same seeded stream as the image path flips it: the same run
+    import effigen.training.run as train_cli
+    from effigen.data.latents import LatentDataset
+
+    original = train_cli.build_dataset
+    runs = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_cli, "build_dataset", lambda config, split="train": _NamedHead(original(config, split), 16))
+        for cache in ("false", "true"):
+            runs[cache] = build_and_train(_var_run(tmp_path / cache, trained["tokenizer"], "--trainer.max_steps=3",
+                                                   "--data.horizontal_flip=true", f"--data.token_cache={cache}"),
+                                          quiet=True)
+    losses = {cache: [json.loads(line)["loss"] for line in (tmp_path / cache / "metrics.jsonl").read_text().splitlines()]
+              for cache in runs}
+    assert len(losses["true"]) == 3 and losses["true"] == losses["false"]
+    weights = [load_weights(tmp_path / cache / "final" / "generator" / "model.safetensors") for cache in ("false", "true")]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    tokens = LatentDataset(tmp_path / "true" / "tokens")
+    assert tokens.kind == "tokens" and tokens.stores_flipped and tokens.latent_shape == (21,)
+    row, label = tokens[3]
+    assert row.dtype == torch.int32 and row.shape == (42,)  # the ids of the image and of its mirror
+    tokenizer = Pipeline.from_pretrained(trained["tokenizer"]).tokenizer
+    image, image_label = original(parse_experiment(_var_run(tmp_path, trained["tokenizer"])).data, "train")[3]
+    expected = tokenizer.output.flatten_indices(tokenizer.indices_from_images(image[None]))
+    assert torch.equal(row[:21], expected[0]) and label == image_label
+    # a cache without the mirrors cannot serve flips; a latent generator's cache is not a token cache
+    from effigen.data.latents import cache_latents
+
+    data = original(parse_experiment(_var_run(tmp_path, trained["tokenizer"])).data, "train")
+    cache_latents(tokenizer, _NamedHead(data, 4), tmp_path / "plain", kind="tokens", progress=False)
+    with pytest.raises(ConfigError, match="does not store"):
+        train_cli.latent_training_set(tokenizer, LatentDataset(tmp_path / "plain"), tmp_path, 8, flip=True,
+                                      kind="tokens")
+    with pytest.raises(ConfigError, match="caches tokens"):
+        train_cli.latent_training_set(tokenizer, LatentDataset(tmp_path / "plain"), tmp_path, 8)
+    with pytest.raises(ValueError, match="integer token ids"):
+        tokenizer.output.unflatten_indices(torch.zeros(2, 21))
+
+
+def test_cache_latents_cli_writes_a_token_cache_that_training_reads(trained, tmp_path):
+    from effigen.cli.main import main
+
+    assert main(["cache-latents", "--tokenizer", str(trained["tokenizer"]), "--tokens", "--out", str(tmp_path / "ids"),
+                 "--data.name=mnist", "--data.resolution=8", "--data.holdout_fraction=0.99"]) == 0
+    summary = build_and_train(_var_run(tmp_path / "var", trained["tokenizer"], "--trainer.max_steps=2",
+                                       "--data.name=latents", f"--data.root={tmp_path / 'ids'}"), quiet=True)
+    assert Pipeline.from_pretrained(summary["pipeline"])([1], seed=0).shape == (1, 3, 8, 8)
+    with pytest.raises(ConfigError, match="does not store"):  # no mirrors in this cache
+        build_and_train(_var_run(tmp_path / "flip", trained["tokenizer"], "--trainer.max_steps=1",
+                                 "--data.name=latents", f"--data.root={tmp_path / 'ids'}", "--data.horizontal_flip=true"),
+                        quiet=True)
+
+
 def test_edit_cli_with_a_box_and_a_mask_file(trained, tmp_path, run_cli, capsys):
     from PIL import Image
 

@@ -10,6 +10,13 @@ generators to train on.
 `--flip` also stores the latents of every image's mirror, which training with `--data.horizontal_flip=true` picks
 from (LightningDiT's flip augmentation). `effigen train` builds such a cache by itself in its output folder when a
 latent generator is given an image dataset; a shared cache saves re-encoding across runs.
+
+`--tokens` caches a VQ tokenizer's token ids instead (multi-scale, residual or 1D), for the token generators, which
+then skip the frozen encoder on every training step (`effigen train --data.token_cache=true` builds one itself in
+`<output_dir>/tokens`):
+
+    effigen cache-latents --tokenizer runs/mnist-msvq/final --tokens --out cache/mnist-msvq --data.name=mnist --flip
+    effigen train --preset mnist-var --tokenizer=runs/mnist-msvq/final --data.name=latents --data.root=cache/mnist-msvq
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--out", required=True, help="cache folder to write")
     parser.add_argument("--split", default="train", choices=("train", "test"))
     parser.add_argument("--flip", action="store_true", help="also store the latents of mirrored images")
+    parser.add_argument("--tokens", action="store_true", help="cache a VQ tokenizer's token ids (for token generators)")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--shard-size", type=positive_int, default=16384, help="latents per safetensors shard")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: a GPU when there is one)")
@@ -56,18 +64,26 @@ def run(argv: list[str]) -> int:
     from ..io import read_json
 
     kind = read_json(folder / "config.json").get("_class_name")
-    if kind not in CACHEABLE:
+    if args.tokens:
+        if kind not in TOKENIZERS:
+            raise ConfigError(f"{folder} holds a {kind}; token caches are made with a VQ tokenizer (MultiScaleVQ, "
+                              "ResidualVQ, the DetailFlow tokenizer)")
+    elif kind not in CACHEABLE:
         raise ConfigError(f"{folder} holds a {kind}; latent caches are made with a KL autoencoder (KLVAE), an RAE "
-                          "or a residual VQ (ResidualVQ: its quantized latents)")
+                          "or a residual VQ (ResidualVQ: its quantized latents); token ids with --tokens")
     tokenizer = load_network(folder, TOKENIZERS[kind]).to(device).eval()
+    if args.tokens and tokenizer.output.kind != "tokens":
+        raise ConfigError(f"{folder} holds a {kind}, whose output is {tokenizer.output.describe()}: --tokens needs a "
+                          "VQ tokenizer (MultiScaleVQ, ResidualVQ, the DetailFlow tokenizer)")
     if tokenizer.config.resolution != data_config.resolution:
         raise ConfigError(f"the tokenizer works at {tokenizer.config.resolution} px; use --data.resolution="
                           f"{tokenizer.config.resolution}")
     dataset = build_dataset(data_config, args.split)
     started = time.perf_counter()
     out = cache_latents(tokenizer, dataset, args.out, flip=args.flip, batch_size=args.batch_size,
-                        shard_size=args.shard_size, precision=args.precision)
+                        shard_size=args.shard_size, precision=args.precision,
+                        kind="tokens" if args.tokens else "latents")
     seconds = time.perf_counter() - started
-    print(f"cached {len(dataset)} latents of {dataset.name}/{args.split} ({'with' if args.flip else 'no'} flips) in "
+    print(f"cached {len(dataset)} {'token maps' if args.tokens else 'latents'} of {dataset.name}/{args.split} ({'with' if args.flip else 'no'} flips) in "
           f"{out} ({seconds:.1f}s)")
     return 0

@@ -26,7 +26,7 @@ COMMANDS = {
     "eval": ("effigen.cli.evaluate", "FID / sFID / IS / KID / precision-recall"),
     "bench": ("effigen.cli.bench", "throughput, latency, memory and FLOPs of a pipeline"),
     "convert": ("effigen.cli.convert", "convert an official checkpoint into an effigen folder"),
-    "cache-latents": ("effigen.cli.cache_latents", "encode a dataset once with a KL-VAE for latent training"),
+    "cache-latents": ("effigen.cli.cache_latents", "encode a dataset once (KL-VAE latents, or VQ token ids with --tokens)"),
     "distill": ("effigen.cli.distill", "guided distillation into a few-step, one-evaluation student (2210.03142)"),
     "neon": ("effigen.cli.neon", "Neon: self-training + negative extrapolation of a trained generator (2510.03597)"),
     "quantize": ("effigen.cli.quantize", "low-bit quantization: PTQ or EfficientDM QALoRA distillation (2310.03270)"),

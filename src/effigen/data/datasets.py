@@ -60,6 +60,7 @@ class DataConfig:
     num_images: int = 10000  # shapes only: train split size; the test split has max(num_images // 10, 100)
     seed: int = 0  # shapes drawing seed; also seeds the deterministic train/test split
     horizontal_flip: bool = False  # the trainer applies `random_flip` to batches when true
+    token_cache: bool = False  # token generators: encode the dataset once into <output_dir>/tokens, train on the ids
 
 
 class ImageDataset(Dataset):

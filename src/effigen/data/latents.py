@@ -14,6 +14,12 @@ Flip augmentation (LightningDiT): the latents of each image *and of its left-rig
 training with `data.horizontal_flip`, the trainer picks one of the two per sample from its seeded stream (a
 flipped latent is not the latent of the flipped image, so flipping latents directly would be wrong).
 Latents are the tokenizer's normalised ones (`KLVAE.encode`: posterior mean, per-channel or scalar scaling).
+
+Token caches (`kind="tokens"`, `data.token_cache=true` or `effigen cache-latents --tokens`): a VQ tokenizer's
+token ids instead, "tokens" (N, num_tokens) int32 (+ "tokens_flip"), each row `TokenSpace.flatten_indices` of
+`indices_from_images` (fp32, as the token objectives tokenize). The token generators (VAR, HMAR, ResGen, DetailFlow,
+the raster AR baseline) then skip the frozen encoder on every step: it is a third of a VAR-d12 training step on a
+CPU, and the ids are the same ones the step would compute, so training from the cache is training from the images.
 """
 
 from __future__ import annotations
@@ -44,9 +50,11 @@ def tokenizer_fingerprint(tokenizer: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def cache_latents(tokenizer: torch.nn.Module, dataset, out: str | Path, *, flip: bool = False, batch_size: int = 64,
-                  shard_size: int = 16384, precision: str = "fp32", progress: bool = True) -> Path:
-    """Encode every image of `dataset` with `tokenizer.encode` and write the cache folder atomically.
-    Returns `out`. An existing complete cache of the same tokenizer and source is reused."""
+                  shard_size: int = 16384, precision: str = "fp32", progress: bool = True,
+                  kind: str = "latents") -> Path:
+    """Encode every image of `dataset` with `tokenizer.encode` (`kind="tokens"`: the token ids of a VQ tokenizer's
+    `indices_from_images`, always in fp32) and write the cache folder atomically.
+    Returns `out`. An existing complete cache of the same tokenizer, source, flips and kind is reused."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
@@ -56,15 +64,27 @@ def cache_latents(tokenizer: torch.nn.Module, dataset, out: str | Path, *, flip:
     if (out / INDEX).is_file():
         index = read_json(out / INDEX)
         if index.get("tokenizer") == fingerprint and index.get("source") == source and index.get("flip") == flip \
-                and index.get("count") == len(dataset):
+                and index.get("count") == len(dataset) and index.get("kind", "latents") == kind:
             return out
-        raise DataError(f"{out} already holds a latent cache of another tokenizer, dataset or flip setting; "
+        raise DataError(f"{out} already holds a latent cache of another tokenizer, dataset, flip setting or kind; "
                         "delete it or choose another folder")
+    if kind not in ("latents", "tokens"):
+        raise ValueError(f"kind={kind!r}: a cache holds 'latents' or 'tokens'")
+    if kind == "tokens" and getattr(tokenizer.output, "kind", None) != "tokens":
+        raise DataError(f"a token cache needs a VQ tokenizer; {type(tokenizer).__name__} has "
+                        f"{tokenizer.output.describe()}")
     device = next(tokenizer.parameters()).device
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     tokenizer.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    shards, buffers, latent_shape = [], {"latents": [], "latents_flip": [], "labels": []}, None
+    shards, buffers, latent_shape = [], {kind: [], f"{kind}_flip": [], "labels": []}, None
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        if kind == "tokens":  # as TokenizedObjective.tokenize: fp32, autocast off
+            with torch.autocast(device.type, enabled=False):
+                return tokenizer.output.flatten_indices(tokenizer.indices_from_images(images.float())).cpu()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return tokenizer.encode(images).float().cpu()
 
     with atomic_directory(out) as tmp:
         def flush() -> None:
@@ -81,12 +101,11 @@ def cache_latents(tokenizer: torch.nn.Module, dataset, out: str | Path, *, flip:
         pending = 0
         for images, labels in loader:
             images = images.to(device)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                latents = tokenizer.encode(images).float().cpu()
-                if flip:
-                    buffers["latents_flip"].append(tokenizer.encode(images.flip(-1)).float().cpu())
+            latents = encode(images)
+            if flip:
+                buffers[f"{kind}_flip"].append(encode(images.flip(-1)))
             latent_shape = list(latents.shape[1:])
-            buffers["latents"].append(latents)
+            buffers[kind].append(latents)
             buffers["labels"].append(torch.as_tensor(labels, dtype=torch.long))
             pending += len(labels)
             bar.update(len(labels))
@@ -96,7 +115,8 @@ def cache_latents(tokenizer: torch.nn.Module, dataset, out: str | Path, *, flip:
         flush()
         bar.close()
         write_json(tmp / INDEX, {
-            "format": FORMAT, "count": len(dataset), "latent_shape": latent_shape, "flip": flip, "source": source,
+            "format": FORMAT, "kind": kind, "count": len(dataset), "latent_shape": latent_shape, "flip": flip,
+            "source": source,
             "class_names": list(dataset.class_names), "tokenizer": fingerprint,
             "tokenizer_class": type(tokenizer).__name__, "shards": shards,
         })
@@ -129,7 +149,8 @@ class LatentDataset(Dataset):
         self.class_names = list(index["class_names"])
         self.num_classes = len(self.class_names)
         self.stores_flipped = bool(index.get("flip"))
-        parts = {"latents": [], "latents_flip": [], "labels": []}
+        self.kind = index.get("kind", "latents")  # "tokens": integer ids of a VQ tokenizer
+        parts = {self.kind: [], f"{self.kind}_flip": [], "labels": []}
         for shard in index["shards"]:
             path = self.root / shard["file"]
             try:
@@ -139,8 +160,8 @@ class LatentDataset(Dataset):
             for key in parts:
                 if key in tensors:
                     parts[key].append(tensors[key])
-        self.latents = torch.cat(parts["latents"])
-        self.latents_flip = torch.cat(parts["latents_flip"]) if self.stores_flipped else None
+        self.latents = torch.cat(parts[self.kind])
+        self.latents_flip = torch.cat(parts[f"{self.kind}_flip"]) if self.stores_flipped else None
         self._labels = torch.cat(parts["labels"])
         if len(self._labels) != index["count"]:
             raise DataError(f"{self.root}: the shards hold {len(self._labels)} latents, index.json says {index['count']}; "
@@ -163,16 +184,17 @@ class LatentDataset(Dataset):
         return tuple(self.index["latent_shape"])
 
     def __repr__(self) -> str:
-        return (f"LatentDataset({self.root}, {len(self)} x {self.latent_shape} latents of {self.name}/{self.split} at "
+        return (f"LatentDataset({self.root}, {len(self)} x {self.latent_shape} {self.kind} of {self.name}/{self.split} at "
                 f"{self.resolution} px{', with flips' if self.stores_flipped else ''})")
 
 
 def pick_views(latents: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
-    """(B, 2C, h, w) latent + mirror-latent pairs -> (B, C, h, w): the mirror where `flip` (B,) is true."""
+    """(B, 2C, h, w) latent + mirror-latent pairs (or (B, 2T) token rows) -> (B, C, h, w) (or (B, T)): the mirror
+    where `flip` (B,) is true."""
     plain, mirrored = latents.chunk(2, dim=1)
     if flip is None:
         return plain
-    return torch.where(flip.view(-1, 1, 1, 1), mirrored, plain)
+    return torch.where(flip.view(-1, *[1] * (latents.dim() - 1)), mirrored, plain)
 
 
 __all__ = ["LatentDataset", "cache_latents", "pick_views", "tokenizer_fingerprint"]

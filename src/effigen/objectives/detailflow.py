@@ -154,6 +154,10 @@ class DetailFlowARObjective(TokenizedObjective):
         if not self.config.correction_prob:
             clean = self.tokenize(images)
             return clean, clean
+        if not images.is_floating_point():
+            raise ValueError("DetailFlow's self-correction (objective.correction_prob > 0) re-encodes each image "
+                             "with noise, which a token cache cannot hold: train from images (data.token_cache=false) "
+                             "or set objective.correction_prob=0")
         noise_idx = draw_noise_index(c.num_tokens, c.group_size, c.causal_num, float(random.shared_rand(1)))
         span = tokenizer.noise_span(noise_idx) - noise_idx
         choice = random.rand(span).to(images.device)

@@ -81,6 +81,10 @@ class TokenizedObjective:
 
     @torch.no_grad()
     def tokenize(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Images (B, C, H, W) -> the tokenizer's token ids; integer rows (B, num_tokens) are a token cache's ids
+        (`data.token_cache`), already what the tokenizer would compute, and are only reshaped."""
+        if not images.is_floating_point():
+            return self.tokenizer.output.unflatten_indices(images)
         tokenizer = self._tokenizer_on(images.device)
         with torch.autocast(images.device.type, enabled=False):
             return tokenizer.indices_from_images(images.float())

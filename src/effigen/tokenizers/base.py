@@ -24,6 +24,8 @@ from the tokenizer (its config keys; a network takes those it has fields for).
 
 from __future__ import annotations
 
+import torch
+
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -77,6 +79,26 @@ class TokenSpace:
         if self.layout == "residual":
             return self.scales[-1] ** 2 * self.depth
         return sum(s * s for s in self.scales)
+
+    def flatten_indices(self, indices) -> torch.Tensor:
+        """`indices_from_images`' output -> (B, num_tokens) int32, the row a token cache stores (multiscale: the
+        scales' maps concatenated coarse to fine; residual: (B, side^2, depth) row-major; sequence: as is)."""
+        flat = torch.cat([i.flatten(1) for i in indices], 1) if isinstance(indices, (list, tuple)) else indices.flatten(1)
+        if flat.shape[1] != self.num_tokens:
+            raise ValueError(f"{flat.shape[1]} token ids per image, the {self.describe()} hold {self.num_tokens}")
+        return flat.to(torch.int32)
+
+    def unflatten_indices(self, flat: torch.Tensor):
+        """(B, num_tokens) integer ids (a token cache's rows) -> `indices_from_images`' structure, int64."""
+        if flat.dim() != 2 or flat.shape[1] != self.num_tokens or flat.is_floating_point():
+            raise ValueError(f"expected (batch, {self.num_tokens}) integer token ids of the {self.describe()}, got "
+                             f"{tuple(flat.shape)} {flat.dtype}: a cache of another tokenizer, or latents, not tokens")
+        flat = flat.long()
+        if self.layout == "multiscale":
+            return list(flat.split([s * s for s in self.scales], dim=1))
+        if self.layout == "residual":
+            return flat.view(flat.shape[0], self.scales[-1] ** 2, self.depth)
+        return flat
 
     def network_inputs(self) -> dict[str, Any]:
         derived: dict[str, Any] = {"vocab_size": self.vocab_size, "latent_channels": self.embed_dim}

@@ -59,21 +59,30 @@ def is_latent_space(tokenizer) -> bool:
 
 
 def latent_training_set(tokenizer, dataset, cache: str | Path, resolution: int, flip: bool = False, context=None,
-                        progress: bool = False, quiet: bool = False):
-    """The latents a generator trains on: `dataset` itself when it is a latent cache (checked against the
-    tokenizer), else a cache of it built once in `cache` (by the main process; reused on resume). `flip` also
-    stores the latents of mirrored images. `context` is the run's distributed context (None: one process)."""
+                        progress: bool = False, quiet: bool = False, kind: str = "latents"):
+    """The latents (`kind="tokens"`: a VQ tokenizer's token ids) a generator trains on: `dataset` itself when it is
+    a cache (checked against the tokenizer, the kind and the flips), else a cache of it built once in `cache` (by
+    the main process; reused on resume). `flip` also stores the latents of mirrored images. `context` is the run's
+    distributed context (None: one process)."""
     from ..data.latents import LatentDataset, cache_latents, tokenizer_fingerprint
 
     fingerprint = tokenizer_fingerprint(tokenizer)
     if isinstance(dataset, LatentDataset):
-        return LatentDataset(dataset.root, resolution, fingerprint)
+        given = LatentDataset(dataset.root, resolution, fingerprint)
+        if given.kind != kind:
+            raise ConfigError(f"{dataset.root} caches {given.kind}, but this generator trains on {kind} of its "
+                              f"tokenizer; build the cache with `effigen cache-latents{' --tokens' if kind == 'tokens' else ''}`")
+        if flip and not given.stores_flipped:  # flipping a latent or a token map is not encoding the flipped image
+            raise ConfigError(f"data.horizontal_flip=true needs the {kind} of mirrored images, which {dataset.root} "
+                              "does not store; rebuild it with `effigen cache-latents --flip`, or set "
+                              "data.horizontal_flip=false")
+        return given
     cache = Path(cache)
     if context is None or context.is_main:
         started = time.perf_counter()
-        cache_latents(tokenizer, dataset, cache, flip=flip, progress=progress and not quiet)
+        cache_latents(tokenizer, dataset, cache, flip=flip, progress=progress and not quiet, kind=kind)
         if not quiet:
-            print(f"latents of {dataset.name}/{dataset.split} ({len(dataset)} images) cached in {cache} "
+            print(f"{kind} of {dataset.name}/{dataset.split} ({len(dataset)} images) cached in {cache} "
                   f"({time.perf_counter() - started:.1f}s)")
     if context is not None and context.enabled:
         torch.distributed.barrier()
@@ -189,6 +198,14 @@ def _build_and_train(config: ExperimentConfig, context, dataset, quiet: bool) ->
         dataset = latent_training_set(tokenizer, dataset, Path(config.trainer.output_dir) / "latents",
                                       config.data.resolution, config.data.horizontal_flip, context,
                                       config.trainer.progress, quiet)
+    elif tokenizer is not None and tokenizer.output.kind == "tokens" and (
+            config.data.token_cache or config.data.name == "latents"):
+        if config.align.enabled:
+            raise ConfigError("alignment to a teacher (align.enabled) feeds it the training images, which a token "
+                              "cache does not hold; train from images (data.token_cache=false)")
+        dataset = latent_training_set(tokenizer, dataset, Path(config.trainer.output_dir) / "tokens",
+                                      config.data.resolution, config.data.horizontal_flip, context,
+                                      config.trainer.progress, quiet, kind="tokens")
     else:
         check_resolution(config.data.resolution, patch, f"{method.network_class.__name__} with patch size {patch}")
 
