@@ -105,3 +105,31 @@ def test_a_new_continuous_tokenizer_plugs_in_without_edits_elsewhere(toy_tokeniz
         build_experiment_config("mnist-var", overrides=[f"--tokenizer={toy_tokenizer}", "--data.resolution=16"])
     with pytest.raises(ConfigError, match="works at 16 px but data.resolution is 32"):
         build_experiment_config("mnist-dit", overrides=[f"--tokenizer={toy_tokenizer}", "--data.resolution=32"])
+
+
+def test_token_cache_rows_round_trip_every_token_layout():
+    # TokenSpace.flatten_indices -> int32 rows (what a token cache stores) -> unflatten_indices: the ids the
+    # objectives would have tokenized, for the multi-scale, residual and 1D layouts
+    from effigen.objectives.vq_tokenizer import MSVQ_PRESETS
+    from effigen.tokenizers.detailflow import DETAILFLOW_PRESETS, DetailFlowConfig, DetailFlowTokenizer
+    from effigen.tokenizers.msvq import MultiScaleVQ, MultiScaleVQConfig
+    from effigen.tokenizers.rvq import RVQ_PRESETS, ResidualVQ, ResidualVQConfig
+
+    torch.manual_seed(0)
+    tokenizers = [MultiScaleVQ(MultiScaleVQConfig(**MSVQ_PRESETS["MSVQ-Test"], resolution=8)),
+                  ResidualVQ(ResidualVQConfig(**{**RVQ_PRESETS["RVQ-Test"], "depth": 3}, resolution=8)),
+                  DetailFlowTokenizer(DetailFlowConfig(**DETAILFLOW_PRESETS["DetailFlow-Test"]))]
+    for tokenizer in tokenizers:
+        tokenizer.eval()
+        side = tokenizer.config.resolution
+        with torch.no_grad():
+            indices = tokenizer.indices_from_images(torch.rand(3, 3, side, side) * 2 - 1)
+        rows = tokenizer.output.flatten_indices(indices)
+        assert rows.dtype == torch.int32 and rows.shape == (3, tokenizer.output.num_tokens)
+        back = tokenizer.output.unflatten_indices(rows)
+        if isinstance(indices, list):
+            assert all(torch.equal(a, b) and b.dtype == torch.int64 for a, b in zip(indices, back))
+        else:
+            assert torch.equal(indices, back) and back.dtype == torch.int64
+        with pytest.raises(ValueError, match="integer token ids"):
+            tokenizer.output.unflatten_indices(rows[:, 1:])
