@@ -459,6 +459,9 @@ def test_training_from_a_token_cache_is_training_from_the_images(trained, tmp_pa
         train_cli.latent_training_set(tokenizer, LatentDataset(tmp_path / "plain"), tmp_path, 8)
     with pytest.raises(ValueError, match="integer token ids"):
         tokenizer.output.unflatten_indices(torch.zeros(2, 21))
+    # a run without a VQ tokenizer has no token ids to cache
+    with pytest.raises(ConfigError, match="data.token_cache=true stores a VQ tokenizer's token ids"):
+        parse_experiment(build_experiment_dict("smoke", overrides=["--data.token_cache=true"]))
 
 
 def test_cache_latents_cli_writes_a_token_cache_that_training_reads(trained, tmp_path):

@@ -512,6 +512,15 @@ def parse_experiment(data: dict[str, Any], num_classes: int | None = None) -> Ex
     if init_from is not None:
         check_init_from(str(init_from), method)
     align = _check_align(method, data_config, config_from_dict(AlignConfig, data.get("align", {}), "align"))
+    if data_config.token_cache:
+        if output is None or output.kind != "tokens":
+            held = "no tokenizer" if output is None else f"a tokenizer with {output.describe()}, whose latents effigen " \
+                                                         "train caches by itself"
+            raise ConfigError(f"data.token_cache=true stores a VQ tokenizer's token ids for a token generator; method "
+                              f"{method.name} here has {held}: remove data.token_cache")
+        if align.enabled:
+            raise ConfigError("alignment to a teacher (align.enabled) feeds it the training images, which a token "
+                              "cache does not hold; train from images (data.token_cache=false)")
     config = ExperimentConfig(method_name, data_config, network, objective, sampler, trainer, tokenizer,
                               None if init_from is None else str(init_from), align)
     config.tokenizer_output = output
