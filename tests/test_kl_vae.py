@@ -204,6 +204,10 @@ def test_latent_generator_trains_from_the_cli_and_decodes(tmp_path):
     assert len(vae_config.channel_mean) == 4 and vae_config.scaling_factor == 1.0  # calibrated at the end of the run
     assert main(["cache-latents", "--tokenizer", str(tmp_path / "vae" / "final"), "--out", str(tmp_path / "cache"),
                  "--data.name=mnist", "--data.resolution=32", "--data.holdout_fraction=0.9", "--flip"]) == 0
+    # token ids need a VQ tokenizer: a clear error, nothing written
+    assert main(["cache-latents", "--tokenizer", str(tmp_path / "vae" / "final"), "--tokens", "--out",
+                 str(tmp_path / "ids"), "--data.name=mnist", "--data.resolution=32"]) == 2
+    assert not (tmp_path / "ids" / "index.json").exists()
     assert main(["train", "--preset", "mnist-lightningdit-latent", f"--tokenizer={tmp_path / 'vae' / 'final'}",
                  "--data.name=latents", f"--data.root={tmp_path / 'cache'}", "--data.horizontal_flip=true",
                  "--network_preset=LightningDiT-Test", "--network.hidden_size=32", "--network.depth=1",
