@@ -227,14 +227,6 @@ class AdaLNSelfAttn(nn.Module):
             # two, one rounding; 1.4-2x faster in bf16 on a CPU); fp32 keeps the official arithmetic below
             x = torch.addcmul(x, self.attn(self._norm_modulate(x, shift1, scale1), mask, cache, logits_tap), gamma1)
             return torch.addcmul(x, self.ffn(self._norm_modulate(x, shift2, scale2)), gamma2)
-        if self.training and torch.is_autocast_enabled(x.device.type):
-            # mixed-precision training: the fp32 residual's modulation and gated residual as fused multiply-adds
-            # (one (B, L, C) pass each instead of two), the drop-path mask folded into the (B, 1, C) gate
-            h = self.attn(torch.addcmul(shift1, self.ln_wo_grad(x), 1 + scale1), mask, cache, logits_tap)
-            x = torch.addcmul(x, h, self.drop_path.gate(gamma1))
-            return torch.addcmul(x, self.ffn(torch.addcmul(shift2, self.ln_wo_grad(x), 1 + scale2)),
-                                 self.drop_path.gate(gamma2))
-        # fp32: the official arithmetic, op for op
         x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + scale1) + shift1, mask, cache, logits_tap) * gamma1)
         x = x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + scale2) + shift2) * gamma2)
         return x

@@ -146,12 +146,3 @@ class DropPath(nn.Module):
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
-
-    def gate(self, gamma: torch.Tensor) -> torch.Tensor:
-        """A small per-sample gate (B, 1, ..., C) with this layer's keep mask folded in: `branch * gate(gamma)` is
-        `forward(branch * gamma)` with the same random draw (B values of gamma's dtype from the default generator),
-        so that the gated residual can be one fused multiply-add over (B, L, C)."""
-        if self.p == 0.0 or not self.training:
-            return gamma
-        keep = gamma.new_empty((gamma.shape[0],) + (1,) * (gamma.ndim - 1)).bernoulli_(1 - self.p)
-        return gamma * keep / (1 - self.p)
