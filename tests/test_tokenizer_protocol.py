@@ -108,7 +108,7 @@ def test_a_new_continuous_tokenizer_plugs_in_without_edits_elsewhere(toy_tokeniz
 
 
 def test_token_cache_rows_round_trip_every_token_layout():
-    # TokenSpace.flatten_indices -> int32 rows (what a token cache stores) -> unflatten_indices: the ids the
+    # TokenSpace.flatten_indices -> int16 rows (what a token cache stores) -> unflatten_indices: the ids the
     # objectives would have tokenized, for the multi-scale, residual and 1D layouts
     from effigen.objectives.vq_tokenizer import MSVQ_PRESETS
     from effigen.tokenizers.detailflow import DETAILFLOW_PRESETS, DetailFlowConfig, DetailFlowTokenizer
@@ -125,7 +125,7 @@ def test_token_cache_rows_round_trip_every_token_layout():
         with torch.no_grad():
             indices = tokenizer.indices_from_images(torch.rand(3, 3, side, side) * 2 - 1)
         rows = tokenizer.output.flatten_indices(indices)
-        assert rows.dtype == torch.int32 and rows.shape == (3, tokenizer.output.num_tokens)
+        assert rows.dtype == tokenizer.output.id_dtype == torch.int16 and rows.shape == (3, tokenizer.output.num_tokens)
         back = tokenizer.output.unflatten_indices(rows)
         if isinstance(indices, list):
             assert all(torch.equal(a, b) and b.dtype == torch.int64 for a, b in zip(indices, back))
@@ -133,3 +133,9 @@ def test_token_cache_rows_round_trip_every_token_layout():
             assert torch.equal(indices, back) and back.dtype == torch.int64
         with pytest.raises(ValueError, match="integer token ids"):
             tokenizer.output.unflatten_indices(rows[:, 1:])
+    # ids beyond int16 are stored as int32
+    import dataclasses
+
+    big = dataclasses.replace(tokenizers[0].output, vocab_size=2**15 + 1)
+    rows = big.flatten_indices([torch.full((1, s * s), 2**15) for s in big.scales])
+    assert big.id_dtype == rows.dtype == torch.int32 and rows.min() == 2**15

@@ -442,7 +442,7 @@ def test_training_from_a_token_cache_is_training_from_the_images(trained, tmp_pa
     tokens = LatentDataset(tmp_path / "true" / "tokens")
     assert tokens.kind == "tokens" and tokens.stores_flipped and tokens.latent_shape == (21,)
     row, label = tokens[3]
-    assert row.dtype == torch.int32 and row.shape == (42,)  # the ids of the image and of its mirror
+    assert row.dtype == torch.int16 and row.shape == (42,)  # the ids of the image and of its mirror
     tokenizer = Pipeline.from_pretrained(trained["tokenizer"]).tokenizer
     image, image_label = original(parse_experiment(_var_run(tmp_path, trained["tokenizer"])).data, "train")[3]
     expected = tokenizer.output.flatten_indices(tokenizer.indices_from_images(image[None]))

@@ -16,7 +16,7 @@ flipped latent is not the latent of the flipped image, so flipping latents direc
 Latents are the tokenizer's normalised ones (`KLVAE.encode`: posterior mean, per-channel or scalar scaling).
 
 Token caches (`kind="tokens"`, `data.token_cache=true` or `effigen cache-latents --tokens`): a VQ tokenizer's
-token ids instead, "tokens" (N, num_tokens) int32 (+ "tokens_flip"), each row `TokenSpace.flatten_indices` of
+token ids instead, "tokens" (N, num_tokens) int16 (int32 above 32768 codes; + "tokens_flip"), each row `TokenSpace.flatten_indices` of
 `indices_from_images` (fp32, as the token objectives tokenize). The token generators (VAR, HMAR, ResGen, DetailFlow,
 the raster AR baseline) then skip the frozen encoder on every step: it is a third of a VAR-d12 training step on a
 CPU, and the ids are the same ones the step would compute, so training from the cache is training from the images.

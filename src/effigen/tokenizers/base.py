@@ -80,13 +80,20 @@ class TokenSpace:
             return self.scales[-1] ** 2 * self.depth
         return sum(s * s for s in self.scales)
 
+    @property
+    def id_dtype(self) -> torch.dtype:
+        """The smallest integer dtype a token cache stores the ids in: int16 up to 32768 codes (VAR's 4096, an ImageNet
+        cache of 680 ids per image then takes 1.7 GB), else int32."""
+        return torch.int16 if self.vocab_size <= 2**15 else torch.int32
+
     def flatten_indices(self, indices) -> torch.Tensor:
-        """`indices_from_images`' output -> (B, num_tokens) int32, the row a token cache stores (multiscale: the
-        scales' maps concatenated coarse to fine; residual: (B, side^2, depth) row-major; sequence: as is)."""
+        """`indices_from_images`' output -> (B, num_tokens) ids in `id_dtype`, the row a token cache stores
+        (multiscale: the scales' maps concatenated coarse to fine; residual: (B, side^2, depth) row-major; sequence:
+        as is)."""
         flat = torch.cat([i.flatten(1) for i in indices], 1) if isinstance(indices, (list, tuple)) else indices.flatten(1)
         if flat.shape[1] != self.num_tokens:
             raise ValueError(f"{flat.shape[1]} token ids per image, the {self.describe()} hold {self.num_tokens}")
-        return flat.to(torch.int32)
+        return flat.to(self.id_dtype)
 
     def unflatten_indices(self, flat: torch.Tensor):
         """(B, num_tokens) integer ids (a token cache's rows) -> `indices_from_images`' structure, int64."""
