@@ -15,7 +15,9 @@ switches off only the fused token draw (`cpu_kernels.sample_tokens`) in the "off
 --ops times each kernel against the ops it replaces at the models' shapes (DiT-B/2 at batch 16 with guidance: 32 x 256
 tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 256, 256)), and the SD-VAE decoder's
 sampling layout (channels-last with the kernels) against NCHW eager, and each attention kernel the CPU has (AMX,
-AVX-512 BF16) against SDPA at DiT-B/2's and VAR-d16's last-scale shapes, and the fused token draw (guidance, top-k
+AVX-512 BF16) against SDPA at DiT-B/2's and VAR-d16's last-scale shapes, bf16 training attention (the AVX-512 BF16
+forward with log-sum-exp and backward kernels against SDPA's forward and backward) at DiT-B/2's and VAR-d12's, and
+the fused token draw (guidance, top-k
 900, top-p 0.96, Gumbel-max) against the eager chain at VAR-d16's last scale (16 x 256 rows of 4096 logits; both from
 the same uniform noise, whose generation is not timed); median of interleaved repeats, and prints each one's largest
 deviation from the fp32 result beside the eager bf16 one's (for the draw: the number of tokens that differ from the
@@ -117,6 +119,33 @@ def _ops(repeats: int) -> None:
                           lambda q=q, k=k, v=v, kernel=kernel: cpu_kernels.attention(q, k, v, kernel=kernel),
                           lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v),
                           lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q.float(), k.float(), v.float())))
+    # bf16 training attention, forward + backward: the AVX-512 BF16 kernel pair against SDPA with autograd (torch's
+    # CPU flash forward and backward); the error column is over dq, dk and dv together
+    if "avx512_bf16" in cpu_kernels.attention_kernels():
+        from effigen.nn.attention import BlockMask
+
+        var_groups = BlockMask((1, 4, 9, 16, 25, 36, 64, 100, 169, 256)).groups()
+        start, end, sizes = var_groups[1]  # VAR's middle group: 269 queries over 424 keys, block-causal mask
+        levels = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+        var_mask = torch.cat((torch.ones(end - start, start, dtype=torch.bool), levels[:, None] >= levels[None, :]), 1)
+        for name, (B, H, Lq, Lk), mask in (("DiT-B/2 batch 8", (8, 12, 256, 256), None),
+                                          ("VAR-d12 batch 4, last scale", (4, 12, 256, 680), None),
+                                          ("VAR-d12 batch 4, block-causal group", (4, 12, end - start, end), var_mask)):
+            q, k, v, g = (torch.randn(B, H, L, 64).to(bf16) for L in (Lq, Lk, Lk, Lq))
+
+            def kernel_pair(q=q, k=k, v=v, g=g, mask=mask):
+                out, lse = cpu_kernels.attention(q, k, v, mask=mask, return_lse=True, kernel="avx512_bf16")
+                return torch.cat([t.flatten() for t in cpu_kernels.attention_backward(q, k, v, out, g, lse, mask)])
+
+            def autograd(q=q, k=k, v=v, g=g, mask=mask, dtype=bf16):
+                leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+                with torch.enable_grad():
+                    F.scaled_dot_product_attention(*leaves, attn_mask=mask).backward(g.to(dtype))
+                return torch.cat([t.grad.flatten() for t in leaves])
+
+            cases.append((f"training attention fwd + bwd (avx512_bf16), {name}: ({B}, {H}, {Lq} queries, {Lk} keys, "
+                          f"64){', mask' if mask is not None else ''}", kernel_pair, autograd,
+                          lambda autograd=autograd: autograd(dtype=torch.float32)))
     # the token draw of VAR-d16's last scale at batch 16 with guidance (fp32 logits, as the head returns them)
     from effigen.samplers.tokens import filter_logits, guided_logits
 

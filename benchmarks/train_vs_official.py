@@ -8,7 +8,8 @@ step of VAR (FoundationVision/VAR) and DiT (facebookresearch/DiT), same model, s
 `--token-cache` adds effigen rows that train from the token ids a token cache stores (`effigen train
 --data.token_cache=true`, `effigen cache-latents --tokens`): the same step without the frozen VQVAE encoder, which
 the official step (and effigen's step from images) runs on every batch; their fraction of peak uses their own
-FLOP count (no encoder convolutions).
+FLOP count (no encoder convolutions). `--kernels-ab` adds effigen bf16 rows with the C kernels switched off, i.e. with
+torch's CPU flash attention forward and backward instead of effigen's (`nn.attention`, bf16 training).
 
 The official code is not part of effigen: pass checkouts of https://github.com/FoundationVision/VAR (--official-repo)
 and https://github.com/facebookresearch/DiT (--dit-repo); each is put on sys.path. For each model the script builds
@@ -83,6 +84,7 @@ from effigen.bench.throughput import count_flops, environment, measure_matmul_pe
 from effigen.runtime import tune_cpu_allocator
 from effigen.convert.dit_official import OFFICIAL_HEADS, load_official_dit
 from effigen.convert.var_official import load_official_var
+from effigen.nn import cpu_kernels
 from effigen.models.dit import DIT_PRESETS
 from effigen.models.var import VAR as EffigenVAR
 from effigen.objectives.ddpm import DDPMConfig
@@ -180,6 +182,19 @@ def profile_and_time(rows, args, batch, flops, peaks, model: str, title: str) ->
     time_rows(rows, args.repeats, batch, flops, peaks, title)
 
 
+def kernels_off(step):
+    """`step` with effigen's C kernels switched off (`cpu_kernels.set_enabled(False)`): in a bf16 training step that
+    is the attention forward and backward kernels, so this row shows what they give (torch's CPU flash attention
+    instead)."""
+    def run():
+        cpu_kernels.set_enabled(False)
+        try:
+            step()
+        finally:
+            cpu_kernels.set_enabled(True)
+    return run
+
+
 def time_rows(rows: dict, repeats: int, batch_size: int, flops: int | dict[str, int], peaks: dict[str, float],
               title: str) -> None:
     flops = flops if isinstance(flops, dict) else {name: flops for name in rows}
@@ -199,7 +214,8 @@ def time_rows(rows: dict, repeats: int, batch_size: int, flops: int | dict[str, 
           f"{' (from images / from a token cache)' if len(counts) > 1 else ''}; images/s, s/step and % of peak from the median step; "
           f"x official from the medians and (on a loaded machine, where other jobs only ever slow a step down) from "
           f"the fastest steps")
-    print(f"{'run':<26}{'images/s':>10}{'s/step':>9}{'min..max s':>14}{'% of peak':>11}{'x official':>12}"
+    width = max(26, max(len(name) for name in median) + 2)
+    print(f"{'run':<{width}}{'images/s':>10}{'s/step':>9}{'min..max s':>14}{'% of peak':>11}{'x official':>12}"
           f"{'(fastest)':>11}")
     for name, seconds in median.items():
         side, precision = name.split()[:2]
@@ -208,7 +224,7 @@ def time_rows(rows: dict, repeats: int, batch_size: int, flops: int | dict[str, 
         ratio = f"{median[other] / seconds:.2f}" if mine else "-"
         fastest = f"{best[other] / best[name]:.2f}" if mine else "-"
         spread = f"{min(times[name]):.2f}..{max(times[name]):.2f}"
-        print(f"{name:<26}{batch_size / seconds:>10.2f}{seconds:>9.2f}{spread:>14}"
+        print(f"{name:<{width}}{batch_size / seconds:>10.2f}{seconds:>9.2f}{spread:>14}"
               f"{100 * flops[name] / seconds / peaks[precision]:>10.1f}%{ratio:>12}{fastest:>11}", flush=True)
 
 
@@ -352,13 +368,17 @@ def run_var(args, peaks: dict[str, float], precisions: list[str]) -> None:
             rows[f"official {precision}" + (" autocast" if precision == "bf16" else "")] = official_step
             if args.token_cache:
                 rows[f"effigen {precision} token-cache"] = effigen_cached(precision, folder)[1]
+            if args.kernels_ab and precision == "bf16":
+                rows["effigen bf16 C-kernels-off"] = kernels_off(effigen_step)
+                if args.token_cache:
+                    rows["effigen bf16 token-cache C-kernels-off"] = kernels_off(rows["effigen bf16 token-cache"])
             if precision == "fp32":
                 flops_trainer = ours
         counting, _ = effigen_side("fp32", folder) if "fp32" not in precisions else (flops_trainer, None)
         flops, _ = count_flops(lambda: counting.train_step(repeat_batch(images, labels)))
         if args.token_cache:  # the cached rows do less work: their own count (no encoder convolutions)
             cached_flops, _ = count_flops(lambda: counting.train_step(repeat_batch(cached_ids, labels)))
-            flops = {name: cached_flops if name.endswith("token-cache") else flops for name in rows}
+            flops = {name: cached_flops if "token-cache" in name else flops for name in rows}
         profile_and_time(rows, args, B, flops, peaks, "VAR", f"VAR-d{depth} batch {B}")
 
 
@@ -530,6 +550,8 @@ def run_dit(args, peaks: dict[str, float], precisions: list[str]) -> None:
             ours, effigen_step = effigen_side(precision, folder)
             rows[f"effigen {precision}"] = effigen_step
             rows[f"official {precision}" + (" autocast" if precision == "bf16" else "")] = official_side(precision)[-1]
+            if args.kernels_ab and precision == "bf16":
+                rows["effigen bf16 C-kernels-off"] = kernels_off(effigen_step)
             if precision == "fp32":
                 flops_trainer = ours
         counting = flops_trainer if "fp32" in precisions else effigen_side("fp32", folder)[0]
@@ -557,6 +579,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-size", type=int, default=4096, help="square GEMM of the matmul peak measurement")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler tables of one step per row")
+    parser.add_argument("--kernels-ab", action="store_true",
+                        help="also time effigen's bf16 rows with the C kernels off (torch's CPU flash attention)")
     parser.add_argument("--token-cache", action="store_true",
                         help="VAR: also time effigen's step from a token cache's ids (data.token_cache: no encoder)")
     args = parser.parse_args()

@@ -333,6 +333,125 @@ def test_attention_kernel_reads_projection_and_kv_cache_views_and_leaves_onednn_
     assert cpu_kernels.attention(q, k, v[:, :, :40], kernel=kernel) is None
 
 
+def _allowed(Lq: int, Lk: int, seed: int = 1) -> torch.Tensor:
+    mask = torch.rand(Lq, Lk, generator=torch.Generator().manual_seed(seed)) > 0.4
+    mask[:, 0] = True  # every query keeps a key
+    return mask
+
+
+@pytest.mark.parametrize("kernel", ATTENTION_KERNELS)
+@pytest.mark.parametrize("Lq,Lk,D,masked", [(5, 7, 64, False), (37, 100, 72, True), (64, 680, 64, False),
+                                            (17, 17, 2, True)])
+def test_attention_kernel_mask_and_log_sum_exp_match_fp32(kernel, Lq, Lk, D, masked):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, L, D).mul(2).bfloat16() for L in (Lq, Lk, Lk))
+    mask = _allowed(Lq, Lk) if masked else None
+    scores = (q.float() @ k.float().transpose(-2, -1)) * 0.3
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    reference = scores.softmax(-1) @ v.float()
+    eager = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    out, lse = cpu_kernels.attention(q, k, v, 0.3, kernel=kernel, mask=mask, return_lse=True)
+    assert _error(out, reference) <= 1.5 * _error(eager, reference) + 1e-3
+    assert lse.shape == (2, 3, Lq) and lse.dtype == torch.float32
+    assert _error(lse, scores.logsumexp(-1)) < 2e-3
+    # a mask per head is not taken (None: the caller runs SDPA)
+    assert cpu_kernels.attention(q, k, v, mask=torch.ones(2, 3, Lq, Lk, dtype=torch.bool), kernel=kernel) is None
+
+
+needs_backward = pytest.mark.skipif("avx512_bf16" not in cpu_kernels.attention_kernels(),
+                                    reason="the attention backward kernel needs AVX-512 BF16")
+training_kernels = cpu_kernels.attention_kernels() == ("avx512_bf16",)  # bf16 training takes them (not on AMX)
+
+
+def _fp32_gradients(q, k, v, grad, mask, scale):
+    q, k, v = (t.detach().float().requires_grad_() for t in (q, k, v))
+    F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).backward(grad.float())
+    return q.grad, k.grad, v.grad
+
+
+@needs_backward
+@pytest.mark.parametrize("B,H,Lq,Lk,D,masked", [(2, 3, 1, 1, 64, False), (2, 3, 40, 40, 64, False),
+                                                (1, 2, 37, 53, 48, True), (1, 1, 17, 5, 30, False),
+                                                (2, 2, 100, 300, 64, True), (1, 2, 70, 70, 128, False),
+                                                (1, 1, 9, 33, 2, True)])
+def test_attention_backward_kernel_is_as_close_to_fp32_as_torchs_bf16_backward(B, H, Lq, Lk, D, masked):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D).bfloat16() for L in (Lq, Lk, Lk))
+    grad = torch.randn(B, H, Lq, D).bfloat16()
+    mask = _allowed(Lq, Lk) if masked else None
+    out, lse = cpu_kernels.attention(q, k, v, 0.3, mask=mask, return_lse=True, kernel="avx512_bf16")
+    grads = cpu_kernels.attention_backward(q, k, v, out, grad, lse, mask, 0.3)
+    reference = _fp32_gradients(q, k, v, grad, mask, 0.3)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=0.3).backward(grad)
+    for mine, torchs, exact in zip(grads, (t.grad for t in leaves), reference):
+        assert mine.shape == exact.shape and mine.dtype == torch.bfloat16
+        assert mine.transpose(1, 2).is_contiguous()  # (B, L, heads, D) underneath, as the qkv projection's gradient
+        # (+ a floor: with one key dq is exactly 0, and both sides leave bf16 rounding residue of ~1e-6)
+        assert _error(mine, exact) <= 1.5 * _error(torchs, exact) + 1e-3 * float(exact.abs().max()) + 1e-4
+    # strided inputs (a qkv projection's views) give the same gradients
+    qkv = torch.stack((q, k, v), dim=3).transpose(1, 2) if Lq == Lk else None  # (B, L, heads, 3, D)
+    if qkv is not None:
+        qs, ks, vs = qkv.transpose(1, 2).unbind(3)
+        assert not qs.is_contiguous()
+        again = cpu_kernels.attention_backward(qs, ks, vs, out, grad, lse, mask, 0.3)
+        assert all(torch.equal(a, b) for a, b in zip(again, grads))
+    # not applicable: fp32, keys and values of different lengths, a mask per head
+    assert cpu_kernels.attention_backward(q.float(), k.float(), v.float(), out.float(), grad.float(), lse) is None
+    assert cpu_kernels.attention_backward(q, k, v[:, :, :-1], out, grad, lse) is None
+    assert cpu_kernels.attention_backward(q, k, v, out, grad, lse, torch.ones(2, Lq, Lk, dtype=torch.bool)) is None
+
+
+@pytest.mark.skipif(not training_kernels, reason="bf16 training attention takes the C kernels only where the CPU has "
+                    "AVX-512 BF16 and no AMX")
+@pytest.mark.parametrize("pattern", [None, "block_causal", "block_diagonal"])
+def test_bf16_training_attention_runs_the_kernels_and_matches_fp32_gradients(pattern):
+    from effigen.nn.attention import BlockMask, attention
+
+    torch.manual_seed(0)
+    blocks = None if pattern is None else BlockMask((1, 4, 9, 16, 25, 36, 64, 100), pattern)
+    L = 64 if blocks is None else blocks.length
+    q, k, v = (torch.randn(2, 3, L, 64).bfloat16().requires_grad_() for _ in range(3))
+    grad = torch.randn(2, 3, L, 64).bfloat16()
+    reference = _fp32_gradients(q, k, v, grad, None if blocks is None else blocks.dense(), None)
+    calls = []
+    original = cpu_kernels.attention_backward
+    cpu_kernels.attention_backward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        attention(q, k, v, blocks).backward(grad)
+    finally:
+        cpu_kernels.attention_backward = original
+    assert calls  # every group's backward ran the kernel
+    mine = [t.grad for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    cpu_kernels.set_enabled(False)  # torch's CPU flash attention
+    try:
+        attention(q, k, v, blocks).backward(grad)
+    finally:
+        cpu_kernels.set_enabled(True)
+    for ours, torchs, exact in zip(mine, (t.grad for t in (q, k, v)), reference):
+        assert _error(ours, exact) <= 1.5 * _error(torchs, exact) + 1e-3 * float(exact.abs().max())
+    # where the kernels do not apply inside the autograd function (an odd head dim), torch's flash ops run instead
+    q, k, v = (torch.randn(1, 2, 20, 63).bfloat16().requires_grad_() for _ in range(3))
+    grad = torch.randn(1, 2, 20, 63).bfloat16()
+    attention(q, k, v).backward(grad)
+    for ours, exact in zip((q.grad, k.grad, v.grad), _fp32_gradients(q, k, v, grad, None, None)):
+        assert _error(ours, exact) < 2e-2 * float(exact.abs().max())
+
+
+def test_fp32_and_no_grad_attention_never_take_the_training_kernels():
+    from effigen.nn import attention as attention_module
+
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    assert not attention_module._kernel_training(q, q, q, None)  # fp32: torch's flash kernel, bit-for-bit as before
+    with torch.no_grad():
+        assert not attention_module._kernel_training(q.bfloat16(), q.bfloat16(), q.bfloat16(), None)
+    qb = q.detach().bfloat16().requires_grad_()
+    assert not attention_module._kernel_training(qb, qb, qb, torch.ones(2, 8, 8, dtype=torch.bool))  # per head
+
+
 def test_attention_kernel_names_are_checked():
     q = torch.randn(1, 1, 4, 8).bfloat16()
     if cpu_kernels.attention_kernels():
@@ -343,19 +462,21 @@ def test_attention_kernel_names_are_checked():
 
 
 @pytest.mark.skipif(not cpu_kernels.attention_kernels(), reason="no attention kernel on this CPU (AMX or AVX-512 BF16)")
-def test_attention_dispatches_to_the_kernel_in_bf16_inference_without_a_mask_only():
+def test_attention_dispatches_to_the_kernel_in_bf16_inference_and_training():
     from effigen.nn import attention as attention_module
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 24, 32).bfloat16() for _ in range(3))
     calls = []
     original = cpu_kernels.attention
-    cpu_kernels.attention = lambda *a: calls.append(1) or original(*a)
+    cpu_kernels.attention = lambda *a, **kw: calls.append(1) or original(*a, **kw)
     try:
         with torch.no_grad():
             fused = attention_module.attention(q, k, v)
             assert len(calls) == 1
-            attention_module.attention(q, k, v, torch.ones(24, 24, dtype=torch.bool).tril())  # a mask: SDPA
+            attention_module.attention(q, k, v, torch.ones(24, 24, dtype=torch.bool).tril())  # a shared mask: kernel
+            assert len(calls) == 2
+            attention_module.attention(q, k, v, torch.ones(2, 1, 24, 24, dtype=torch.bool))  # per batch: SDPA
             attention_module.attention(q.float(), k.float(), v.float())  # fp32: SDPA (kernel not reached)
             with attention_module.attention_backend("manual"):
                 attention_module.attention(q, k, v)
@@ -364,8 +485,8 @@ def test_attention_dispatches_to_the_kernel_in_bf16_inference_without_a_mask_onl
                 attention_module.attention(q, k, v)
             finally:
                 set_fused_inference(True)
-        attention_module.attention(q.requires_grad_(), k, v)  # gradients: SDPA
-        assert len(calls) == 1
+        attention_module.attention(q.requires_grad_(), k, v)  # gradients: the training kernels (forward + backward)
+        assert len(calls) == (4 if training_kernels else 3)
     finally:
         cpu_kernels.attention = original
     reference = F.scaled_dot_product_attention(q.detach().float(), k.float(), v.float())

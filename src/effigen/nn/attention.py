@@ -2,10 +2,12 @@
 
 `attention(q, k, v, mask=None)` dispatches to `torch.nn.functional.scaled_dot_product_attention`
 (flash / memory-efficient / math kernels chosen by PyTorch; on CPU ~4x faster than hand-written attention)
-or to a plain `manual` implementation kept as the numerical reference. In bf16 CPU inference without a mask (no
-gradients, `nn.layers.fused_dtype`) on a CPU with AMX or AVX-512 BF16, the "sdpa" backend runs `cpu_kernels.attention`
-instead: the same softmax attention on AMX tiles or `vdpbf16ps`, 1.4-2x (AMX) and 2.5x (Zen 4) torch's CPU flash
-kernel at DiT's and VAR's shapes. `set_attention_backend` switches it
+or to a plain `manual` implementation kept as the numerical reference. On a CPU with AMX or AVX-512 BF16, the
+"sdpa" backend runs `cpu_kernels.attention` instead in bf16 inference (no gradients, `nn.layers.fused_dtype`) with no
+mask or one shared by every head: the same softmax attention on AMX tiles or `vdpbf16ps`, 1.4-2x (AMX) and 2.5x
+(Zen 4) torch's CPU flash kernel at DiT's and VAR's shapes. In bf16 CPU training (gradients wanted, the same masks)
+it runs that forward kernel, which also returns the log-sum-exp, and `cpu_kernels.attention_backward`: 2-3x torch's
+CPU flash backward at those shapes. `set_attention_backend` switches it
 globally, e.g. for a test that every backend gives the same output.
 
 Shapes: q, k, v are (B, heads, L, head_dim); mask is boolean, True where attention is allowed,
@@ -109,12 +111,59 @@ def _group_mask(sizes: list[int], key_offset: int, causal: bool, device) -> torc
     return levels[:, None] == levels[None, :]
 
 
+class _TrainingAttention(torch.autograd.Function):
+    """bf16 CPU attention with gradients on the C kernels: the forward kernel also returns the rows' log-sum-exp,
+    from which `cpu_kernels.attention_backward` recomputes the weights (2-3x torch's CPU flash backward, whose bf16
+    path is slower than its fp32 one). Where a kernel does not apply (shapes, strides, a per-head mask), torch's own
+    CPU flash forward and backward ops run instead, with the same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        result = cpu_kernels.attention(q, k, v, scale, mask=mask, return_lse=True)
+        if result is None:
+            bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+            result = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+        out, lse = result
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.scale = mask, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad = grad.to(q.dtype)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        grads = cpu_kernels.attention_backward(q, k, v, out, grad, lse, ctx.mask, ctx.scale)
+        if grads is None:
+            mask = ctx.mask
+            bias = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, float("-inf"))
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scale)
+        return (*grads, None, None)
+
+
+def _kernel_training(q, k, v, mask) -> bool:
+    """Whether `_TrainingAttention` takes this call: gradients wanted through bf16 CPU tensors, the AVX-512 BF16
+    kernels built and switched on (`cpu_kernels.set_enabled`), no dispatch mode or torch.compile, and a mask (if any)
+    shared by every batch element and head. Not on AMX machines: there torch's flash backward runs its products on
+    the tiles (oneDNN), which `vdpbf16ps` has not been measured against."""
+    return (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() >= 2 and all(n == 1 for n in mask.shape[:-2])))
+            and not torch.compiler.is_compiling() and cpu_kernels.attention_kernels() == ("avx512_bf16",)
+            and cpu_kernels.active())
+
+
 def _dense_attention(q, k, v, mask, scale):
     if _backend == "sdpa":
-        if mask is None and fused_dtype(q) is not None:  # bf16 CPU inference: the AMX kernel where it applies
-            out = cpu_kernels.attention(q, k, v, scale)
+        if fused_dtype(q) is not None:  # bf16 CPU inference: the C kernel where it applies (masks shared by heads)
+            out = cpu_kernels.attention(q, k, v, scale, mask=mask)
             if out is not None:
                 return out
+        if _kernel_training(q, k, v, mask):  # bf16 CPU training: the kernels' forward and backward
+            return _TrainingAttention.apply(q, k, v, mask, scale)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale  # (B, heads, L_q, L_k), statistics in fp32

@@ -11,6 +11,8 @@
  *   eg_norm_modulate LayerNorm or RMSNorm without affine, then adaLN's x * (1 + scale) (* gain) + shift
  *   eg_attention    softmax(q k^T * scale) v without a mask, on AMX tiles (where the CPU and compiler have AMX-BF16)
  *   eg_attention_dp the same on AVX-512 BF16 dot products (Zen 4, Cooper Lake; where AMX is missing)
+ *   eg_attention_backward_dp  its gradients for training (dq, dk, dv from the forward's output and log-sum-exp),
+ *                   with an optional mask; AVX-512 BF16 (also on AMX Xeons, which have it)
  *   eg_sample_tokens guidance, top-k, top-p and the Gumbel-max draw of the token generators, one pass per row (fp32)
  *
  * The vector code needs AVX-512 F/BW/VL (every AMX Xeon and AMD Zen 4 has them); eg_vector_width() returns 0 where the
@@ -361,9 +363,11 @@ static void eg_pack_q(const uint16_t *qb, int64_t row_stride, int64_t q0, int ro
                          i < rows ? eg_load_chunk(qb + (q0 + i) * row_stride, c * 32, D) : _mm512_setzero_si512());
 }
 
-/* softmax rows of s (16 x Lk64 fp32): P = 2^((s - max) alpha) in bf16 (zero past Lk and in rows >= rows),
- * inv = 1 / sum */
-static void eg_softmax_rows(const float *s, uint16_t *p, float *inv, int rows, int64_t Lk, int64_t Lk64, float alpha) {
+/* softmax rows of s (16 x Lk64 fp32): P = 2^((s - max) alpha) in bf16 (zero past Lk, in rows >= rows and where
+ * `mask`, the rows' allowed keys (stride Lk) or NULL, is 0), inv = 1 / sum (0 for a row without an allowed key), and
+ * where lse2 is not NULL, the log-sum-exp in log2 units max * alpha + log2(sum) */
+static void eg_softmax_rows(const float *s, uint16_t *p, float *inv, int rows, int64_t Lk, int64_t Lk64, float alpha,
+                            const uint8_t *mask, float *lse2) {
   for (int i = 0; i < 16; i++) {
     const float *srow = s + i * Lk64;
     uint16_t *prow = p + i * Lk64;
@@ -371,20 +375,32 @@ static void eg_softmax_rows(const float *s, uint16_t *p, float *inv, int rows, i
       memset(prow, 0, (size_t)Lk64 * 2);
       continue;
     }
+    const uint8_t *mrow = mask ? mask + i * Lk : NULL;
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    int64_t j = 0;
-    for (; j + 16 <= Lk; j += 16) mx = _mm512_max_ps(mx, _mm512_load_ps(srow + j));
-    __mmask16 tail = (__mmask16)((1u << (Lk - j)) - 1u);
-    if (j < Lk) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_load_ps(srow + j));
-    const __m512 shift = _mm512_set1_ps(-_mm512_reduce_max_ps(mx) * alpha), a = _mm512_set1_ps(alpha);
+    for (int64_t j = 0; j < Lk; j += 16) {
+      __mmask16 m = Lk - j >= 16 ? 0xffff : (__mmask16)((1u << (Lk - j)) - 1u);
+      if (mrow) {
+        __m128i allowed = _mm_maskz_loadu_epi8(m, mrow + j);
+        m &= _mm_test_epi8_mask(allowed, allowed);
+      }
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_load_ps(srow + j));
+    }
+    const float row_max = _mm512_reduce_max_ps(mx);
+    const __m512 shift = _mm512_set1_ps(row_max == -INFINITY ? 0.f : -row_max * alpha), a = _mm512_set1_ps(alpha);
     __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j < Lk64; j += 16) {
-      __m512 e = eg_exp2_weights(_mm512_fmadd_ps(_mm512_load_ps(srow + j), a, shift));
-      if (j + 16 > Lk) e = _mm512_maskz_mov_ps(j < Lk ? tail : 0, e);
+    for (int64_t j = 0; j < Lk64; j += 16) {
+      __mmask16 m = j >= Lk ? 0 : Lk - j >= 16 ? 0xffff : (__mmask16)((1u << (Lk - j)) - 1u);
+      if (mrow && m) {
+        __m128i allowed = _mm_maskz_loadu_epi8(m, mrow + j);
+        m &= _mm_test_epi8_mask(allowed, allowed);
+      }
+      __m512 e = _mm512_maskz_mov_ps(m, eg_exp2_weights(_mm512_fmadd_ps(_mm512_load_ps(srow + j), a, shift)));
       sum = _mm512_add_ps(sum, e);
       _mm256_store_si256((__m256i *)(prow + j), eg_round(e));
     }
-    inv[i] = 1.f / _mm512_reduce_add_ps(sum);
+    const float total = _mm512_reduce_add_ps(sum);
+    inv[i] = total > 0.f ? 1.f / total : 0.f;
+    if (lse2) lse2[i] = total > 0.f ? row_max * alpha + log2f(total) : -INFINITY;
   }
 }
 
@@ -407,6 +423,8 @@ typedef struct {
   void *block;
   uint16_t *kp, *vp, *qp, *p;
   float *s, *o;
+  const uint8_t *mask; /* the 16 query rows' allowed keys (stride Lk), or NULL */
+  float *lse2;         /* 16 log-sum-exps out (log2 units), or NULL */
 } eg_attention_work;
 
 static eg_attention_work eg_attention_work_new(int64_t Lk64, int64_t D) {
@@ -421,6 +439,8 @@ static eg_attention_work eg_attention_work_new(int64_t Lk64, int64_t D) {
   w.s = (float *)(m + nk + nv + nq);
   w.p = (uint16_t *)(m + nk + nv + nq + ns);
   w.o = (float *)(m + nk + nv + nq + ns + np);
+  w.mask = NULL;
+  w.lse2 = NULL;
   return w;
 }
 
@@ -434,8 +454,9 @@ typedef void (*eg_attention_block)(const eg_attention_work *w, int rows, int64_t
 /* per (b, h): pack k and v; per 16 queries: pack q, `block`, write out = O / sum. `begin` and `end` (or NULL) run
  * once per thread around its share (AMX: the tile configuration) with 64 aligned bytes of state. */
 static void eg_attention_run(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B,
-                             int64_t H, int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt,
-                             eg_attention_block block, void (*begin)(void *), void (*end)(void *)) {
+                             int64_t H, int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale,
+                             const uint8_t *mask, float *lse, int nt, eg_attention_block block,
+                             void (*begin)(void *), void (*end)(void *)) {
   const int64_t Lk64 = (Lk + 63) / 64 * 64, DT = (D + 15) / 16;
   const float alpha = scale * 1.4426950408889634f;
 #pragma omp parallel num_threads(nt)
@@ -443,7 +464,8 @@ static void eg_attention_run(const uint16_t *q, const uint16_t *k, const uint16_
     _Alignas(64) unsigned char state[64];
     if (begin) begin(state);
     eg_attention_work w = eg_attention_work_new(Lk64, D);
-    float inv[16];
+    float inv[16], lse2[16];
+    w.lse2 = lse ? lse2 : NULL;
 #pragma omp for schedule(static)
     for (int64_t bh = 0; bh < B * H; bh++) {
       const int64_t b = bh / H, h = bh % H;
@@ -454,8 +476,11 @@ static void eg_attention_run(const uint16_t *q, const uint16_t *k, const uint16_
       for (int64_t q0 = 0; q0 < Lq; q0 += 16) {
         const int rows = Lq - q0 < 16 ? (int)(Lq - q0) : 16;
         eg_pack_q(qb, st[2], q0, rows, D, w.qp);
+        w.mask = mask ? mask + q0 * Lk : NULL;
         block(&w, rows, Lk, Lk64, D, alpha, inv);
         for (int i = 0; i < rows; i++) eg_store_row(ob + (q0 + i) * st[11], w.o + i * DT * 16, inv[i], D);
+        if (lse)
+          for (int i = 0; i < rows; i++) lse[b * st[12] + h * st[13] + (q0 + i) * st[14]] = lse2[i] * 0.6931471805599453f;
       }
     }
     free(w.block);
@@ -463,23 +488,22 @@ static void eg_attention_run(const uint16_t *q, const uint16_t *k, const uint16_
   }
 }
 
-/* AVX-512 BF16: both products as broadcast pairs of the A side times rows of the packed B side, 4 query rows x
- * 64 keys (S) or x 64 dims (O) in 16 fp32 accumulators */
-static void eg_attention_block_dp(const eg_attention_work *w, int rows, int64_t Lk, int64_t Lk64, int64_t D, float alpha,
-                                  float *inv) {
-  const int64_t DC = (D + 31) / 32, DT = (D + 15) / 16;
-  const uint16_t *kp = w->kp, *vp = w->vp, *qp = w->qp;
-  uint16_t *p = w->p;
-  float *s = w->s, *o = w->o;
-  /* S = q k^T: per 4 rows and 64 keys, the d pairs (only those below D) */
+/* AVX-512 BF16 products: broadcast pairs of the A side times rows of the packed B side, 4 A rows x 64 columns in 16
+ * fp32 accumulators.
+ *
+ * C (4-row groups below `rows`, N64 columns, stride ldc) = A B^T: A = 16 rows packed by eg_pack_q (rows past `rows`
+ * zero), B = N64 rows of D packed by eg_pack_k; the d pairs below D only */
+static void eg_gemm_nt_dp(const uint16_t *ap, const uint16_t *bp, int rows, int64_t N64, int64_t D, float *c,
+                          int64_t ldc) {
+  const int64_t DC = (D + 31) / 32;
   for (int i0 = 0; i0 < rows; i0 += 4)
-    for (int64_t kt = 0; kt < Lk64 / 16; kt += 4) {
+    for (int64_t kt = 0; kt < N64 / 16; kt += 4) {
       __m512 acc[4][4];
       for (int a = 0; a < 4; a++)
         for (int t = 0; t < 4; t++) acc[a][t] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < DC; c++) {
-        const int pairs = D - c * 32 >= 32 ? 16 : (int)(D - c * 32) / 2;
-        const uint16_t *kc = kp + (kt * DC + c) * 512, *qc = qp + (i0 * DC + c) * 32;
+      for (int64_t ch = 0; ch < DC; ch++) {
+        const int pairs = D - ch * 32 >= 32 ? 16 : (int)(D - ch * 32) / 2;
+        const uint16_t *kc = bp + (kt * DC + ch) * 512, *qc = ap + (i0 * DC + ch) * 32;
         for (int r = 0; r < pairs; r++) {
           __m512bh k0 = EG_ROW(kc + r * 32), k1 = EG_ROW(kc + DC * 512 + r * 32);
           __m512bh k2 = EG_ROW(kc + 2 * DC * 512 + r * 32), k3 = EG_ROW(kc + 3 * DC * 512 + r * 32);
@@ -493,23 +517,28 @@ static void eg_attention_block_dp(const eg_attention_work *w, int rows, int64_t 
         }
       }
       for (int a = 0; a < 4; a++)
-        for (int t = 0; t < 4; t++) _mm512_store_ps(s + (i0 + a) * Lk64 + (kt + t) * 16, acc[a][t]);
+        for (int t = 0; t < 4; t++) _mm512_store_ps(c + (i0 + a) * ldc + (kt + t) * 16, acc[a][t]);
     }
-  eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha);
-  /* O = P v: per 4 rows and 64 dims, the key pairs below Lk */
-  const int64_t key_pairs = (Lk + 1) / 2;
+}
+
+/* C (4-row groups below `rows`, D columns rounded up to 16, stride ldc) = A B: A = bf16 rows of stride lda whose
+ * reduction index runs along the row (read as adjacent pairs), B = the reduction's rows of D packed by eg_pack_v; the
+ * first `pairs` reduction pairs (A and B must hold zeros, not garbage, in a pair's unused half) */
+static void eg_gemm_nn_dp(const uint16_t *a_rows, int64_t lda, const uint16_t *bp, int rows, int64_t pairs, int64_t D,
+                          float *c, int64_t ldc) {
+  const int64_t DT = (D + 15) / 16;
   for (int i0 = 0; i0 < rows; i0 += 4)
     for (int64_t n0 = 0; n0 < DT; n0 += 4) {
       const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
       __m512 acc[4][4];
       for (int a = 0; a < 4; a++)
         for (int t = 0; t < 4; t++) acc[a][t] = _mm512_setzero_ps();
-      for (int64_t kk = 0; kk < key_pairs; kk++) {
-        const uint16_t *vr = vp + ((kk / 16) * DT + n0) * 512 + (kk % 16) * 32, *pr = p + i0 * Lk64 + 2 * kk;
+      for (int64_t kk = 0; kk < pairs; kk++) {
+        const uint16_t *vr = bp + ((kk / 16) * DT + n0) * 512 + (kk % 16) * 32, *pr = a_rows + i0 * lda + 2 * kk;
         if (nn == 4) {
           __m512bh v0 = EG_ROW(vr), v1 = EG_ROW(vr + 512), v2 = EG_ROW(vr + 1024), v3 = EG_ROW(vr + 1536);
           for (int a = 0; a < 4; a++) {
-            __m512bh pa = EG_BCAST(pr + a * Lk64);
+            __m512bh pa = EG_BCAST(pr + a * lda);
             acc[a][0] = _mm512_dpbf16_ps(acc[a][0], pa, v0);
             acc[a][1] = _mm512_dpbf16_ps(acc[a][1], pa, v1);
             acc[a][2] = _mm512_dpbf16_ps(acc[a][2], pa, v2);
@@ -518,24 +547,156 @@ static void eg_attention_block_dp(const eg_attention_work *w, int rows, int64_t 
         } else {
           for (int64_t t = 0; t < nn; t++) {
             __m512bh vt = EG_ROW(vr + t * 512);
-            for (int a = 0; a < 4; a++) acc[a][t] = _mm512_dpbf16_ps(acc[a][t], EG_BCAST(pr + a * Lk64), vt);
+            for (int a = 0; a < 4; a++) acc[a][t] = _mm512_dpbf16_ps(acc[a][t], EG_BCAST(pr + a * lda), vt);
           }
         }
       }
       for (int a = 0; a < 4; a++)
-        for (int64_t t = 0; t < nn; t++) _mm512_store_ps(o + (i0 + a) * DT * 16 + (n0 + t) * 16, acc[a][t]);
+        for (int64_t t = 0; t < nn; t++) _mm512_store_ps(c + (i0 + a) * ldc + (n0 + t) * 16, acc[a][t]);
     }
 }
 
+/* S = q k^T, softmax, O = P v for the 16 packed query rows */
+static void eg_attention_block_dp(const eg_attention_work *w, int rows, int64_t Lk, int64_t Lk64, int64_t D, float alpha,
+                                  float *inv) {
+  eg_gemm_nt_dp(w->qp, w->kp, rows, Lk64, D, w->s, Lk64);
+  eg_softmax_rows(w->s, w->p, inv, rows, Lk, Lk64, alpha, w->mask, w->lse2);
+  eg_gemm_nn_dp(w->p, Lk64, w->vp, rows, (Lk + 1) / 2, D, w->o, (D + 15) / 16 * 16);
+}
+
 void eg_attention_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
-                     int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
-  eg_attention_run(q, k, v, out, B, H, Lq, Lk, D, st, scale, nt, eg_attention_block_dp, NULL, NULL);
+                     int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, const uint8_t *mask, float *lse,
+                     int nt) {
+  eg_attention_run(q, k, v, out, B, H, Lq, Lk, D, st, scale, mask, lse, nt, eg_attention_block_dp, NULL, NULL);
+}
+
+/* The backward of softmax attention (bf16, AVX-512 BF16), for training: given q (Lq x D), k, v (Lk x D), the
+ * forward's output o and log-sum-exp lse (natural log of sum_j exp(s_ij scale) per query row, fp32), the output's
+ * gradient dout and an optional allowed-pairs mask stored transposed (Lk x Lq bytes, shared by every (b, h)):
+ *   P = exp(q k^T scale - lse)   dV = P^T dout   dP = dout v^T   delta_i = dout_i . o_i   dS = P (dP - delta)
+ *   dQ = dS k scale              dK = dS^T q scale
+ * Per (b, h), per 16 keys (FlashAttention-2's key-outer order): S^T and dP^T (16 x Lq, fp32), then P^T and dS^T in
+ * bf16, whose products with the packed dout and q give the 16 rows of dV and dK whole (every query in one sum); dS^T
+ * is also transposed into a (Lq x Lk) bf16 matrix, from which dQ = dS k is one more pass per 16 queries. Five
+ * products, as the materialised backward; nothing of size Lq x Lk in fp32. `st`: the (b, h, row) strides of q, k,
+ * v, o, dout, dq, dk, dv and lse, in elements. */
+void eg_attention_backward_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
+                              const uint16_t *dout, const float *lse, const uint8_t *mask_t, uint16_t *dq, uint16_t *dk,
+                              uint16_t *dv, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, const int64_t *st,
+                              float scale, int nt) {
+  const int64_t Lq64 = (Lq + 63) / 64 * 64, Lk64 = (Lk + 63) / 64 * 64, DC = (D + 31) / 32, DT = (D + 15) / 16;
+  const float log2e = 1.4426950408889634f, alpha = scale * log2e;
+#pragma omp parallel num_threads(nt)
+  {
+    const size_t nk = (size_t)Lq64 * DC * 64, nv = (size_t)Lq64 * DT * 32, nblk = 16 * DC * 64;
+    const size_t nrow = 16 * (size_t)Lq64, nacc = 16 * DT * 16 * 4;
+    char *m = aligned_alloc(64, 2 * nk + 2 * nv + (size_t)Lk64 * DT * 32 + 2 * nblk + 2 * nrow * 4 + 2 * nrow * 2 +
+                                    2 * nacc + (size_t)Lq64 * Lk64 * 2 + 2 * (size_t)Lq64 * 4);
+    char *at = m;
+#define EG_TAKE(type, name, bytes) type *name = (type *)at; at += (bytes)
+    EG_TAKE(uint16_t, qk, nk);       /* q, packed as the B side of S^T = k q^T */
+    EG_TAKE(uint16_t, dok, nk);      /* dout, as the B side of dP^T = v dout^T */
+    EG_TAKE(uint16_t, qv, nv);       /* q, as the B side of dK = dS^T q */
+    EG_TAKE(uint16_t, dov, nv);      /* dout, as the B side of dV = P^T dout */
+    EG_TAKE(uint16_t, kv, (size_t)Lk64 * DT * 32); /* k, as the B side of dQ = dS k */
+    EG_TAKE(uint16_t, kblk, nblk);   /* 16 key rows, the A side */
+    EG_TAKE(uint16_t, vblk, nblk);   /* their 16 value rows */
+    EG_TAKE(float, sT, nrow * 4);
+    EG_TAKE(float, dpT, nrow * 4);
+    EG_TAKE(uint16_t, pT, nrow * 2);
+    EG_TAKE(uint16_t, dsT, nrow * 2);
+    EG_TAKE(float, acc_a, nacc);
+    EG_TAKE(float, acc_b, nacc);
+    EG_TAKE(uint16_t, ds, (size_t)Lq64 * Lk64 * 2); /* dS, (Lq64 x Lk64) */
+    EG_TAKE(float, lse2, (size_t)Lq64 * 4);        /* lse in log2 units, per query */
+    EG_TAKE(float, delta, (size_t)Lq64 * 4);
+#undef EG_TAKE
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+      const int64_t b = bh / H, h = bh % H;
+#define EG_AT(ptr, i) ((ptr) + b * st[3 * (i)] + h * st[3 * (i) + 1])
+      const uint16_t *qb = EG_AT(q, 0), *kb_ = EG_AT(k, 1), *vb = EG_AT(v, 2), *ob = EG_AT(o, 3), *gb = EG_AT(dout, 4);
+      uint16_t *dqb = EG_AT(dq, 5), *dkb = EG_AT(dk, 6), *dvb = EG_AT(dv, 7);
+      const float *lb = EG_AT(lse, 8);
+#undef EG_AT
+      eg_pack_k(qb, st[2], Lq, Lq64, D, qk);
+      eg_pack_k(gb, st[14], Lq, Lq64, D, dok);
+      eg_pack_v(qb, st[2], Lq, Lq64, D, qv);
+      eg_pack_v(gb, st[14], Lq, Lq64, D, dov);
+      eg_pack_v(kb_, st[5], Lk, Lk64, D, kv);
+      for (int64_t i = 0; i < Lq64; i++) {
+        if (i >= Lq) {
+          lse2[i] = 0.f, delta[i] = 0.f;
+          continue;
+        }
+        const uint16_t *orow = ob + i * st[11], *grow = gb + i * st[14];
+        __m512 sum = _mm512_setzero_ps();
+        int64_t d = 0;
+        for (; d + 16 <= D; d += 16) sum = _mm512_fmadd_ps(eg_load(orow + d), eg_load(grow + d), sum);
+        if (d < D) {
+          __mmask16 tail = (__mmask16)((1u << (D - d)) - 1u);
+          sum = _mm512_fmadd_ps(eg_load_mask(orow + d, tail), eg_load_mask(grow + d, tail), sum);
+        }
+        delta[i] = _mm512_reduce_add_ps(sum);
+        lse2[i] = lb[i * st[26]] * log2e;
+      }
+      const __m512 a = _mm512_set1_ps(alpha);
+      for (int64_t k0 = 0; k0 < Lk; k0 += 16) {
+        const int rows = Lk - k0 < 16 ? (int)(Lk - k0) : 16;
+        eg_pack_q(kb_, st[5], k0, rows, D, kblk);
+        eg_pack_q(vb, st[8], k0, rows, D, vblk);
+        eg_gemm_nt_dp(kblk, qk, 16, Lq64, D, sT, Lq64);
+        eg_gemm_nt_dp(vblk, dok, 16, Lq64, D, dpT, Lq64);
+        for (int i = 0; i < 16; i++)
+          for (int64_t j = 0; j < Lq64; j += 16) {
+            __mmask16 valid = i < rows && j < Lq ? (Lq - j >= 16 ? 0xffff : (__mmask16)((1u << (Lq - j)) - 1u)) : 0;
+            if (valid && mask_t) {
+              __m128i allowed = _mm_maskz_loadu_epi8(valid, mask_t + (k0 + i) * Lq + j);
+              valid &= _mm_test_epi8_mask(allowed, allowed);
+            }
+            __m512 p = _mm512_maskz_mov_ps(valid, eg_exp2_weights(_mm512_maskz_fmadd_ps(
+                valid, _mm512_load_ps(sT + i * Lq64 + j), a, _mm512_sub_ps(_mm512_setzero_ps(), _mm512_load_ps(lse2 + j)))));
+            __m512 g = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_load_ps(dpT + i * Lq64 + j), _mm512_load_ps(delta + j)));
+            _mm256_store_si256((__m256i *)(pT + i * Lq64 + j), eg_round(p));
+            _mm256_store_si256((__m256i *)(dsT + i * Lq64 + j), eg_round(g));
+          }
+        eg_gemm_nn_dp(pT, Lq64, dov, 16, (Lq + 1) / 2, D, acc_a, DT * 16);
+        eg_gemm_nn_dp(dsT, Lq64, qv, 16, (Lq + 1) / 2, D, acc_b, DT * 16);
+        for (int i = 0; i < rows; i++) {
+          eg_store_row(dvb + (k0 + i) * st[23], acc_a + i * DT * 16, 1.f, D);
+          eg_store_row(dkb + (k0 + i) * st[20], acc_b + i * DT * 16, scale, D);
+        }
+        /* dS^T's 16 rows into columns k0.. of dS, 16 x 16 at a time (as 32-bit words, through registers) */
+        for (int64_t j = 0; j < Lq64; j += 16) {
+          __m512i r[16];
+          for (int i = 0; i < 16; i++) r[i] = _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(dsT + i * Lq64 + j)));
+          eg_transpose16(r);
+          for (int i = 0; i < 16; i++) _mm256_store_si256((__m256i *)(ds + (j + i) * Lk64 + k0), _mm512_cvtepi32_epi16(r[i]));
+        }
+      }
+      for (int64_t q0 = 0; q0 < Lq; q0 += 16) {
+        const int rows = Lq - q0 < 16 ? (int)(Lq - q0) : 16;
+        eg_gemm_nn_dp(ds + q0 * Lk64, Lk64, kv, rows, (Lk + 1) / 2, D, acc_a, DT * 16);
+        for (int i = 0; i < rows; i++) eg_store_row(dqb + (q0 + i) * st[17], acc_a + i * DT * 16, scale, D);
+      }
+    }
+    free(m);
+  }
 }
 #else
 #define EG_ATTENTION 0
+void eg_attention_backward_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint16_t *o,
+                              const uint16_t *dout, const float *lse, const uint8_t *mask_t, uint16_t *dq, uint16_t *dk,
+                              uint16_t *dv, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, const int64_t *st,
+                              float scale, int nt) {
+  (void)q, (void)k, (void)v, (void)o, (void)dout, (void)lse, (void)mask_t, (void)dq, (void)dk, (void)dv, (void)B;
+  (void)H, (void)Lq, (void)Lk, (void)D, (void)st, (void)scale, (void)nt;
+}
 void eg_attention_dp(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
-                     int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
+                     int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, const uint8_t *mask, float *lse,
+                     int nt) {
   (void)q, (void)k, (void)v, (void)out, (void)B, (void)H, (void)Lq, (void)Lk, (void)D, (void)st, (void)scale, (void)nt;
+  (void)mask, (void)lse;
 }
 #endif
 
@@ -611,7 +772,7 @@ static void eg_attention_block_amx(const eg_attention_work *w, int rows, int64_t
     _tile_stored(2, s + kt * 16 + 32, Lk64 * 4);
     _tile_stored(3, s + kt * 16 + 48, Lk64 * 4);
   }
-  eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha);
+  eg_softmax_rows(s, p, inv, rows, Lk, Lk64, alpha, w->mask, w->lse2);
   /* O = P v, 4 output tiles of 16 dims at a time */
   for (int64_t n0 = 0; n0 < DT; n0 += 4) {
     const int64_t nn = DT - n0 < 4 ? DT - n0 : 4;
@@ -645,14 +806,18 @@ static void eg_attention_block_amx(const eg_attention_work *w, int rows, int64_t
 }
 
 void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
-                  int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
-  eg_attention_run(q, k, v, out, B, H, Lq, Lk, D, st, scale, nt, eg_attention_block_amx, eg_tiles_begin, eg_tiles_end);
+                  int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, const uint8_t *mask, float *lse,
+                  int nt) {
+  eg_attention_run(q, k, v, out, B, H, Lq, Lk, D, st, scale, mask, lse, nt, eg_attention_block_amx, eg_tiles_begin,
+                   eg_tiles_end);
 }
 #else
 int eg_amx_init(void) { return 0; }
 void eg_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t B, int64_t H,
-                  int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, int nt) {
+                  int64_t Lq, int64_t Lk, int64_t D, const int64_t *st, float scale, const uint8_t *mask, float *lse,
+                  int nt) {
   (void)q, (void)k, (void)v, (void)out, (void)B, (void)H, (void)Lq, (void)Lk, (void)D, (void)st, (void)scale, (void)nt;
+  (void)mask, (void)lse;
 }
 #endif
 

@@ -6,7 +6,8 @@ passes), the tanh-GELU of every DiT/VAR MLP (oneDNN's GELU epilogue costs as muc
 then SiLU in the VQ/VAE decoders. Each kernel here is one pass that reads once, computes in fp32 and rounds to bf16
 once: at least as accurate as the eager bf16 chain (tests compare both with an fp32 reference), not bit-identical.
 `attention` replaces torch's CPU flash kernel, which runs at 15-30% of the bf16 matmul peak, by softmax attention
-on AMX tiles or AVX-512 BF16 dot products (`attention_kernels()`). `sample_tokens` is the token generators' draw
+on AMX tiles or AVX-512 BF16 dot products (`attention_kernels()`); `attention_backward` is its gradient for bf16
+training (torch's CPU flash backward is slower in bf16 than in fp32), from the forward's log-sum-exp. `sample_tokens` is the token generators' draw
 (guidance, top-k, top-p, Gumbel-max) in one pass per row of fp32 logits, in any precision: the eager chain's arithmetic,
 so its tokens equal the eager ones except where a sum or log rounding by an ulp decides a cut or an argmax.
 
@@ -17,7 +18,8 @@ library). It links libgomp.so.1, the OpenMP runtime torch's CPU wheel has alread
 threads. The vector code needs AVX-512 F/BW/VL (AMX Xeons, AMD Zen 4); elsewhere, without a compiler, or with
 `EFFIGEN_CPU_KERNELS=off`, `available()` is False and every caller keeps its eager ops. The kernels run only where the
 oneDNN fast paths of `nn.layers.fused_dtype` do: bf16 inference on a CPU (no gradients, modules in eval mode), never in
-fp32 or training, never under torch.compile; `set_fused_inference(False)` switches both off.
+fp32, never under torch.compile; `set_fused_inference(False)` switches both off. The one exception is attention in
+bf16 training (`nn.attention`), which `set_enabled(False)` switches off.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ _SIGNATURES = {
     "eg_l2norm_qk": ([_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int], None),
     "eg_norm_modulate": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int], None),
     "eg_amx_init": ([], ctypes.c_int),
-    "eg_attention": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, ctypes.c_int], None),
-    "eg_attention_dp": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, ctypes.c_int], None),
+    "eg_attention": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, _P, _P, ctypes.c_int], None),
+    "eg_attention_dp": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, _P, ctypes.c_float, _P, _P, ctypes.c_int],
+                        None),
     "eg_attention_kernels": ([], ctypes.c_int),
+    "eg_attention_backward_dp": ([_P] * 10 + [_I64] * 5 + [_P, ctypes.c_float, ctypes.c_int], None),
     "eg_sample_tokens": ([_P, _P, ctypes.c_double, _I64, _I64, _P, _I64, ctypes.c_double, ctypes.c_double, ctypes.c_int,
                           _P, _P, ctypes.c_int], None),
 }
@@ -292,15 +296,33 @@ def l2norm_qk(qkv: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def _mask_bytes(mask: torch.Tensor | None, Lq: int, Lk: int, transpose: bool = False) -> torch.Tensor | None | bool:
+    """A boolean mask broadcastable to (..., Lq, Lk) with every leading size 1, as contiguous (Lq, Lk) bytes (or (Lk,
+    Lq) with `transpose`); None without a mask, False where the kernels cannot take it (per-batch or per-head)."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool or mask.dim() < 2 or any(n != 1 for n in mask.shape[:-2]):
+        return False
+    try:
+        mask = mask.reshape(mask.shape[-2:]).expand(Lq, Lk)
+    except RuntimeError:
+        return False
+    return (mask.t() if transpose else mask).contiguous().view(torch.uint8)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-              kernel: str | None = None) -> torch.Tensor | None:
-    """softmax(q k^T * scale) v without a mask for bf16 q (B, heads, L_q, D), k and v (B, heads, L_k, D): exact
-    softmax over all keys in fp32, the weights rounded to bf16 before the product with v (as flash attention does),
-    both products on AMX tiles or, without AMX, on AVX-512 BF16 dot products (`kernel`: "amx" or "avx512_bf16",
-    default the first of `attention_kernels()`). Any strides with a contiguous last dimension (the qkv projection's
-    views, a KV cache's filled part). The result (B, heads, L_q, D) is a view of a (B, L_q, heads, D) buffer, so the
-    caller's `out.transpose(1, 2).reshape(B, L_q, heads * D)` copies nothing. None where no kernel applies (neither
-    instruction set, shapes, dtypes, D odd or > 256); the caller then runs SDPA."""
+              kernel: str | None = None, mask: torch.Tensor | None = None, return_lse: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
+    """softmax(q k^T * scale) v for bf16 q (B, heads, L_q, D), k and v (B, heads, L_k, D): exact softmax over the
+    allowed keys in fp32, the weights rounded to bf16 before the product with v (as flash attention does), both
+    products on AMX tiles or, without AMX, on AVX-512 BF16 dot products (`kernel`: "amx" or "avx512_bf16", default the
+    first of `attention_kernels()`). `mask`: optional boolean (L_q, L_k) (leading sizes 1), True where allowed; a row
+    without an allowed key gives zeros. Any strides with a contiguous last dimension (the qkv projection's views, a KV
+    cache's filled part). The result (B, heads, L_q, D) is a view of a (B, L_q, heads, D) buffer, so the caller's
+    `out.transpose(1, 2).reshape(B, L_q, heads * D)` copies nothing. With `return_lse`, also the rows' log-sum-exp
+    (B, heads, L_q) fp32 (natural log, scale included), what `attention_backward` needs. None where no kernel applies
+    (neither instruction set, shapes, dtypes, a per-batch or per-head mask, D odd or > 256); the caller then runs
+    SDPA."""
     kernels = attention_kernels() if _usable(q, k, v) else ()
     if not kernels or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return None
@@ -312,15 +334,56 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if (tuple(k.shape) != (B, H, Lk, D) or tuple(v.shape) != (B, H, Lk, D) or D % 2 or D > 256 or Lk < 1 or Lq < 1
             or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
         return None
+    mask_bytes = _mask_bytes(mask, Lq, Lk)
+    if mask_bytes is False:
+        return None
     out = torch.empty((B, Lq, H, D), dtype=torch.bfloat16)
     view = out.transpose(1, 2)
-    strides = torch.tensor([s for t in (q, k, v, view) for s in t.stride()[:3]], dtype=torch.int64)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32) if return_lse else None
+    strides = [s for t in (q, k, v, view) for s in t.stride()[:3]] + (list(lse.stride()) if return_lse else [0] * 3)
+    strides = torch.tensor(strides, dtype=torch.int64)
     scale = 1.0 / D**0.5 if scale is None else float(scale)
     function = library().eg_attention if kernel == "amx" else library().eg_attention_dp
     with torch.profiler.record_function("effigen::attention"):
         function(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, Lq, Lk, D, strides.data_ptr(), scale,
+                 None if mask_bytes is None else mask_bytes.data_ptr(), None if lse is None else lse.data_ptr(),
                  _threads())
-    return view
+    return (view, lse) if return_lse else view
+
+
+def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+                       lse: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Gradients (dq, dk, dv) of softmax attention for bf16 q (B, heads, L_q, D), k and v (B, heads, L_k, D), from
+    the forward's output `out`, its log-sum-exp `lse` (B, heads, L_q) in fp32 (natural log, scale included: what
+    `torch.ops.aten._scaled_dot_product_flash_attention_for_cpu` returns), the output's gradient and an optional
+    boolean (L_q, L_k) mask, True where attention is allowed. P is recomputed from lse, every product runs on AVX-512
+    BF16 dot products with fp32 accumulation, and P and dS are rounded to bf16 before their products (as flash
+    attention's backward does on a GPU). Any strides with a contiguous last dimension; the gradients are (B, heads, L,
+    D) views of (B, L, heads, D) buffers, the layout of the qkv projection's gradient. None where the kernel does not
+    apply (no AVX-512 BF16 build, switched off, a dispatch mode, other dtypes or shapes); the caller then runs torch's
+    backward."""
+    tensors = (q, k, v, out, grad_out)
+    if "avx512_bf16" not in attention_kernels() or not _usable(*tensors) or any(t.dim() != 4 for t in tensors):
+        return None
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if (tuple(k.shape) != (B, H, Lk, D) or tuple(v.shape) != (B, H, Lk, D) or tuple(out.shape) != (B, H, Lq, D)
+            or tuple(grad_out.shape) != (B, H, Lq, D) or tuple(lse.shape) != (B, H, Lq) or lse.dtype != torch.float32
+            or D % 2 or D > 256 or Lk < 1 or Lq < 1 or any(t.stride(-1) != 1 for t in tensors)):
+        return None
+    mask_t = _mask_bytes(mask, Lq, Lk, transpose=True)
+    if mask_t is False:
+        return None
+    grads = [torch.empty((B, L, H, D), dtype=torch.bfloat16).transpose(1, 2) for L in (Lq, Lk, Lk)]
+    strides = torch.tensor([s for t in (q, k, v, out, grad_out, *grads, lse) for s in t.stride()[:3]], dtype=torch.int64)
+    scale = 1.0 / D**0.5 if scale is None else float(scale)
+    with torch.profiler.record_function("effigen::attention_backward"):
+        library().eg_attention_backward_dp(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(),
+                                           lse.data_ptr(), None if mask_t is None else mask_t.data_ptr(),
+                                           grads[0].data_ptr(), grads[1].data_ptr(), grads[2].data_ptr(), B, H, Lq, Lk,
+                                           D, strides.data_ptr(), scale, _threads())
+    return tuple(grads)
 
 
 def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor | None, top_k: int, top_p: float, temperature: float,
