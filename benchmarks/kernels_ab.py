@@ -138,7 +138,7 @@ def _ops(repeats: int) -> None:
                 return torch.cat([t.flatten() for t in cpu_kernels.attention_backward(q, k, v, out, g, lse, mask)])
 
             def autograd(q=q, k=k, v=v, g=g, mask=mask, dtype=bf16):
-                leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+                leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
                 with torch.enable_grad():
                     F.scaled_dot_product_attention(*leaves, attn_mask=mask).backward(g.to(dtype))
                 return torch.cat([t.grad.flatten() for t in leaves])
