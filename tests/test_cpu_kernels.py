@@ -5,6 +5,8 @@ handle every tail and odd shape, and step aside (None / False) where it does not
 from __future__ import annotations
 
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -168,6 +170,21 @@ def test_kernel_library_is_built_once_into_the_cache_and_can_be_switched_off(tmp
     assert off.stdout.startswith("False") and "EFFIGEN_CPU_KERNELS=off" in off.stdout
     bad = _child(probe, EFFIGEN_KERNEL_CACHE=str(tmp_path), EFFIGEN_CPU_KERNELS="fast")
     assert bad.returncode != 0 and "'auto'" in bad.stderr and "'off'" in bad.stderr
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None or platform.machine() != "x86_64", reason="needs gcc on x86-64")
+def test_a_cpu_without_avx512_loads_no_kernels_and_samples_with_the_eager_ops(tmp_path):
+    # the compiler targets AVX2 only (a later -march wins): the library builds without its vector kernels
+    script = tmp_path / "cc"
+    script.write_text(f"#!/bin/sh\nexec {shutil.which('gcc')} \"$@\" -march=x86-64-v3\n")
+    script.chmod(0o755)
+    code = ("import warnings, torch\nfrom effigen.nn import cpu_kernels as k\n"
+            "print(k.available(), 'AVX-512' in k.unavailable_reason(), k.attention_kernels())\n"
+            "from effigen.nn.layers import Mlp\nm = Mlp(16, 32).eval()\n"
+            "with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):\n    print(m(torch.randn(2, 16)).dtype)\n")
+    result = _child(code, EFFIGEN_KERNEL_CACHE=str(tmp_path / "cache"), CC=str(script))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True", "()", "torch.bfloat16"]
 
 
 def test_a_failing_compiler_warns_once_and_leaves_the_eager_ops(tmp_path):

@@ -128,12 +128,13 @@ def library():
                     _STATE["error"] = "no C compiler (install gcc, or set CC)"
                 else:
                     lib = ctypes.CDLL(str(_compile(compiler)))
-                    for name, (arguments, result) in _SIGNATURES.items():
-                        function = getattr(lib, name)
-                        function.argtypes, function.restype = arguments, result
-                    if lib.eg_vector_width() == 0:
+                    lib.eg_vector_width.argtypes, lib.eg_vector_width.restype = [], ctypes.c_int
+                    if lib.eg_vector_width() == 0:  # built without the vector kernels (whose symbols are absent)
                         _STATE["error"] = "this CPU has no AVX-512 F/BW/VL: the eager ops are faster than scalar C"
                     else:
+                        for name, (arguments, result) in _SIGNATURES.items():
+                            function = getattr(lib, name)
+                            function.argtypes, function.restype = arguments, result
                         _STATE["library"] = lib
                         # AMX tiles: compiled in where the compiler targets them, granted by the kernel per process
                         _STATE["amx"] = bool(lib.eg_amx_init())
