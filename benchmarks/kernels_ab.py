@@ -16,7 +16,8 @@ switches off only the fused token draw (`cpu_kernels.sample_tokens`) in the "off
 tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 256, 256)), and the SD-VAE decoder's
 sampling layout (channels-last with the kernels) against NCHW eager, and each attention kernel the CPU has (AMX,
 AVX-512 BF16) against SDPA at DiT-B/2's and VAR-d16's last-scale shapes, bf16 training attention (the AVX-512 BF16
-forward with log-sum-exp and backward kernels against SDPA's forward and backward) at DiT-B/2's and VAR-d12's, and
+forward with log-sum-exp and backward kernels against SDPA's forward and backward) at DiT-B/2's and VAR-d12's, bf16
+training tanh-GELU (forward and backward C passes against torch's bf16 ops) at DiT-B/2's MLP, and
 the fused token draw (guidance, top-k
 900, top-p 0.96, Gumbel-max) against the eager chain at VAR-d16's last scale (16 x 256 rows of 4096 logits; both from
 the same uniform noise, whose generation is not timed); median of interleaved repeats, and prints each one's largest
@@ -146,6 +147,13 @@ def _ops(repeats: int) -> None:
             cases.append((f"training attention fwd + bwd (avx512_bf16), {name}: ({B}, {H}, {Lq} queries, {Lk} keys, "
                           f"64){', mask' if mask is not None else ''}", kernel_pair, autograd,
                           lambda autograd=autograd: autograd(dtype=torch.float32)))
+    # bf16 training tanh-GELU, forward + backward, at DiT-B/2's MLP (batch 8): C passes against torch's bf16 ops
+    hidden, hidden_grad = torch.randn(8, 256, 3072).to(bf16), torch.randn(8, 256, 3072).to(bf16)
+    cases.append(("training tanh-GELU fwd + bwd, DiT-B/2 batch 8 (8, 256, 3072)",
+                  lambda: (cpu_kernels.gelu_tanh(hidden), cpu_kernels.gelu_tanh_backward(hidden_grad, hidden))[1],
+                  lambda: (F.gelu(hidden, approximate="tanh"),
+                           torch.ops.aten.gelu_backward(hidden_grad, hidden, approximate="tanh"))[1],
+                  lambda: torch.ops.aten.gelu_backward(hidden_grad.float(), hidden.float(), approximate="tanh")))
     # the token draw of VAR-d16's last scale at batch 16 with guidance (fp32 logits, as the head returns them)
     from effigen.samplers.tokens import filter_logits, guided_logits
 

@@ -611,3 +611,49 @@ def test_token_sampling_kernel_steps_aside_where_it_does_not_apply():
         assert cpu_kernels.sample_tokens(logits, uniform, 4, 0.9, 1.0, False) is None
     finally:
         cpu_kernels.set_enabled(True)
+
+
+@needs_kernels
+def test_gelu_training_kernels_are_as_close_to_fp32_as_torchs_bf16_ops():
+    torch.manual_seed(0)
+    x = (torch.randn(3, 37, 129) * 3).bfloat16()  # odd sizes: vector tails
+    x.view(-1)[:4] = torch.tensor([0.0, -12.0, 12.0, 1e-3]).bfloat16()
+    grad = torch.randn_like(x)
+    exact_x = x.float().requires_grad_()
+    F.gelu(exact_x, approximate="tanh").backward(grad.float())
+    exact = F.gelu(x.float(), approximate="tanh")
+    out = cpu_kernels.gelu_tanh(x)
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+    assert _error(out, exact) <= 1.5 * _error(F.gelu(x, approximate="tanh"), exact) + 1e-6
+    dx = cpu_kernels.gelu_tanh_backward(grad, x)
+    torch_dx = torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+    assert _error(dx, exact_x.grad) <= 1.5 * _error(torch_dx, exact_x.grad) + 1e-6
+    assert cpu_kernels.gelu_tanh(x.float()) is None and cpu_kernels.gelu_tanh_backward(grad, x[:1]) is None
+
+
+@needs_kernels
+def test_mlp_bf16_training_takes_the_gelu_kernels_and_matches_the_eager_gradients():
+    from effigen.nn.layers import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(32, 96).train()
+    x = torch.randn(4, 10, 32)
+    grads = {}
+    for enabled in (True, False):
+        cpu_kernels.set_enabled(enabled)
+        try:
+            mlp.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = mlp(x)
+            with torch.profiler.profile() as prof:
+                y.float().square().sum().backward()
+        finally:
+            cpu_kernels.set_enabled(True)
+        names = {event.name for event in prof.events()}
+        assert ("effigen::gelu_tanh_backward" in names) == enabled
+        grads[enabled] = [p.grad.clone() for p in mlp.parameters()]
+    reference = Mlp(32, 96)
+    reference.load_state_dict(mlp.state_dict())
+    reference(x).square().sum().backward()  # fp32
+    for ours, eager, exact in zip(grads[True], grads[False], (p.grad for p in reference.parameters())):
+        assert _error(ours, exact) <= 1.5 * _error(eager, exact) + 1e-3 * float(exact.abs().max())

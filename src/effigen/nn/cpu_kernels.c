@@ -5,6 +5,7 @@
  *   eg_rope_qk      2-D RoPE of q and k read from the qkv projection (B, L, S, H, D), written as (2, B, H, L, D)
  *   eg_gelu_tanh    GELU (tanh form) in place
  *   eg_silu         SiLU in place
+ *   eg_gelu_tanh_forward / _backward  GELU (tanh form) out of place and its gradient, for bf16 training
  *   eg_group_norm   GroupNorm (+ optional SiLU) over a channels-last (N, HW, C) activation
  *   eg_silu_mul     SwiGLU's silu(gate) * value from one (rows, 2h) projection
  *   eg_l2norm_qk    VAR's l2-normalised q (times a per-head scale) and k, read from the qkv projection
@@ -121,6 +122,47 @@ void eg_gelu_tanh(uint16_t *x, int64_t n, int nt) {
 }
 
 void eg_silu(uint16_t *x, int64_t n, int nt) { eg_x_sigmoid_inplace(x, n, 1.f, 0.f, nt); }
+
+/* for training: GELU (tanh form) out of place, and its backward. With z = a x + b x^3 (a = 2 sqrt(2/pi),
+ * b = 0.044715 a) and s = sigmoid(z): gelu = x s, d gelu / dx = s + x s (1 - s) (a + 3 b x^2). Each reads its inputs
+ * once and writes once (torch's bf16 ops: ~5x the time at DiT-B/2's MLP shape). */
+void eg_gelu_tanh_forward(const uint16_t *x, uint16_t *out, int64_t n, int nt) {
+  const float a = 1.5957691216057308f, b = a * 0.044715f;
+  const int64_t chunk = 8192, chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t k = 0; k < chunks; k++) {
+    int64_t lo = k * chunk, hi = lo + chunk < n ? lo + chunk : n, i = lo;
+    for (; i + 16 <= hi; i += 16) eg_store(out + i, eg_x_sigmoid(eg_load(x + i), a, b));
+    if (i < hi) {
+      __mmask16 m = (__mmask16)((1u << (hi - i)) - 1u);
+      eg_store_mask(out + i, m, eg_x_sigmoid(eg_load_mask(x + i, m), a, b));
+    }
+  }
+}
+
+static inline __m512 eg_gelu_tanh_grad(__m512 g, __m512 x, float a, float b) {
+  __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(x2, _mm512_set1_ps(b), _mm512_set1_ps(a)));
+  __m512 s = _mm512_div_ps(_mm512_set1_ps(1.f),
+                           _mm512_add_ps(eg_exp2(_mm512_mul_ps(z, _mm512_set1_ps(-1.4426950408889634f))), _mm512_set1_ps(1.f)));
+  __m512 slope = _mm512_fmadd_ps(x2, _mm512_set1_ps(3.f * b), _mm512_set1_ps(a));           /* a + 3 b x^2 */
+  __m512 ds = _mm512_mul_ps(_mm512_mul_ps(x, s), _mm512_sub_ps(_mm512_set1_ps(1.f), s));    /* x s (1 - s) */
+  return _mm512_mul_ps(g, _mm512_fmadd_ps(ds, slope, s));
+}
+
+void eg_gelu_tanh_backward(const uint16_t *grad, const uint16_t *x, uint16_t *dx, int64_t n, int nt) {
+  const float a = 1.5957691216057308f, b = a * 0.044715f;
+  const int64_t chunk = 8192, chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t k = 0; k < chunks; k++) {
+    int64_t lo = k * chunk, hi = lo + chunk < n ? lo + chunk : n, i = lo;
+    for (; i + 16 <= hi; i += 16) eg_store(dx + i, eg_gelu_tanh_grad(eg_load(grad + i), eg_load(x + i), a, b));
+    if (i < hi) {
+      __mmask16 m = (__mmask16)((1u << (hi - i)) - 1u);
+      eg_store_mask(dx + i, m, eg_gelu_tanh_grad(eg_load_mask(grad + i, m), eg_load_mask(x + i, m), a, b));
+    }
+  }
+}
 
 /* GroupNorm of a channels-last activation x (N, HW, C) with G groups of C / G consecutive channels, then the affine
  * (gamma, beta fp32, C) and optionally SiLU, into out (N, HW, C). C % 16 == 0. Scratch from the caller: `partial`,

@@ -19,7 +19,8 @@ threads. The vector code needs AVX-512 F/BW/VL (AMX Xeons, AMD Zen 4); elsewhere
 `EFFIGEN_CPU_KERNELS=off`, `available()` is False and every caller keeps its eager ops. The kernels run only where the
 oneDNN fast paths of `nn.layers.fused_dtype` do: bf16 inference on a CPU (no gradients, modules in eval mode), never in
 fp32, never under torch.compile; `set_fused_inference(False)` switches both off. The one exception is attention in
-bf16 training (`nn.attention`), which `set_enabled(False)` switches off.
+bf16 training (`nn.attention`) and the tanh-GELU of the MLPs in bf16 training (`nn.layers.Mlp`), which
+`set_enabled(False)` switches off.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ _SIGNATURES = {
     "eg_rope_qk": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int], None),
     "eg_gelu_tanh": ([_P, _I64, ctypes.c_int], None),
     "eg_silu": ([_P, _I64, ctypes.c_int], None),
+    "eg_gelu_tanh_forward": ([_P, _P, _I64, ctypes.c_int], None),
+    "eg_gelu_tanh_backward": ([_P, _P, _P, _I64, ctypes.c_int], None),
     "eg_group_norm": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, _P, _P, _I64,
                        ctypes.c_int], None),
     "eg_silu_mul": ([_P, _P, _I64, _I64, ctypes.c_int], None),
@@ -218,6 +221,30 @@ def _elementwise_(name: str, x: torch.Tensor) -> bool:
 def gelu_tanh_(x: torch.Tensor) -> bool:
     """GELU (tanh form) of a contiguous bf16 tensor in place; False (x untouched) where the kernel does not apply."""
     return _elementwise_("gelu_tanh", x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor | None:
+    """GELU (tanh form) of a bf16 tensor into a new contiguous tensor (x untouched, for training, where autograd keeps
+    x); None where the kernel does not apply."""
+    if not _usable(x):
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    with torch.profiler.record_function("effigen::gelu_tanh"):
+        library().eg_gelu_tanh_forward(x.data_ptr(), out.data_ptr(), x.numel(), _threads())
+    return out
+
+
+def gelu_tanh_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """The gradient of GELU (tanh form) at the bf16 input x for the bf16 output gradient `grad` (same shape), computed
+    in fp32 and rounded once; None where the kernel does not apply."""
+    if grad.shape != x.shape or not _usable(grad, x):
+        return None
+    grad, x = grad.contiguous(), x.contiguous()
+    out = torch.empty_like(x)
+    with torch.profiler.record_function("effigen::gelu_tanh_backward"):
+        library().eg_gelu_tanh_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel(), _threads())
+    return out
 
 
 def silu_(x: torch.Tensor) -> bool:

@@ -85,11 +85,43 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class _GeluTanh(torch.autograd.Function):
+    """tanh-GELU of a bf16 CPU activation in bf16 training, forward and backward as one C pass each
+    (`cpu_kernels.gelu_tanh` / `gelu_tanh_backward`: ~5x torch's bf16 ops at DiT-B/2's MLP shape); keeps the input,
+    as torch's GELU does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = cpu_kernels.gelu_tanh(x)
+        if out is None:
+            out = F.gelu(x, approximate="tanh")
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        out = cpu_kernels.gelu_tanh_backward(grad, x)
+        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh") if out is None else out
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh-GELU; on the C kernels (`_GeluTanh`) where gradients flow through a bf16 CPU tensor and the kernels are on
+    (outside torch.compile and dispatch modes), else `F.gelu`."""
+    if (x.requires_grad and torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not torch.compiler.is_compiling() and cpu_kernels.active()):
+        return _GeluTanh.apply(x)
+    return F.gelu(x, approximate="tanh")
+
+
 class Mlp(nn.Module):
     """Linear-GELU(tanh)-Linear, names `fc1`/`fc2` as timm's Mlp (DiT's checkpoints use them). In bf16 CPU inference
     (`fused_dtype`) fc1 runs on bf16-held weights with its bias in the GEMM's epilogue and the GELU is one pass of the
     C kernel of `cpu_kernels` in place (1.2x faster than oneDNN's tanh-GELU epilogue, which costs as much as the GEMM,
-    at DiT-B/2's shapes); without the C kernels, the GELU in oneDNN's epilogue."""
+    at DiT-B/2's shapes); without the C kernels, the GELU in oneDNN's epilogue. In bf16 CPU training the GELU's
+    forward and backward are C passes too (`gelu_tanh`)."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -105,7 +137,10 @@ class Mlp(nn.Module):
                 if cpu_kernels.gelu_tanh_(hidden):
                     return self.fc2(hidden)
             return self.fc2(fused_linear(x, self.fc1, dtype, "gelu", "tanh"))
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        if type(self.act) is nn.GELU and self.act.approximate == "tanh":
+            return self.fc2(gelu_tanh(hidden))
+        return self.fc2(self.act(hidden))
 
 
 class SwiGLU(nn.Module):
