@@ -4,6 +4,7 @@
     python benchmarks/kernels_ab.py --models DiT-B/2 LightningDiT-B/2 VAR-d16 HMAR-d16 --rounds 3
     python benchmarks/kernels_ab.py --models VAR-d16 HMAR-d16 --off sampling --rounds 3   # the token draw alone
     python benchmarks/kernels_ab.py --ops          # each kernel against the eager ops it replaces, one op at a time
+    python benchmarks/kernels_ab.py --train --batch-size 8 --rounds 3   # bf16 training steps instead of sampling
 
 Each model is `benchmarks/profile_sampling.py`'s random-weight sampling call (bf16, latents only, guidance on). The
 rows (model x kernels on/off) run interleaved, round after round, after one warm-up call each, so a slow minute of
@@ -11,6 +12,10 @@ the shared machine hits every row alike; the medians give each model's speed-up 
 oneDNN-epilogue ops they replace: RoPE, tanh-GELU, GroupNorm+SiLU) and, where both DiT-B/2 and LightningDiT-B/2 run,
 LightningDiT's images/s relative to DiT's (equal FLOPs by construction: issue #23 asks for >= 1.0x). `--off sampling`
 switches off only the fused token draw (`cpu_kernels.sample_tokens`) in the "off" rows, all other kernels staying on.
+`--train` times bf16 training steps (`Trainer.train_step` of `dit-flow`: the loss under autocast, backward, AdamW,
+EMA) of the DiT-family models on (B, 4, 32, 32) latents instead: the kernels there are attention's forward and
+backward, and the MLP activations' (tanh-GELU, SwiGLU) forward and backward; VAR's and HMAR's training steps are
+timed by `train_vs_official.py --kernels-ab` and `hmar_vs_var.py`.
 
 --ops times each kernel against the ops it replaces at the models' shapes (DiT-B/2 at batch 16 with guidance: 32 x 256
 tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 256, 256)), and the SD-VAE decoder's
@@ -196,6 +201,37 @@ def _gelu_after(hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
+def _training_steps(models: list[str], pipes: dict, labels: torch.Tensor, batch_size: int) -> dict:
+    """One bf16 `Trainer.train_step` per model (rectified flow on random (B, 4, 32, 32) latents, the network's
+    perturbed weights), as zero-argument callables."""
+    import tempfile
+
+    from effigen.objectives.flow_matching import RectifiedFlowConfig
+    from effigen.registry import build_objective, get_method
+    from effigen.training.trainer import Trainer, TrainerConfig
+
+    unsupported = [name for name in models if not name.startswith(("DiT", "LightningDiT"))]
+    if unsupported:
+        raise SystemExit(f"--train times the DiT family only ({', '.join(unsupported)}: use train_vs_official.py "
+                         "--kernels-ab or hmar_vs_var.py)")
+    latents = torch.randn(batch_size, 4, 32, 32)
+
+    def batches():
+        while True:
+            yield latents, labels
+
+    steps = {}
+    for name in models:
+        folder = tempfile.mkdtemp(prefix="kernels_ab_")
+        config = TrainerConfig(output_dir=folder, max_steps=10**9, batch_size=batch_size, precision="bf16",
+                               device="cpu", log_every=10**9, checkpoint_every=10**9, progress=False)
+        objective = build_objective(get_method("dit-flow"), RectifiedFlowConfig(), num_classes=1000)
+        trainer = Trainer(config, pipes[name][0].generator.train(), objective, dataset=[], save_folder=lambda *a, **k: None)
+        stream = batches()
+        steps[name] = lambda trainer=trainer, stream=stream: trainer.train_step(stream)
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["DiT-B/2", "LightningDiT-B/2"], choices=MODELS)
@@ -205,6 +241,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--ops", action="store_true", help="time each kernel against the ops it replaces instead")
     parser.add_argument("--op-repeats", type=int, default=7)
+    parser.add_argument("--train", action="store_true", help="time bf16 training steps (DiT-family models) instead")
     parser.add_argument("--off", choices=["all", "sampling"], default="all",
                         help="what the 'off' rows switch off: every kernel, or only the fused token draw")
     args = parser.parse_args()
@@ -220,8 +257,12 @@ def main() -> None:
         return _ops(args.op_repeats)
     labels = torch.arange(args.batch_size) % 1000
     pipes = {name: build(name, args.steps) for name in args.models}
+    if args.train:
+        steps = _training_steps(args.models, pipes, labels, args.batch_size)
 
     def call(name: str) -> None:
+        if args.train:
+            return steps[name]()
         pipeline, extra = pipes[name]
         pipeline(labels, seed=0, batch_size=args.batch_size, precision="bf16", **extra)
 
@@ -254,7 +295,7 @@ def main() -> None:
     for name, on in rows:
         t = median[(name, on)]
         ratio = f"{median[(name, False)] / t:.2f}x" if on else ""
-        print(f"| {name} | {'on' if on else 'off' if args.off == 'all' else 'draw off'} | {t:.3f} | {min(times[(name, on)]):.3f}-{max(times[(name, on)]):.3f} "
+        print(f"| {name}{' training step' if args.train else ''} | {'on' if on else 'off' if args.off == 'all' else 'draw off'} | {t:.3f} | {min(times[(name, on)]):.3f}-{max(times[(name, on)]):.3f} "
               f"| {args.batch_size / t:.2f} | {flops[name] / t / 1e12:.2f} | {100 * flops[name] / t / peak:.1f}% "
               f"| {ratio} |")
     if "DiT-B/2" in pipes and "LightningDiT-B/2" in pipes:

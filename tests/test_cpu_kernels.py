@@ -657,3 +657,43 @@ def test_mlp_bf16_training_takes_the_gelu_kernels_and_matches_the_eager_gradient
     reference(x).square().sum().backward()  # fp32
     for ours, eager, exact in zip(grads[True], grads[False], (p.grad for p in reference.parameters())):
         assert _error(ours, exact) <= 1.5 * _error(eager, exact) + 1e-3 * float(exact.abs().max())
+
+
+@needs_kernels
+def test_swiglu_training_kernels_match_fp32_gradients_as_closely_as_torchs_bf16_ops():
+    from effigen.nn.layers import SwiGLU
+
+    torch.manual_seed(0)
+    x = (torch.randn(5, 7, 2 * 45) * 3).bfloat16()  # h = 45: vector tails
+    grad = torch.randn(5, 7, 45).bfloat16()
+    exact_x = x.float().requires_grad_()
+    gate, value = exact_x.chunk(2, dim=-1)
+    (F.silu(gate) * value).backward(grad.float())
+    eager_x = x.clone().requires_grad_()
+    gate, value = eager_x.chunk(2, dim=-1)
+    (F.silu(gate) * value).backward(grad)
+    ours = cpu_kernels.silu_mul_backward(grad, x)
+    assert ours.shape == x.shape and ours.dtype == torch.bfloat16
+    assert _error(ours, exact_x.grad) <= 1.5 * _error(eager_x.grad, exact_x.grad) + 1e-6
+    assert cpu_kernels.silu_mul_backward(grad[..., :44], x) is None
+    # the module in bf16 autocast training: the kernels run, the gradients match fp32 as closely as the eager ones
+    mlp = SwiGLU(32, 48).train()
+    inputs = torch.randn(3, 9, 32)
+    grads = {}
+    for enabled in (True, False):
+        cpu_kernels.set_enabled(enabled)
+        try:
+            mlp.zero_grad()
+            with torch.profiler.profile() as prof:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = mlp(inputs)
+                out.float().square().sum().backward()
+        finally:
+            cpu_kernels.set_enabled(True)
+        assert ("effigen::silu_mul_backward" in {event.name for event in prof.events()}) == enabled
+        grads[enabled] = [p.grad.clone() for p in mlp.parameters()]
+    reference = SwiGLU(32, 48)
+    reference.load_state_dict(mlp.state_dict())
+    reference(inputs).square().sum().backward()
+    for mine, eager, exact in zip(grads[True], grads[False], (p.grad for p in reference.parameters())):
+        assert _error(mine, exact) <= 1.5 * _error(eager, exact) + 1e-3 * float(exact.abs().max())

@@ -7,7 +7,7 @@
  *   eg_silu         SiLU in place
  *   eg_gelu_tanh_forward / _backward  GELU (tanh form) out of place and its gradient, for bf16 training
  *   eg_group_norm   GroupNorm (+ optional SiLU) over a channels-last (N, HW, C) activation
- *   eg_silu_mul     SwiGLU's silu(gate) * value from one (rows, 2h) projection
+ *   eg_silu_mul     SwiGLU's silu(gate) * value from one (rows, 2h) projection (+ _backward, for bf16 training)
  *   eg_l2norm_qk    VAR's l2-normalised q (times a per-head scale) and k, read from the qkv projection
  *   eg_norm_modulate LayerNorm or RMSNorm without affine, then adaLN's x * (1 + scale) (* gain) + shift
  *   eg_attention    softmax(q k^T * scale) v without a mask, on AMX tiles (where the CPU and compiler have AMX-BF16)
@@ -237,6 +237,37 @@ void eg_silu_mul(const uint16_t *x, uint16_t *out, int64_t rows, int64_t h, int 
       __mmask16 m = (__mmask16)((1u << (h - i)) - 1u);
       eg_store_mask(dst + i, m, _mm512_mul_ps(eg_x_sigmoid(eg_load_mask(gate + i, m), 1.f, 0.f),
                                               eg_load_mask(value + i, m)));
+    }
+  }
+}
+
+/* its backward for training: with s = sigmoid(gate), d value = g silu(gate) = g gate s and
+ * d gate = g value s (1 + gate (1 - s)), written as one (rows, 2h) gradient [d gate | d value] */
+static inline void eg_silu_mul_grad(__m512 g, __m512 gate, __m512 value, __m512 *d_gate, __m512 *d_value) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 s = _mm512_div_ps(one, _mm512_add_ps(eg_exp2(_mm512_mul_ps(gate, _mm512_set1_ps(-1.4426950408889634f))), one));
+  __m512 gs = _mm512_mul_ps(g, s);
+  *d_value = _mm512_mul_ps(gs, gate);
+  *d_gate = _mm512_mul_ps(_mm512_mul_ps(gs, value), _mm512_fmadd_ps(gate, _mm512_sub_ps(one, s), one));
+}
+
+void eg_silu_mul_backward(const uint16_t *grad, const uint16_t *x, uint16_t *dx, int64_t rows, int64_t h, int nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; r++) {
+    const uint16_t *g = grad + r * h, *gate = x + r * 2 * h, *value = gate + h;
+    uint16_t *d_gate = dx + r * 2 * h, *d_value = d_gate + h;
+    __m512 a, b;
+    int64_t i = 0;
+    for (; i + 16 <= h; i += 16) {
+      eg_silu_mul_grad(eg_load(g + i), eg_load(gate + i), eg_load(value + i), &a, &b);
+      eg_store(d_gate + i, a);
+      eg_store(d_value + i, b);
+    }
+    if (i < h) {
+      __mmask16 m = (__mmask16)((1u << (h - i)) - 1u);
+      eg_silu_mul_grad(eg_load_mask(g + i, m), eg_load_mask(gate + i, m), eg_load_mask(value + i, m), &a, &b);
+      eg_store_mask(d_gate + i, m, a);
+      eg_store_mask(d_value + i, m, b);
     }
   }
 }

@@ -19,7 +19,7 @@ threads. The vector code needs AVX-512 F/BW/VL (AMX Xeons, AMD Zen 4); elsewhere
 `EFFIGEN_CPU_KERNELS=off`, `available()` is False and every caller keeps its eager ops. The kernels run only where the
 oneDNN fast paths of `nn.layers.fused_dtype` do: bf16 inference on a CPU (no gradients, modules in eval mode), never in
 fp32, never under torch.compile; `set_fused_inference(False)` switches both off. The one exception is attention in
-bf16 training (`nn.attention`) and the tanh-GELU of the MLPs in bf16 training (`nn.layers.Mlp`), which
+bf16 training (`nn.attention`) and the MLPs' tanh-GELU and SwiGLU activations in bf16 training (`nn.layers`), which
 `set_enabled(False)` switches off.
 """
 
@@ -55,6 +55,7 @@ _SIGNATURES = {
     "eg_group_norm": ([_P, _P, _P, _P, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, _P, _P, _I64,
                        ctypes.c_int], None),
     "eg_silu_mul": ([_P, _P, _I64, _I64, ctypes.c_int], None),
+    "eg_silu_mul_backward": ([_P, _P, _P, _I64, _I64, ctypes.c_int], None),
     "eg_l2norm_qk": ([_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int], None),
     "eg_norm_modulate": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int], None),
     "eg_amx_init": ([], ctypes.c_int),
@@ -282,6 +283,20 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
     out = x.new_empty(x.shape[:-1] + (h,))
     with torch.profiler.record_function("effigen::silu_mul"):
         library().eg_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * h), h, _threads())
+    return out
+
+
+def silu_mul_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """The gradient (..., 2h) [d gate | d value] of `silu_mul` at the projection output x (..., 2h) for the bf16
+    output gradient (..., h), computed in fp32 and rounded once; None where the kernel does not apply."""
+    if x.shape[-1] % 2 or grad.shape != x.shape[:-1] + (x.shape[-1] // 2,) or not _usable(grad, x):
+        return None
+    grad, x = grad.contiguous(), x.contiguous()
+    h = grad.shape[-1]
+    out = torch.empty_like(x)
+    with torch.profiler.record_function("effigen::silu_mul_backward"):
+        library().eg_silu_mul_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel() // (2 * h), h,
+                                       _threads())
     return out
 
 

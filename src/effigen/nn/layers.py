@@ -107,13 +107,42 @@ class _GeluTanh(torch.autograd.Function):
         return torch.ops.aten.gelu_backward(grad, x, approximate="tanh") if out is None else out
 
 
+def _training_kernels(x: torch.Tensor) -> bool:
+    """Whether gradients flow through the bf16 CPU tensor x with the C kernels on (outside torch.compile and
+    dispatch modes): where the training activations below run as C passes."""
+    return (x.requires_grad and torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not torch.compiler.is_compiling() and cpu_kernels.active())
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU; on the C kernels (`_GeluTanh`) where gradients flow through a bf16 CPU tensor and the kernels are on
-    (outside torch.compile and dispatch modes), else `F.gelu`."""
-    if (x.requires_grad and torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not torch.compiler.is_compiling() and cpu_kernels.active()):
-        return _GeluTanh.apply(x)
-    return F.gelu(x, approximate="tanh")
+    """tanh-GELU; on the C kernels (`_GeluTanh`) in bf16 CPU training, else `F.gelu`."""
+    return _GeluTanh.apply(x) if _training_kernels(x) else F.gelu(x, approximate="tanh")
+
+
+class _SiluMul(torch.autograd.Function):
+    """SwiGLU's silu(gate) * value from the fused projection [gate | value] in bf16 training, forward and backward as
+    one C pass each (`cpu_kernels.silu_mul` / `silu_mul_backward`); keeps the projection's output."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = cpu_kernels.silu_mul(x.contiguous())
+        if out is None:
+            gate, value = x.chunk(2, dim=-1)
+            out = F.silu(gate) * value
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad = grad.to(x.dtype)
+        out = cpu_kernels.silu_mul_backward(grad, x)
+        if out is None:
+            gate, value = x.chunk(2, dim=-1)
+            sig = torch.sigmoid(gate.float())
+            out = torch.cat((grad * value * sig * (1 + gate * (1 - sig)), grad * gate * sig), dim=-1).to(x.dtype)
+        return out
 
 
 class Mlp(nn.Module):
@@ -146,7 +175,8 @@ class Mlp(nn.Module):
 class SwiGLU(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): w3(silu(x W1) * x W2) with W1, W2 fused as `w12` (the
     xformers/LightningDiT layout, biases on). LightningDiT sizes the hidden layer int(2/3 * 4 * D) so the
-    parameter count equals the GELU MLP's."""
+    parameter count equals the GELU MLP's. On a CPU in bf16, the activation is one C pass (`cpu_kernels.silu_mul`)
+    in inference and, with its backward, in training."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -165,7 +195,10 @@ class SwiGLU(nn.Module):
             gate = fused_linear(x, self.w12, dtype, "swish", rows=slice(0, hidden))
             w2, b2 = lowp_weights(self.w12, dtype, slice(hidden, 2 * hidden))
             return self.w3(torch.ops.mkldnn._linear_pointwise.binary(x.to(dtype), gate, w2, b2, "mul"))
-        gate, value = self.w12(x).chunk(2, dim=-1)
+        projected = self.w12(x)
+        if _training_kernels(projected):
+            return self.w3(_SiluMul.apply(projected))
+        gate, value = projected.chunk(2, dim=-1)
         return self.w3(F.silu(gate) * value)
 
 
