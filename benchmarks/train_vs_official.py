@@ -29,7 +29,8 @@ converts it with effigen's converters (`convert.var_official.load_official_var`,
    effigen / official in the same precision (of the medians, and of the fastest steps), and the fraction of this
    machine's matmul peak (useful FLOPs: the matrix products, convolutions and attention of one effigen fp32 step,
    forward and backward, counted by torch's FlopCounterMode as `effigen.bench` does; the same count for both sides;
-   the backward of CPU flash attention is not counted).
+   CPU flash attention's backward counted as torch counts its other SDPA backward kernels, five products, since
+   2026-12-07: figures from before leave it out).
 
 What is timed of the official step:
 

@@ -69,6 +69,15 @@ def test_forward_flops_match_analytic_count_with_either_attention_backend() -> N
     assert any("attention" in op for op in by_op)  # the CPU SDPA kernel is counted, not silently skipped
 
 
+def test_attention_backward_is_counted_as_torch_counts_sdpa_backward() -> None:
+    q, k, v = (torch.randn(2, 3, L, 8, requires_grad=True) for L in (5, 7, 7))
+    total, by_op = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward())
+    product = 2 * 2 * 3 * 5 * 7 * 8  # one (5 x 8) @ (8 x 7) product per (batch, head)
+    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu"] == 2 * product
+    assert by_op["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 5 * product  # scores recomputed
+    assert total == 7 * product
+
+
 @pytest.mark.parametrize(
     "sampler, evaluations",
     [

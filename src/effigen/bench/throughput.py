@@ -188,6 +188,15 @@ def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, 
     return 2 * b * h * s_q * s_k * d_q + 2 * b * h * s_q * s_k * d_v
 
 
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    """Its backward as PyTorch counts its other SDPA backward kernels (`sdpa_backward_flop_count`): five products,
+    the recomputed scores included."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
     """Integer matrix products (quantized linear layers, nn/quant.py) count like float ones: 2 M K N."""
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
@@ -211,6 +220,8 @@ if hasattr(torch.ops.aten, "_int_mm"):
     CPU_SDPA_FLOPS[torch.ops.aten._int_mm] = _int_mm_flops
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     CPU_SDPA_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_sdpa_flops
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    CPU_SDPA_FLOPS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_sdpa_backward_flops
 
 
 def parameter_count(network: torch.nn.Module) -> int:
