@@ -697,3 +697,35 @@ def test_swiglu_training_kernels_match_fp32_gradients_as_closely_as_torchs_bf16_
     reference(inputs).square().sum().backward()
     for mine, eager, exact in zip(grads[True], grads[False], (p.grad for p in reference.parameters())):
         assert _error(mine, exact) <= 1.5 * _error(eager, exact) + 1e-3 * float(exact.abs().max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("V,smoothing", [(4096, 0.0), (37, 0.1), (5, 0.0)])
+def test_token_cross_entropy_kernels_match_torchs_fp32_loss_and_gradient(V, smoothing):
+    from effigen.nn.losses import token_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 41, V) * 4).bfloat16().requires_grad_()
+    target = torch.randint(0, V, (3, 41))
+    weights = torch.rand(3 * 41)
+    exact = logits.detach().float().requires_grad_()
+    reference = F.cross_entropy(exact.reshape(-1, V), target.reshape(-1), reduction="none", label_smoothing=smoothing)
+    (reference * weights).sum().backward()
+    with torch.profiler.profile() as prof:
+        per_token = token_cross_entropy(logits, target, smoothing, "none")
+        (per_token * weights).sum().backward()
+    assert {"effigen::cross_entropy", "effigen::cross_entropy_backward"} <= {event.name for event in prof.events()}
+    assert per_token.dtype == torch.float32 and per_token.shape == (3 * 41,)
+    torch.testing.assert_close(per_token, reference.detach(), rtol=1e-5, atol=1e-5)
+    assert logits.grad.dtype == torch.bfloat16
+    # the gradient is the fp32 one rounded to bf16 once (torch's chain rounds the same fp32 values)
+    assert _error(logits.grad, exact.grad) <= 1.01 * float((exact.grad.bfloat16().float() - exact.grad).abs().max()) + 1e-7
+    # the mean, and fp32 logits or no gradients: torch's op, exactly
+    mean = token_cross_entropy(logits, target, smoothing)
+    torch.testing.assert_close(mean, reference.detach().mean(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(token_cross_entropy(logits, target, smoothing),
+                           F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), label_smoothing=smoothing))
+    # an out-of-range target gets torch's error, not a read past the row
+    with pytest.raises((IndexError, RuntimeError)):
+        token_cross_entropy(logits, torch.full((3, 41), V), smoothing)

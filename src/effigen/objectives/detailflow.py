@@ -32,9 +32,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..nn.losses import token_cross_entropy
 from ..rng import BatchRandom
 from ..samplers.detailflow import NextDetailSamplerConfig, detail_schedule, sample_next_detail
 from .next_scale import TokenizedObjective, unwrap
@@ -170,9 +170,7 @@ class DetailFlowARObjective(TokenizedObjective):
         tokens, target = self.input_and_target(batch["images"], random)
         labels = self.drop_labels(batch["labels"], random)
         logits = model(labels, tokens)  # (B, N, V); reads tokens[:, :N - g]
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1),
-                               label_smoothing=self.config.label_smoothing)
+        loss = token_cross_entropy(logits, target, self.config.label_smoothing)
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == target).float().mean()
         return {"loss": loss, "accuracy": accuracy}

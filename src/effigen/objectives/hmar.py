@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.hmar import MASK_BRANCH
+from ..nn.losses import token_cross_entropy
 from ..rng import BatchRandom
 from ..config import ConfigError
 from ..samplers.hmar import HMARSamplerConfig, evaluations, sample_hmar, validate_mask_schedule
@@ -107,9 +107,7 @@ class HMARObjective(NextScalePrediction):
         masked, ratio = draw_masks(tuple(self.tokenizer.scales), random, teacher.device)
         logits = model(labels, teacher, current, masked)
         target = torch.cat(indices, dim=1)
-        V = logits.shape[-1]
-        per_token = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), reduction="none",
-                                    label_smoothing=self.config.label_smoothing).view(target.shape)
+        per_token = token_cross_entropy(logits, target, self.config.label_smoothing, "none").view(target.shape)
         weights = masked.float()
         counts = weights.sum(1)
         loss = ((per_token * weights).sum(1) / counts.clamp(min=1)).mean()

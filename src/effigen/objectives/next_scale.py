@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..nn.losses import token_cross_entropy
 from ..rng import BatchRandom
 from ..samplers.next_scale import EditSpec, NextScaleSamplerConfig, sample_next_scale
 
@@ -105,14 +105,11 @@ class NextScalePrediction(TokenizedObjective):
         labels = self.drop_labels(batch["labels"], random)
         logits = model(labels, teacher)
         target = torch.cat(indices, dim=1)
-        V = logits.shape[-1]
         if self.config.scale_weighting == "uniform":
-            loss = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1),
-                                   label_smoothing=self.config.label_smoothing)
+            loss = token_cross_entropy(logits, target, self.config.label_smoothing)
         else:
             weights = scale_loss_weights(tuple(self.tokenizer.scales), self.config.scale_weighting)
-            per_token = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), reduction="none",
-                                        label_smoothing=self.config.label_smoothing).view(target.shape)
+            per_token = token_cross_entropy(logits, target, self.config.label_smoothing, "none").view(target.shape)
             loss = (per_token * weights.to(per_token.device)).sum(dim=1).mean()
         with torch.no_grad():
             correct = (logits.argmax(-1) == target).float()

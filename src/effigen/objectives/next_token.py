@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..nn.losses import token_cross_entropy
 from ..rng import BatchRandom
 from ..samplers.next_token import NextTokenSamplerConfig, sample_next_token
 from .next_scale import TokenizedObjective, unwrap
@@ -45,8 +45,7 @@ class NextTokenPrediction(TokenizedObjective):
         (target,) = self.tokenize(batch["images"])  # (B, L) raster order
         labels = self.drop_labels(batch["labels"], random)
         logits = model(labels, target)
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), label_smoothing=self.config.label_smoothing)
+        loss = token_cross_entropy(logits, target, self.config.label_smoothing)
         with torch.no_grad():
             accuracy = (logits.argmax(-1) == target).float().mean()
         return {"loss": loss, "accuracy": accuracy}
