@@ -22,7 +22,8 @@ tokens of width 768; VAR's VQVAE decoder at batch 16: channels-last (16, 160, 25
 sampling layout (channels-last with the kernels) against NCHW eager, and each attention kernel the CPU has (AMX,
 AVX-512 BF16) against SDPA at DiT-B/2's and VAR-d16's last-scale shapes, bf16 training attention (the AVX-512 BF16
 forward with log-sum-exp and backward kernels against SDPA's forward and backward) at DiT-B/2's and VAR-d12's, bf16
-training tanh-GELU (forward and backward C passes against torch's bf16 ops) at DiT-B/2's MLP, and
+training tanh-GELU (forward and backward C passes against torch's bf16 ops) at DiT-B/2's MLP, the token generators'
+bf16 training cross-entropy at VAR-d12's (2720 x 4096 logits) against `F.cross_entropy` on the fp32 cast, and
 the fused token draw (guidance, top-k
 900, top-p 0.96, Gumbel-max) against the eager chain at VAR-d16's last scale (16 x 256 rows of 4096 logits; both from
 the same uniform noise, whose generation is not timed); median of interleaved repeats, and prints each one's largest
@@ -159,6 +160,22 @@ def _ops(repeats: int) -> None:
                   lambda: (F.gelu(hidden, approximate="tanh"),
                            torch.ops.aten.gelu_backward(hidden_grad, hidden, approximate="tanh"))[1],
                   lambda: torch.ops.aten.gelu_backward(hidden_grad.float(), hidden.float(), approximate="tanh")))
+    # the token generators' bf16 training loss, forward + backward, at VAR-d12 batch 4 (2720 tokens x 4096 logits)
+    from effigen.nn.losses import token_cross_entropy
+
+    token_logits, token_target = (torch.randn(2720, 4096) * 3).to(bf16), torch.randint(0, 4096, (2720,))
+
+    def cross_entropy_grad(use_kernel: bool, dtype=bf16):
+        leaf = token_logits.detach().to(dtype).requires_grad_()
+        with torch.enable_grad():
+            loss = (token_cross_entropy(leaf, token_target) if use_kernel
+                    else F.cross_entropy(leaf.float(), token_target))
+            loss.backward()
+        return leaf.grad
+
+    cases.append(("training cross-entropy fwd + bwd, VAR-d12 batch 4 (2720 tokens, 4096 logits)",
+                  lambda: cross_entropy_grad(True), lambda: cross_entropy_grad(False),
+                  lambda: cross_entropy_grad(False, torch.float32)))
     # the token draw of VAR-d16's last scale at batch 16 with guidance (fp32 logits, as the head returns them)
     from effigen.samplers.tokens import filter_logits, guided_logits
 
