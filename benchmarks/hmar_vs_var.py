@@ -39,12 +39,12 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from effigen.bench.throughput import benchmark_runs, count_flops, environment, measure_peak_memory
 from effigen.runtime import tune_cpu_allocator
 from effigen.models.hmar import HMAR, HMARConfig
 from effigen.models.var import VAR, VARConfig
+from effigen.nn.losses import token_cross_entropy
 from effigen.objectives.hmar import HMARObjectiveConfig
 from effigen.objectives.next_scale import NextScaleConfig
 from effigen.pipeline import Pipeline
@@ -96,7 +96,7 @@ def training_step_times(networks: dict, args, device) -> dict[str, float]:
     def step(network, stage):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             logits = network(labels, teacher) if stage != "mask" else network(labels, teacher, current, masked)
-        loss = F.cross_entropy(logits.float().reshape(-1, V), target.reshape(-1))
+        loss = token_cross_entropy(logits, target)  # the objectives' loss (C passes in bf16 CPU training)
         loss.backward()
         for p in network.parameters():
             p.grad = None
