@@ -729,3 +729,16 @@ def test_token_cross_entropy_kernels_match_torchs_fp32_loss_and_gradient(V, smoo
     # an out-of-range target gets torch's error, not a read past the row
     with pytest.raises((IndexError, RuntimeError)):
         token_cross_entropy(logits, torch.full((3, 41), V), smoothing)
+    # fp32 logits under bf16 autocast (VAR's and HMAR's heads return fp32, as the official VAR does): the kernels,
+    # in fp32; in plain fp32 training, torch's op
+    logits32 = logits.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        per_token = token_cross_entropy(logits32, target, smoothing, "none")
+        (per_token * weights).sum().backward()
+    assert "effigen::cross_entropy_backward" in {event.name for event in prof.events()}
+    torch.testing.assert_close(per_token, reference.detach(), rtol=1e-5, atol=1e-5)
+    assert logits32.grad.dtype == torch.float32
+    torch.testing.assert_close(logits32.grad, exact.grad, rtol=1e-4, atol=1e-6)
+    with torch.profiler.profile() as prof:
+        token_cross_entropy(logits32, target, smoothing).backward()
+    assert "effigen::cross_entropy" not in {event.name for event in prof.events()}

@@ -14,7 +14,7 @@
  *   eg_attention_dp the same on AVX-512 BF16 dot products (Zen 4, Cooper Lake; where AMX is missing)
  *   eg_attention_backward_dp  its gradients for training (dq, dk, dv from the forward's output and log-sum-exp),
  *                   with an optional mask; AVX-512 BF16 (also on AMX Xeons, which have it)
- *   eg_cross_entropy (+ _backward) the token generators' training loss from bf16 logits, per row, and its gradient
+ *   eg_cross_entropy (+ _backward) the token generators' training loss from bf16 or fp32 logits, and its gradient
  *   eg_sample_tokens guidance, top-k, top-p and the Gumbel-max draw of the token generators, one pass per row (fp32)
  *
  * The vector code needs AVX-512 F/BW/VL (every AMX Xeon and AMD Zen 4 has them); eg_vector_width() returns 0 where the
@@ -273,68 +273,74 @@ void eg_silu_mul_backward(const uint16_t *grad, const uint16_t *x, uint16_t *dx,
   }
 }
 
-/* Cross-entropy of bf16 logits (N, V) against targets in [0, V), for the token generators' training: per row
- * lse = log sum_j exp(x_j) (fp32), loss = lse - (1 - eps) x_t - eps mean_j x_j (label smoothing eps, as
- * F.cross_entropy); lse is kept for the backward, which writes the bf16 gradient
- * g_i (softmax(x)_j - eps / V - (1 - eps) [j == t]) in one pass. */
-void eg_cross_entropy(const uint16_t *x, const int64_t *target, int64_t N, int64_t V, float eps, float *loss,
+/* Cross-entropy of logits (N, V) (bf16, or fp32 with `is32`) against targets in [0, V), for the token generators'
+ * training: per row lse = log sum_j exp(x_j) (fp32), loss = lse - (1 - eps) x_t - eps mean_j x_j (label smoothing
+ * eps, as F.cross_entropy); lse is kept for the backward, which writes the gradient
+ * g_i (softmax(x)_j - eps / V - (1 - eps) [j == t]) in the logits' precision in one pass. */
+static inline __m512 eg_load_any(const void *row, int64_t j, int is32) {
+  return is32 ? _mm512_loadu_ps((const float *)row + j) : eg_load((const uint16_t *)row + j);
+}
+static inline __m512 eg_load_any_mask(const void *row, int64_t j, __mmask16 m, int is32) {
+  return is32 ? _mm512_maskz_loadu_ps(m, (const float *)row + j) : eg_load_mask((const uint16_t *)row + j, m);
+}
+static inline void eg_store_any_mask(void *row, int64_t j, __mmask16 m, __m512 v, int is32) {
+  if (is32)
+    _mm512_mask_storeu_ps((float *)row + j, m, v);
+  else
+    eg_store_mask((uint16_t *)row + j, m, v);
+}
+
+void eg_cross_entropy(const void *x, int is32, const int64_t *target, int64_t N, int64_t V, float eps, float *loss,
                       float *lse, int nt) {
   const __m512 log2e = _mm512_set1_ps(1.4426950408889634f);
+  const size_t bytes = is32 ? 4 : 2;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t r = 0; r < N; r++) {
-    const uint16_t *row = x + r * V;
+    const void *row = (const char *)x + (size_t)r * V * bytes;
     __m512 mx = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= V; j += 16) {
-      __m512 v = eg_load(row + j);
-      mx = _mm512_max_ps(mx, v);
+    for (int64_t j = 0; j < V; j += 16) {
+      __mmask16 m = V - j >= 16 ? 0xffff : (__mmask16)((1u << (V - j)) - 1u);
+      __m512 v = eg_load_any_mask(row, j, m, is32);
+      mx = _mm512_mask_max_ps(mx, m, mx, v);
       total = _mm512_add_ps(total, v);
     }
-    __mmask16 tail = (__mmask16)((1u << (V - j)) - 1u);
-    if (j < V) {
-      __m512 v = eg_load_mask(row + j, tail);
-      mx = _mm512_mask_max_ps(mx, tail, mx, v);
-      total = _mm512_add_ps(total, v);
-    }
-    const float m = _mm512_reduce_max_ps(mx);
-    const __m512 shift = _mm512_set1_ps(m);
+    const float mval = _mm512_reduce_max_ps(mx);
+    const __m512 shift = _mm512_set1_ps(mval);
     __m512 sum = _mm512_setzero_ps();
-    for (j = 0; j + 16 <= V; j += 16)
-      sum = _mm512_add_ps(sum, eg_exp2(_mm512_mul_ps(_mm512_sub_ps(eg_load(row + j), shift), log2e)));
-    if (j < V)
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, eg_exp2(_mm512_mul_ps(_mm512_sub_ps(eg_load_mask(row + j, tail),
-                                                                                          shift), log2e))));
-    const float l = m + logf(_mm512_reduce_add_ps(sum));
-    uint32_t bits = (uint32_t)row[target[r]] << 16;
+    for (int64_t j = 0; j < V; j += 16) {
+      __mmask16 m = V - j >= 16 ? 0xffff : (__mmask16)((1u << (V - j)) - 1u);
+      __m512 e = eg_exp2(_mm512_mul_ps(_mm512_sub_ps(eg_load_any_mask(row, j, m, is32), shift), log2e));
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+    }
+    const float l = mval + logf(_mm512_reduce_add_ps(sum));
     float xt;
-    memcpy(&xt, &bits, 4);
+    if (is32) {
+      xt = ((const float *)row)[target[r]];
+    } else {
+      uint32_t bits = (uint32_t)((const uint16_t *)row)[target[r]] << 16;
+      memcpy(&xt, &bits, 4);
+    }
     lse[r] = l;
     loss[r] = l - (1.f - eps) * xt - (eps > 0.f ? eps * _mm512_reduce_add_ps(total) / (float)V : 0.f);
   }
 }
 
-void eg_cross_entropy_backward(const uint16_t *x, const int64_t *target, const float *lse, const float *grad,
-                               int64_t N, int64_t V, float eps, uint16_t *dx, int nt) {
+void eg_cross_entropy_backward(const void *x, int is32, const int64_t *target, const float *lse, const float *grad,
+                               int64_t N, int64_t V, float eps, void *dx, int nt) {
   const __m512 log2e = _mm512_set1_ps(1.4426950408889634f);
+  const size_t bytes = is32 ? 4 : 2;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t r = 0; r < N; r++) {
-    const uint16_t *row = x + r * V;
-    uint16_t *out = dx + r * V;
+    const void *row = (const char *)x + (size_t)r * V * bytes;
+    void *out = (char *)dx + (size_t)r * V * bytes;
     const __m512 g = _mm512_set1_ps(grad[r]), shift = _mm512_set1_ps(lse[r]), floor = _mm512_set1_ps(eps / (float)V);
     const int64_t t = target[r];
-    int64_t j = 0;
-    for (; j + 16 <= V; j += 16) {
-      __m512 p = eg_exp2(_mm512_mul_ps(_mm512_sub_ps(eg_load(row + j), shift), log2e));
+    for (int64_t j = 0; j < V; j += 16) {
+      __mmask16 m = V - j >= 16 ? 0xffff : (__mmask16)((1u << (V - j)) - 1u);
+      __m512 p = eg_exp2(_mm512_mul_ps(_mm512_sub_ps(eg_load_any_mask(row, j, m, is32), shift), log2e));
       __m512 d = _mm512_sub_ps(p, floor);
       if (t >= j && t < j + 16) d = _mm512_mask_sub_ps(d, (__mmask16)(1u << (t - j)), d, _mm512_set1_ps(1.f - eps));
-      eg_store(out + j, _mm512_mul_ps(g, d));
-    }
-    if (j < V) {
-      __mmask16 tail = (__mmask16)((1u << (V - j)) - 1u);
-      __m512 p = eg_exp2(_mm512_mul_ps(_mm512_sub_ps(eg_load_mask(row + j, tail), shift), log2e));
-      __m512 d = _mm512_sub_ps(p, floor);
-      if (t >= j) d = _mm512_mask_sub_ps(d, (__mmask16)(1u << (t - j)), d, _mm512_set1_ps(1.f - eps));
-      eg_store_mask(out + j, tail, _mm512_mul_ps(g, d));
+      eg_store_any_mask(out, j, m, _mm512_mul_ps(g, d), is32);
     }
   }
 }

@@ -56,8 +56,8 @@ _SIGNATURES = {
                        ctypes.c_int], None),
     "eg_silu_mul": ([_P, _P, _I64, _I64, ctypes.c_int], None),
     "eg_silu_mul_backward": ([_P, _P, _P, _I64, _I64, ctypes.c_int], None),
-    "eg_cross_entropy": ([_P, _P, _I64, _I64, ctypes.c_float, _P, _P, ctypes.c_int], None),
-    "eg_cross_entropy_backward": ([_P, _P, _P, _P, _I64, _I64, ctypes.c_float, _P, ctypes.c_int], None),
+    "eg_cross_entropy": ([_P, ctypes.c_int, _P, _I64, _I64, ctypes.c_float, _P, _P, ctypes.c_int], None),
+    "eg_cross_entropy_backward": ([_P, ctypes.c_int, _P, _P, _P, _I64, _I64, ctypes.c_float, _P, ctypes.c_int], None),
     "eg_l2norm_qk": ([_P, _P, _P, _I64, _I64, _I64, _I64, _I64, ctypes.c_int], None),
     "eg_norm_modulate": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, ctypes.c_float, ctypes.c_int, ctypes.c_int], None),
     "eg_amx_init": ([], ctypes.c_int),
@@ -302,36 +302,41 @@ def silu_mul_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor | Non
     return out
 
 
+def _logits_usable(logits: torch.Tensor) -> bool:
+    return logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float32) and active()
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-row cross-entropy (N,) fp32 of bf16 logits (N, V) against int64 targets in [0, V) (as
+    """Per-row cross-entropy (N,) fp32 of bf16 or fp32 logits (N, V) against int64 targets in [0, V) (as
     `F.cross_entropy(logits.float(), target, reduction="none", label_smoothing=...)`), and the rows' log-sum-exp
     (N,) that `cross_entropy_backward` needs; one pass over the logits, fp32 inside. None where the kernel does not
     apply. The caller checks the targets' range."""
-    if logits.dim() != 2 or target.shape != logits.shape[:1] or not _usable(logits):
+    if logits.dim() != 2 or target.shape != logits.shape[:1] or not _logits_usable(logits):
         return None
     logits, target = logits.contiguous(), target.to(torch.int64).contiguous()
     N, V = logits.shape
     loss, lse = torch.empty(N, dtype=torch.float32), torch.empty(N, dtype=torch.float32)
     with torch.profiler.record_function("effigen::cross_entropy"):
-        library().eg_cross_entropy(logits.data_ptr(), target.data_ptr(), N, V, float(label_smoothing),
-                                   loss.data_ptr(), lse.data_ptr(), _threads())
+        library().eg_cross_entropy(logits.data_ptr(), int(logits.dtype == torch.float32), target.data_ptr(), N, V,
+                                   float(label_smoothing), loss.data_ptr(), lse.data_ptr(), _threads())
     return loss, lse
 
 
 def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor,
                            label_smoothing: float = 0.0) -> torch.Tensor | None:
-    """The bf16 gradient (N, V) of `cross_entropy`'s per-row losses weighted by `grad` (N,): grad_i (softmax(x_i) -
-    eps / V - (1 - eps) onehot(t_i)), in one pass; None where the kernel does not apply."""
-    if not _usable(logits):
+    """The gradient (N, V), in the logits' dtype, of `cross_entropy`'s per-row losses weighted by `grad` (N,):
+    grad_i (softmax(x_i) - eps / V - (1 - eps) onehot(t_i)), in one pass; None where the kernel does not apply."""
+    if not _logits_usable(logits):
         return None
     logits, target = logits.contiguous(), target.to(torch.int64).contiguous()
     lse, grad = lse.float().contiguous(), grad.float().contiguous()
     out = torch.empty_like(logits)
     N, V = logits.shape
     with torch.profiler.record_function("effigen::cross_entropy_backward"):
-        library().eg_cross_entropy_backward(logits.data_ptr(), target.data_ptr(), lse.data_ptr(), grad.data_ptr(), N,
-                                            V, float(label_smoothing), out.data_ptr(), _threads())
+        library().eg_cross_entropy_backward(logits.data_ptr(), int(logits.dtype == torch.float32), target.data_ptr(),
+                                            lse.data_ptr(), grad.data_ptr(), N, V, float(label_smoothing),
+                                            out.data_ptr(), _threads())
     return out
 
 

@@ -1,11 +1,13 @@
 """The token generators' training loss: cross-entropy of (..., V) logits against integer targets.
 
 `token_cross_entropy(logits, target, label_smoothing, reduction)` is `F.cross_entropy(logits.reshape(-1, V).float(),
-target.reshape(-1), ...)`, the loss of VAR, HMAR, DetailFlow and the raster AR baseline. Where gradients flow through
-bf16 CPU logits (bf16 autocast training) it runs as two C passes (`cpu_kernels.cross_entropy` and its backward):
+target.reshape(-1), ...)`, the loss of VAR, HMAR, DetailFlow and the raster AR baseline. In bf16 CPU training
+(gradients flowing through CPU logits that are bf16, or fp32 under bf16 autocast: VAR and HMAR cast their head's
+output to fp32 as the official VAR does) it runs as two C passes (`cpu_kernels.cross_entropy` and its backward):
 torch's chain there (cast to fp32, log_softmax, nll, then a zero-filled gradient, log_softmax's backward and the cast
 back) makes six passes over the (tokens, V) logits, ~6% of a VAR-d12 step from a token cache on a 2-core CPU. The
-kernel computes in fp32 from the bf16 logits, as the chain does, and rounds the gradient to bf16 once.
+kernel computes in fp32, as the chain does, and rounds the gradient to the logits' precision once. Plain fp32
+training keeps `F.cross_entropy` (bit-for-bit as before).
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ class _TokenCrossEntropy(torch.autograd.Function):
 
 
 def _kernel_applies(logits: torch.Tensor, target: torch.Tensor) -> bool:
-    if not (logits.requires_grad and torch.is_grad_enabled() and logits.dtype == torch.bfloat16
-            and logits.device.type == "cpu" and not torch.compiler.is_compiling() and cpu_kernels.active()):
+    bf16_training = logits.dtype == torch.bfloat16 or (
+        logits.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    if not (logits.requires_grad and torch.is_grad_enabled() and bf16_training and logits.device.type == "cpu"
+            and not torch.compiler.is_compiling() and cpu_kernels.active()):
         return False
     if target.dtype.is_floating_point or target.numel() == 0:
         return False
