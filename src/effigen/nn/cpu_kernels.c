@@ -103,32 +103,8 @@ void eg_rope_qk(const uint16_t *x, uint16_t *out, const float *cos, const float 
     }
 }
 
-static void eg_x_sigmoid_inplace(uint16_t *x, int64_t n, float a, float b, int nt) {
-  const int64_t chunk = 8192, chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t k = 0; k < chunks; k++) {
-    int64_t lo = k * chunk, hi = lo + chunk < n ? lo + chunk : n, i = lo;
-    for (; i + 16 <= hi; i += 16) eg_store(x + i, eg_x_sigmoid(eg_load(x + i), a, b));
-    if (i < hi) {
-      __mmask16 m = (__mmask16)((1u << (hi - i)) - 1u);
-      eg_store_mask(x + i, m, eg_x_sigmoid(eg_load_mask(x + i, m), a, b));
-    }
-  }
-}
-
-/* GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) */
-void eg_gelu_tanh(uint16_t *x, int64_t n, int nt) {
-  const float a = 1.5957691216057308f; /* 2 sqrt(2 / pi) */
-  eg_x_sigmoid_inplace(x, n, a, a * 0.044715f, nt);
-}
-
-void eg_silu(uint16_t *x, int64_t n, int nt) { eg_x_sigmoid_inplace(x, n, 1.f, 0.f, nt); }
-
-/* for training: GELU (tanh form) out of place, and its backward. With z = a x + b x^3 (a = 2 sqrt(2/pi),
- * b = 0.044715 a) and s = sigmoid(z): gelu = x s, d gelu / dx = s + x s (1 - s) (a + 3 b x^2). Each reads its inputs
- * once and writes once (torch's bf16 ops: ~5x the time at DiT-B/2's MLP shape). */
-void eg_gelu_tanh_forward(const uint16_t *x, uint16_t *out, int64_t n, int nt) {
-  const float a = 1.5957691216057308f, b = a * 0.044715f;
+/* out = x sigmoid(a x + b x^3) elementwise (out may be x) */
+static void eg_x_sigmoid_map(const uint16_t *x, uint16_t *out, int64_t n, float a, float b, int nt) {
   const int64_t chunk = 8192, chunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t k = 0; k < chunks; k++) {
@@ -139,6 +115,22 @@ void eg_gelu_tanh_forward(const uint16_t *x, uint16_t *out, int64_t n, int nt) {
       eg_store_mask(out + i, m, eg_x_sigmoid(eg_load_mask(x + i, m), a, b));
     }
   }
+}
+
+/* GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) = x sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3)) */
+void eg_gelu_tanh(uint16_t *x, int64_t n, int nt) {
+  const float a = 1.5957691216057308f; /* 2 sqrt(2 / pi) */
+  eg_x_sigmoid_map(x, x, n, a, a * 0.044715f, nt);
+}
+
+void eg_silu(uint16_t *x, int64_t n, int nt) { eg_x_sigmoid_map(x, x, n, 1.f, 0.f, nt); }
+
+/* for training: GELU (tanh form) out of place, and its backward. With z = a x + b x^3 (a = 2 sqrt(2/pi),
+ * b = 0.044715 a) and s = sigmoid(z): gelu = x s, d gelu / dx = s + x s (1 - s) (a + 3 b x^2). Each reads its inputs
+ * once and writes once (torch's bf16 ops: ~5x the time at DiT-B/2's MLP shape). */
+void eg_gelu_tanh_forward(const uint16_t *x, uint16_t *out, int64_t n, int nt) {
+  const float a = 1.5957691216057308f;
+  eg_x_sigmoid_map(x, out, n, a, a * 0.044715f, nt);
 }
 
 static inline __m512 eg_gelu_tanh_grad(__m512 g, __m512 x, float a, float b) {

@@ -85,64 +85,56 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-class _GeluTanh(torch.autograd.Function):
-    """tanh-GELU of a bf16 CPU activation in bf16 training, forward and backward as one C pass each
-    (`cpu_kernels.gelu_tanh` / `gelu_tanh_backward`: ~5x torch's bf16 ops at DiT-B/2's MLP shape); keeps the input,
-    as torch's GELU does."""
+class _TrainingActivation(torch.autograd.Function):
+    """An MLP activation in bf16 CPU training whose forward and backward are one C pass each: `ops` is
+    (kernel, kernel_backward, eager, eager_backward), the eager pair running where a kernel returns None. Keeps the
+    input for the backward, as torch's activations do."""
 
     @staticmethod
-    def forward(ctx, x):
-        out = cpu_kernels.gelu_tanh(x)
-        if out is None:
-            out = F.gelu(x, approximate="tanh")
+    def forward(ctx, x, ops):
+        out = ops[0](x)
         ctx.save_for_backward(x)
-        return out
+        ctx.ops = ops
+        return ops[2](x) if out is None else out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         grad = grad.to(x.dtype)
-        out = cpu_kernels.gelu_tanh_backward(grad, x)
-        return torch.ops.aten.gelu_backward(grad, x, approximate="tanh") if out is None else out
+        out = ctx.ops[1](grad, x)
+        return (ctx.ops[3](grad, x) if out is None else out), None
+
+
+def _silu_mul_eager(x: torch.Tensor) -> torch.Tensor:
+    gate, value = x.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
+def _silu_mul_backward_eager(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    gate, value = x.float().chunk(2, dim=-1)
+    sig, grad = torch.sigmoid(gate), grad.float()
+    return torch.cat((grad * value * sig * (1 + gate * (1 - sig)), grad * gate * sig), dim=-1).to(x.dtype)
+
+
+# (kernel, kernel_backward, eager, eager_backward); the kernels looked up on cpu_kernels at call time
+_GELU_TANH = (lambda x: cpu_kernels.gelu_tanh(x), lambda g, x: cpu_kernels.gelu_tanh_backward(g, x),
+              lambda x: F.gelu(x, approximate="tanh"),
+              lambda g, x: torch.ops.aten.gelu_backward(g, x, approximate="tanh"))
+_SILU_MUL = (lambda x: cpu_kernels.silu_mul(x.contiguous()), lambda g, x: cpu_kernels.silu_mul_backward(g, x),
+             _silu_mul_eager, _silu_mul_backward_eager)
 
 
 def _training_kernels(x: torch.Tensor) -> bool:
     """Whether gradients flow through the bf16 CPU tensor x with the C kernels on (outside torch.compile and
-    dispatch modes): where the training activations below run as C passes."""
+    dispatch modes): where the training activations run as C passes (`_TrainingActivation`)."""
     return (x.requires_grad and torch.is_grad_enabled() and x.dtype == torch.bfloat16 and x.device.type == "cpu"
             and not torch.compiler.is_compiling() and cpu_kernels.active())
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU; on the C kernels (`_GeluTanh`) in bf16 CPU training, else `F.gelu`."""
-    return _GeluTanh.apply(x) if _training_kernels(x) else F.gelu(x, approximate="tanh")
-
-
-class _SiluMul(torch.autograd.Function):
-    """SwiGLU's silu(gate) * value from the fused projection [gate | value] in bf16 training, forward and backward as
-    one C pass each (`cpu_kernels.silu_mul` / `silu_mul_backward`); keeps the projection's output."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = cpu_kernels.silu_mul(x.contiguous())
-        if out is None:
-            gate, value = x.chunk(2, dim=-1)
-            out = F.silu(gate) * value
-        ctx.save_for_backward(x)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        grad = grad.to(x.dtype)
-        out = cpu_kernels.silu_mul_backward(grad, x)
-        if out is None:
-            gate, value = x.chunk(2, dim=-1)
-            sig = torch.sigmoid(gate.float())
-            out = torch.cat((grad * value * sig * (1 + gate * (1 - sig)), grad * gate * sig), dim=-1).to(x.dtype)
-        return out
+    """tanh-GELU; forward and backward on the C kernels in bf16 CPU training, else `F.gelu`."""
+    return _TrainingActivation.apply(x, _GELU_TANH) if _training_kernels(x) else F.gelu(x, approximate="tanh")
 
 
 class Mlp(nn.Module):
@@ -197,9 +189,8 @@ class SwiGLU(nn.Module):
             return self.w3(torch.ops.mkldnn._linear_pointwise.binary(x.to(dtype), gate, w2, b2, "mul"))
         projected = self.w12(x)
         if _training_kernels(projected):
-            return self.w3(_SiluMul.apply(projected))
-        gate, value = projected.chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+            return self.w3(_TrainingActivation.apply(projected, _SILU_MUL))
+        return self.w3(_silu_mul_eager(projected))
 
 
 class DropPath(nn.Module):
