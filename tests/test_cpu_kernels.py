@@ -418,6 +418,12 @@ def test_attention_backward_kernel_is_as_close_to_fp32_as_torchs_bf16_backward(B
     assert cpu_kernels.attention_backward(q.float(), k.float(), v.float(), out.float(), grad.float(), lse) is None
     assert cpu_kernels.attention_backward(q, k, v[:, :, :-1], out, grad, lse) is None
     assert cpu_kernels.attention_backward(q, k, v, out, grad, lse, torch.ones(2, Lq, Lk, dtype=torch.bool)) is None
+    limit = cpu_kernels._BACKWARD_SCORES_LIMIT
+    cpu_kernels._BACKWARD_SCORES_LIMIT = 64 * 64 - 1  # a sequence too long for a thread's dS buffer: torch's backward
+    try:
+        assert cpu_kernels.attention_backward(q, k, v, out, grad, lse, mask, 0.3) is None
+    finally:
+        cpu_kernels._BACKWARD_SCORES_LIMIT = limit
 
 
 @pytest.mark.skipif(not training_kernels, reason="bf16 training attention takes the C kernels only where the CPU has "
@@ -454,6 +460,16 @@ def test_bf16_training_attention_runs_the_kernels_and_matches_fp32_gradients(pat
     q, k, v = (torch.randn(1, 2, 20, 63).bfloat16().requires_grad_() for _ in range(3))
     grad = torch.randn(1, 2, 20, 63).bfloat16()
     attention(q, k, v).backward(grad)
+    for ours, exact in zip((q.grad, k.grad, v.grad), _fp32_gradients(q, k, v, grad, None, None)):
+        assert _error(ours, exact) < 2e-2 * float(exact.abs().max())
+    # the kernel's forward, then torch's backward from its log-sum-exp (a sequence too long for the backward kernel)
+    q, k, v = (torch.randn(1, 2, 70, 64).bfloat16().requires_grad_() for _ in range(3))
+    grad = torch.randn(1, 2, 70, 64).bfloat16()
+    limit, cpu_kernels._BACKWARD_SCORES_LIMIT = cpu_kernels._BACKWARD_SCORES_LIMIT, 0
+    try:
+        attention(q, k, v).backward(grad)
+    finally:
+        cpu_kernels._BACKWARD_SCORES_LIMIT = limit
     for ours, exact in zip((q.grad, k.grad, v.grad), _fp32_gradients(q, k, v, grad, None, None)):
         assert _error(ours, exact) < 2e-2 * float(exact.abs().max())
 

@@ -434,6 +434,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     return (view, lse) if return_lse else view
 
 
+_BACKWARD_SCORES_LIMIT = 2**25  # elements of one thread's (Lq x Lk) bf16 dS in `attention_backward`
+
+
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
                        lse: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -444,8 +447,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     BF16 dot products with fp32 accumulation, and P and dS are rounded to bf16 before their products (as flash
     attention's backward does on a GPU). Any strides with a contiguous last dimension; the gradients are (B, heads, L,
     D) views of (B, L, heads, D) buffers, the layout of the qkv projection's gradient. None where the kernel does not
-    apply (no AVX-512 BF16 build, switched off, a dispatch mode, other dtypes or shapes); the caller then runs torch's
-    backward."""
+    apply (no AVX-512 BF16 build, switched off, a dispatch mode, other dtypes or shapes, or sequences so long that a
+    thread's (L_q x L_k) bf16 dS would pass 64 MB, e.g. 4096 x 8192); the caller then runs torch's backward."""
     tensors = (q, k, v, out, grad_out)
     if "avx512_bf16" not in attention_kernels() or not _usable(*tensors) or any(t.dim() != 4 for t in tensors):
         return None
@@ -455,6 +458,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
             or tuple(grad_out.shape) != (B, H, Lq, D) or tuple(lse.shape) != (B, H, Lq) or lse.dtype != torch.float32
             or D % 2 or D > 256 or Lk < 1 or Lq < 1 or any(t.stride(-1) != 1 for t in tensors)):
         return None
+    if -(-Lq // 64) * -(-Lk // 64) * 64 * 64 > _BACKWARD_SCORES_LIMIT:
+        return None  # each thread holds dS (Lq x Lk, bf16): beyond 64 MB per thread torch's tiled backward runs
     mask_t = _mask_bytes(mask, Lq, Lk, transpose=True)
     if mask_t is False:
         return None
