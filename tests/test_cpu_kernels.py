@@ -647,32 +647,36 @@ def test_gelu_training_kernels_are_as_close_to_fp32_as_torchs_bf16_ops():
     assert cpu_kernels.gelu_tanh(x.float()) is None and cpu_kernels.gelu_tanh_backward(grad, x[:1]) is None
 
 
+def _check_bf16_training_module(module_class, args, inputs: torch.Tensor, backward_event: str) -> None:
+    """`module_class(*args)` trained one step in bf16 autocast with the C kernels on and off: `backward_event` runs
+    only with them on, and its parameter gradients are as close to the fp32 module's as the eager bf16 ones."""
+    module = module_class(*args).train()
+    grads = {}
+    for enabled in (True, False):
+        cpu_kernels.set_enabled(enabled)
+        try:
+            module.zero_grad()
+            with torch.profiler.profile() as prof:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    out = module(inputs)
+                out.float().square().sum().backward()
+        finally:
+            cpu_kernels.set_enabled(True)
+        assert (backward_event in {event.name for event in prof.events()}) == enabled
+        grads[enabled] = [p.grad.clone() for p in module.parameters()]
+    reference = module_class(*args)
+    reference.load_state_dict(module.state_dict())
+    reference(inputs).square().sum().backward()  # fp32
+    for ours, eager, exact in zip(grads[True], grads[False], (p.grad for p in reference.parameters())):
+        assert _error(ours, exact) <= 1.5 * _error(eager, exact) + 1e-3 * float(exact.abs().max())
+
+
 @needs_kernels
 def test_mlp_bf16_training_takes_the_gelu_kernels_and_matches_the_eager_gradients():
     from effigen.nn.layers import Mlp
 
     torch.manual_seed(0)
-    mlp = Mlp(32, 96).train()
-    x = torch.randn(4, 10, 32)
-    grads = {}
-    for enabled in (True, False):
-        cpu_kernels.set_enabled(enabled)
-        try:
-            mlp.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                y = mlp(x)
-            with torch.profiler.profile() as prof:
-                y.float().square().sum().backward()
-        finally:
-            cpu_kernels.set_enabled(True)
-        names = {event.name for event in prof.events()}
-        assert ("effigen::gelu_tanh_backward" in names) == enabled
-        grads[enabled] = [p.grad.clone() for p in mlp.parameters()]
-    reference = Mlp(32, 96)
-    reference.load_state_dict(mlp.state_dict())
-    reference(x).square().sum().backward()  # fp32
-    for ours, eager, exact in zip(grads[True], grads[False], (p.grad for p in reference.parameters())):
-        assert _error(ours, exact) <= 1.5 * _error(eager, exact) + 1e-3 * float(exact.abs().max())
+    _check_bf16_training_module(Mlp, (32, 96), torch.randn(4, 10, 32), "effigen::gelu_tanh_backward")
 
 
 @needs_kernels
@@ -693,26 +697,7 @@ def test_swiglu_training_kernels_match_fp32_gradients_as_closely_as_torchs_bf16_
     assert _error(ours, exact_x.grad) <= 1.5 * _error(eager_x.grad, exact_x.grad) + 1e-6
     assert cpu_kernels.silu_mul_backward(grad[..., :44], x) is None
     # the module in bf16 autocast training: the kernels run, the gradients match fp32 as closely as the eager ones
-    mlp = SwiGLU(32, 48).train()
-    inputs = torch.randn(3, 9, 32)
-    grads = {}
-    for enabled in (True, False):
-        cpu_kernels.set_enabled(enabled)
-        try:
-            mlp.zero_grad()
-            with torch.profiler.profile() as prof:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out = mlp(inputs)
-                out.float().square().sum().backward()
-        finally:
-            cpu_kernels.set_enabled(True)
-        assert ("effigen::silu_mul_backward" in {event.name for event in prof.events()}) == enabled
-        grads[enabled] = [p.grad.clone() for p in mlp.parameters()]
-    reference = SwiGLU(32, 48)
-    reference.load_state_dict(mlp.state_dict())
-    reference(inputs).square().sum().backward()
-    for mine, eager, exact in zip(grads[True], grads[False], (p.grad for p in reference.parameters())):
-        assert _error(mine, exact) <= 1.5 * _error(eager, exact) + 1e-3 * float(exact.abs().max())
+    _check_bf16_training_module(SwiGLU, (32, 48), torch.randn(3, 9, 32), "effigen::silu_mul_backward")
 
 
 @needs_kernels
